@@ -1,0 +1,106 @@
+"""Shared fixtures: a tiny real dataset (SentencePiece + shards) and helpers to run train_gpt.py."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TINY_VOCAB = 384  # 4 specials + 256 byte pieces + characters and merges
+
+
+def stdlib_documents(limit: int) -> list[str]:
+    """Docstrings of standard-library modules, in a fixed order: real text, present on every machine."""
+    import sysconfig
+
+    docs = []
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    docs.append(doc)
+                    if len(docs) >= limit:
+                        return docs
+    return docs
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """A SentencePiece BPE tokenizer with the challenge's settings and train/val shards, all tiny."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    docs = stdlib_documents(1500)
+    text_file = root / "corpus.txt"
+    text_file.write_text("\n".join(d.replace("\n", " ") for d in docs), encoding="utf-8")
+    prefix = root / "tok"
+    spm.SentencePieceTrainer.train(
+        input=str(text_file), model_prefix=str(prefix), model_type="bpe", vocab_size=TINY_VOCAB,
+        byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=0.99, num_threads=1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=f"{prefix}.model")
+    streams = [[1] + sp.encode(d) for d in docs]
+    val = np.concatenate([np.array(s) for s in streams[:150]])
+    train = np.concatenate([np.array(s) for s in streams[150:]])
+    data = root / "dataset"
+    data.mkdir()
+    write_shard(data / "fineweb_val_000000.bin", val)
+    half = len(train) // 2
+    write_shard(data / "fineweb_train_000000.bin", train[:half])
+    write_shard(data / "fineweb_train_000001.bin", train[half:])
+    return {"data_path": str(data), "tokenizer_path": f"{prefix}.model", "vocab_size": TINY_VOCAB,
+            "val_tokens": len(val), "train_tokens": len(train)}
+
+
+def tiny_env(tiny_data: dict, tmp_path: Path, **overrides) -> dict:
+    """Settings of a tiny model that trains in seconds on a CPU."""
+    env = {
+        "DATA_PATH": tiny_data["data_path"], "TOKENIZER_PATH": tiny_data["tokenizer_path"],
+        "VOCAB_SIZE": str(tiny_data["vocab_size"]), "LOG_DIR": str(tmp_path / "logs"),
+        "ARTIFACT_DIR": str(tmp_path / "artifacts"), "DEVICE": "cpu", "NUM_LAYERS": "2", "MODEL_DIM": "64",
+        "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2", "TRAIN_SEQ_LEN": "64",
+        "TRAIN_BATCH_TOKENS": "1024", "VAL_BATCH_SIZE": "8192", "ITERATIONS": "6", "WARMUP_STEPS": "0",
+        "WARMDOWN_ITERS": "0", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "1", "MAX_WALLCLOCK_SECONDS": "0",
+        "EVAL_STRIDE": "0", "ZSTD_LEVEL": "3", "RUN_ID": "tiny", "SEED": "1",
+    }
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def run_script(env: dict, nproc: int = 1, timeout: int = 300, check: bool = True,
+               script: Path = ROOT / "train_gpt.py") -> subprocess.CompletedProcess:
+    """Run train_gpt.py as a user would: plain python for one process, torchrun (gloo) for several."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full_env.update(env)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    if nproc == 1:
+        cmd = [sys.executable, str(script)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(script)]
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout,
+                          cwd=env.get("RUN_CWD", str(ROOT)))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train_gpt.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
