@@ -1,0 +1,404 @@
+"""Tests of records/: submission folders, refusals, the significance test, sweeps and plots.
+
+Built on real tiny CPU runs of train_gpt.py made once per session: three seeds of a 20-step
+run and two seeds of a 5-step run, all in one logs folder. Broken runs are edited copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from records_tinyrun import REPO, TINY_SETTINGS, build_tiny_dataset, run_trainers
+
+sys.path.insert(0, str(REPO / "records"))
+import make_submission  # noqa: E402
+import record_tools as rt  # noqa: E402
+
+SEEDS = (1, 2, 3)
+SUBMIT_ARGS = ["--name", "Tiny Test: 2x64", "--author", "Test Author", "--github-id", "tester",
+               "--blurb", "A two-layer model trained for 20 steps.", "--date", "2026-01-02"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyRuns:
+    root: Path
+    logs: Path
+    code: Path  # the train_gpt.py that ran (a copy, so edits to the repository's cannot race)
+
+    def run(self, run_id: str) -> Path:
+        return self.logs / f"{run_id}.txt"
+
+    @property
+    def seeds(self) -> list[Path]:
+        return [self.run(f"seed{s}") for s in SEEDS]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> TinyRuns:
+    root = tmp_path_factory.mktemp("tiny_runs")
+    code = root / "train_gpt.py"
+    shutil.copyfile(REPO / "train_gpt.py", code)
+    settings = {**TINY_SETTINGS, **build_tiny_dataset(root)}
+    runs = {f"seed{s}": {**settings, "SEED": str(s)} for s in SEEDS}
+    runs |= {f"short{s}": {**settings, "SEED": str(s), "ITERATIONS": "5"} for s in (1, 2)}
+    run_trainers(root, runs, code)
+    return TinyRuns(root=root, logs=root / "logs", code=code)
+
+
+def forge_run(real: Path, dest: Path, *, source: bytes | None = None,
+              bytes_model: int | None = None, cut_at: str | None = None,
+              remove: str | None = None, write_summary: bool = True,
+              summary_edits: dict | None = None) -> Path:
+    """A copy of a real run under `dest`, edited so that its log and summary still agree
+    (apart from `summary_edits`); returns the copy's log path. `cut_at` ends the log before
+    the first line starting with it; `remove` drops the lines starting with it."""
+    run = rt.load_run(real)
+    source = run.source if source is None else source
+    summary = dict(run.summary)
+    summary["bytes_model"] = summary["bytes_model"] if bytes_model is None else bytes_model
+    summary["bytes_code"] = len(source)
+    summary["bytes_total"] = summary["bytes_model"] + summary["bytes_code"]
+    summary["fits"] = summary["bytes_total"] <= rt.ARTIFACT_LIMIT_BYTES
+    summary["code_sha256"] = hashlib.sha256(source).hexdigest()
+    lines = []
+    for line in rt.split_log(run.log_path)[1]:
+        if line.startswith("Code size:"):
+            line = f"Code size: {summary['bytes_code']} bytes"
+        elif line.startswith("Total submission size"):
+            line = f"{line.split(':')[0]}: {summary['bytes_total']} bytes"
+        elif line.startswith("fits_16mb:"):
+            line = (f"fits_16mb:{str(summary['fits']).lower()} "
+                    f"margin:{rt.ARTIFACT_LIMIT_BYTES - summary['bytes_total']}")
+        if cut_at is not None and line.startswith(cut_at):
+            break
+        if remove is None or not line.startswith(remove):
+            lines.append(line)
+    summary.update(summary_edits or {})
+    dest.mkdir(parents=True, exist_ok=True)
+    log_path = dest / run.log_path.name
+    header = (f"code_begin path:train_gpt.py bytes:{len(source)} "
+              f"sha256:{hashlib.sha256(source).hexdigest()}\n")
+    log_path.write_bytes(header.encode() + source + b"\ncode_end\n"
+                         + "".join(line + "\n" for line in lines).encode())
+    if write_summary:
+        (dest / run.summary_path.name).write_text(json.dumps(summary, indent=2))
+    return log_path
+
+
+def submit(tiny: TinyRuns, runs: list[Path], track: Path, *extra: str) -> Path:
+    """Run `make_submission.py submit` in-process; returns the folder it made."""
+    argv = ["submit", *map(str, runs), *SUBMIT_ARGS, "--code", str(tiny.code),
+            "--track-dir", str(track), *extra]
+    assert make_submission.main(argv) == 0
+    return track / "2026-01-02_Tiny_Test_2x64"
+
+
+def refusal(runs: list[Path], code: Path, track: Path) -> str:
+    with pytest.raises(rt.RecordError) as err:
+        rt.make_submission([rt.load_run(p) for p in runs], name="Refused", author="a",
+                           github_id="b", blurb="c", code_path=code, track_dir=track)
+    assert not track.exists() or not any(track.iterdir()), "a refused submission left files"
+    return str(err.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading real runs
+# ---------------------------------------------------------------------------------------
+
+def test_a_real_run_reads_back_with_the_source_that_ran(tiny):
+    run = rt.load_run(tiny.run("seed1"))
+    assert run.source == tiny.code.read_bytes()
+    assert run.summary["seed"] == 1 and run.summary["steps"] == 20
+    assert run.summary["sliding_val_bpb"] == run.summary["val_bpb"]  # EVAL_STRIDE=32 < 64
+    # The same run, named by its summary or by the stem.
+    assert rt.load_run(tiny.logs / "seed1.json").summary == run.summary
+    assert rt.load_run(tiny.logs / "seed1").source == run.source
+
+
+# ---------------------------------------------------------------------------------------
+# submit
+# ---------------------------------------------------------------------------------------
+
+def test_submit_writes_the_folder(tiny, tmp_path):
+    folder = submit(tiny, tiny.seeds, tmp_path / "track")
+    summaries = [json.loads((tiny.logs / f"seed{s}.json").read_text()) for s in SEEDS]
+
+    assert (folder / "train_gpt.py").read_bytes() == tiny.code.read_bytes()
+    for s in SEEDS:
+        for suffix in (".txt", ".json"):
+            name = f"seed{s}{suffix}"
+            assert (folder / name).read_bytes() == (tiny.logs / name).read_bytes()
+
+    meta = json.loads((folder / "submission.json").read_text())
+    assert (meta["author"], meta["github_id"], meta["name"], meta["date"]) == \
+        ("Test Author", "tester", "Tiny Test: 2x64", "2026-01-02")
+    assert meta["blurb"] == "A two-layer model trained for 20 steps."
+    assert meta["val_bpb"] == pytest.approx(statistics.fmean(s["val_bpb"] for s in summaries), abs=1e-8)
+    assert meta["val_loss"] == pytest.approx(statistics.fmean(s["val_loss"] for s in summaries), abs=1e-8)
+    assert meta["bytes_total"] == max(s["bytes_total"] for s in summaries)
+    assert meta["bytes_code"] == len(tiny.code.read_bytes())
+    assert [r["seed"] for r in meta["runs"]] == list(SEEDS)
+    assert [r["val_bpb"] for r in meta["runs"]] == [s["val_bpb"] for s in summaries]
+
+    readme = (folder / "README.md").read_text()
+    for s, summary in zip(SEEDS, summaries):
+        assert f"| {s} | `seed{s}` | {summary['val_loss']:.6f} | {summary['val_bpb']:.6f} |" in readme
+        assert f"SEED={s} RUN_ID=seed{s} " in readme
+    assert "| `NUM_LAYERS` | `2` |" in readme and "| `MODEL_DIM` | `64` |" in readme
+    assert "| `SEED`" not in readme and "| `RUN_ID`" not in readme  # per-run, not configuration
+    assert "torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme
+    assert "Significance" not in readme
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging left
+
+
+def test_submit_script_runs_standalone_with_a_reference(tiny, tmp_path):
+    track = tmp_path / "track"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "records" / "make_submission.py"), "submit",
+         *map(str, tiny.seeds), *SUBMIT_ARGS, "--code", str(tiny.code), "--track-dir", str(track),
+         "--reference", str(tiny.run("short1")), str(tiny.run("short2"))],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "verdict: significant" in result.stdout
+    folder = track / "2026-01-02_Tiny_Test_2x64"
+    assert "## Significance" in (folder / "README.md").read_text()
+    significance = json.loads((folder / "submission.json").read_text())["significance"]
+    assert significance["significant"] is True and significance["ref_n"] == 2
+
+
+def test_refuses_runs_made_with_different_code(tiny, tmp_path):
+    edited = tiny.code.read_bytes() + b"# one more line\n"
+    other = forge_run(tiny.run("seed2"), tmp_path / "other", source=edited)
+    message = refusal([tiny.run("seed1"), other], tiny.code, tmp_path / "track")
+    assert "runs made with different code" in message
+    assert str(tiny.run("seed1")) in message and str(other) in message
+
+
+def test_refuses_a_train_gpt_that_is_not_the_file_that_ran(tiny, tmp_path):
+    edited = tmp_path / "train_gpt.py"
+    edited.write_bytes(tiny.code.read_bytes().replace(b"\n", b"\r\n", 1))  # one byte more
+    message = refusal(tiny.seeds, edited, tmp_path / "track")
+    assert f"{edited} is not the file that ran" in message
+
+
+def test_refuses_an_artifact_over_16mb(tiny, tmp_path):
+    big = forge_run(tiny.run("seed2"), tmp_path / "big", bytes_model=15_990_000)
+    message = refusal([tiny.run("seed1"), big], tiny.code, tmp_path / "track")
+    over = 15_990_000 + len(tiny.code.read_bytes()) - 16_000_000
+    assert str(big.with_suffix(".json")) in message
+    assert "does not fit" in message and f"{over:,} bytes over" in message
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"cut_at": "run_complete"}, "did not finish: its last line is '"),
+    ({"cut_at": "final_int6_roundtrip_exact"}, "its last line is 'final_prequant_exact"),
+    ({"remove": "Total submission size"}, "did not finish: no 'Total submission size' line"),
+    ({"remove": "final_int6_roundtrip_exact"}, "no 'final_int6_roundtrip_exact' line"),
+])
+def test_refuses_a_run_without_its_final_lines(tiny, tmp_path, edit, expected):
+    cut = forge_run(tiny.run("seed3"), tmp_path / "cut", write_summary=False, **edit)
+    with pytest.raises(rt.RecordError, match="did not finish") as err:
+        rt.load_run(cut)
+    assert str(cut) in str(err.value) and expected in str(err.value)
+
+
+def test_refuses_a_run_without_its_summary(tiny, tmp_path):
+    no_summary = forge_run(tiny.run("seed3"), tmp_path / "nosummary", write_summary=False)
+    with pytest.raises(rt.RecordError, match="seed3.json: missing.*did not finish"):
+        rt.load_run(no_summary)
+
+
+def test_refuses_a_log_cut_inside_the_copied_source(tiny, tmp_path):
+    cut = tmp_path / "seed1.txt"
+    cut.write_bytes(tiny.run("seed1").read_bytes()[:5000])
+    with pytest.raises(rt.RecordError, match="ends inside the copied source"):
+        rt.load_run(cut)
+
+
+def test_refuses_a_log_holding_two_runs(tiny, tmp_path):
+    twice = tmp_path / "seed1.txt"
+    twice.write_bytes(tiny.run("seed1").read_bytes() * 2)  # what a reused RUN_ID produces
+    shutil.copyfile(tiny.logs / "seed1.json", tmp_path / "seed1.json")
+    with pytest.raises(rt.RecordError, match="more than one run.*RUN_ID was reused"):
+        rt.load_run(twice)
+
+
+def test_refuses_a_summary_that_disagrees_with_its_log(tiny, tmp_path):
+    bad = forge_run(tiny.run("seed1"), tmp_path / "bad", summary_edits={"bytes_code": 100})
+    with pytest.raises(rt.RecordError, match="disagree: bytes_code 100"):
+        rt.load_run(bad)
+    bad = forge_run(tiny.run("seed1"), tmp_path / "bad2", summary_edits={"val_bpb": 1.0})
+    with pytest.raises(rt.RecordError, match="disagree: run_complete val_bpb"):
+        rt.load_run(bad)
+
+
+def test_refuses_a_folder_that_exists(tiny, tmp_path):
+    track = tmp_path / "track"
+    existing = track / "2026-01-02_Tiny_Test_2x64"
+    existing.mkdir(parents=True)
+    (existing / "keep.txt").write_text("untouched")
+    argv = ["submit", *map(str, tiny.seeds), *SUBMIT_ARGS, "--code", str(tiny.code),
+            "--track-dir", str(track)]
+    assert make_submission.main(argv) == 1
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+    with pytest.raises(rt.RecordError, match="Tiny_Test_2x64: already exists"):
+        rt.make_submission([rt.load_run(p) for p in tiny.seeds], name="Tiny Test: 2x64",
+                           author="a", github_id="b", blurb="c", date="2026-01-02",
+                           code_path=tiny.code, track_dir=track)
+
+
+def test_refuses_repeated_seeds_and_mixed_configurations(tiny, tmp_path):
+    message = refusal([tiny.run("seed1"), tiny.run("short1")], tiny.code, tmp_path / "track")
+    assert "seed 1 is also the seed of" in message
+    message = refusal([tiny.run("seed2"), tiny.run("short1")], tiny.code, tmp_path / "track")
+    assert "runs differ in ITERATIONS" in message and "20" in message and "5" in message
+
+
+# ---------------------------------------------------------------------------------------
+# Significance
+# ---------------------------------------------------------------------------------------
+
+# Welch's t-test textbook example (Wikipedia, "Welch's t-test", example 1):
+# t = -2.46, df = 24.99, two-sided p = 0.021 for A1 against A2.
+A1 = [27.5, 21.0, 19.0, 23.6, 17.0, 17.9, 16.9, 20.1, 21.9, 22.6, 23.1, 19.6, 19.0, 21.7, 21.4]
+A2 = [27.1, 22.0, 20.8, 23.4, 23.4, 23.5, 25.8, 22.0, 24.8, 20.2, 21.9, 22.1, 22.9, 20.5, 24.4]
+
+
+def test_welch_matches_the_textbook_example():
+    # A1 is lower (better): it improves on A2 by more than 0 with one-sided p = 0.021 / 2.
+    t, df, p = rt.welch_improvement_test(A1, A2, min_improvement=0.0)
+    assert t == pytest.approx(2.4554, abs=1e-4)
+    assert df == pytest.approx(24.9885, abs=1e-4)
+    assert p == pytest.approx(0.021378 / 2, abs=1e-6)
+
+
+def test_welch_tests_the_improvement_against_the_margin():
+    new, ref, margin = np.array(A1), np.array(A2), 0.5
+    t, df, p = rt.welch_improvement_test(new, ref, min_improvement=margin)
+    # By hand: improvement minus the margin over its standard error, Welch-Satterthwaite df.
+    va, vb = ref.var(ddof=1) / len(ref), new.var(ddof=1) / len(new)
+    t_hand = (ref.mean() - new.mean() - margin) / np.sqrt(va + vb)
+    df_hand = (va + vb) ** 2 / (va**2 / (len(ref) - 1) + vb**2 / (len(new) - 1))
+    assert t == pytest.approx(t_hand, rel=1e-12) and df == pytest.approx(df_hand, rel=1e-12)
+    assert p == pytest.approx(stats.t.sf(t_hand, df_hand), rel=1e-9)
+    # The same test on hand-shifted samples: new runs made worse by the margin, no margin.
+    assert (t, df, p) == pytest.approx(rt.welch_improvement_test(new + margin, ref, 0.0))
+    # A larger margin is harder to show.
+    assert rt.welch_improvement_test(new, ref, 1.5)[2] > p > rt.welch_improvement_test(new, ref, 0.0)[2]
+    # From mean, std and n: the same numbers.
+    given = rt.SummaryStats(ref.mean(), ref.std(ddof=1), len(ref))
+    assert rt.welch_improvement_test(new, given, margin) == pytest.approx((t, df, p), rel=1e-10)
+
+
+def test_compare_reports_nats_bpb_and_verdict():
+    ratio = 0.6  # bpb per nat, the same for every run on one validation set
+    new = [rt.Score(f"n{i}", v, v * ratio) for i, v in enumerate([2.000, 2.002, 2.001])]
+    ref = [rt.Score(f"r{i}", v, v * ratio) for i, v in enumerate([2.020, 2.021, 2.019])]
+    c = rt.compare(new, ref)
+    assert c.improvement_nats == pytest.approx(0.019)
+    assert c.improvement_bpb == pytest.approx(0.019 * ratio)
+    assert c.new.mean == pytest.approx(2.001) and c.ref.std == pytest.approx(0.001)
+    assert c.significant and "verdict: significant: improves by at least 0.005 nats" in c.format()
+    assert not rt.compare(new, ref, min_improvement=0.02).significant
+    assert not rt.compare(ref, new).significant  # worse is never significant
+    # In bpb: the same data, the margin in bpb.
+    in_bpb = rt.compare(new, ref, metric="val_bpb", min_improvement=0.005)
+    assert in_bpb.improvement_nats == pytest.approx(0.019)
+    assert in_bpb.improvement == pytest.approx(0.019 * ratio)
+    with pytest.raises(rt.RecordError, match="at least 2 new runs"):
+        rt.compare(new[:1], ref)
+    with pytest.raises(rt.RecordError, match="n >= 2"):
+        rt.compare(new, rt.SummaryStats(2.02, 0.001, 1))
+
+
+def test_compare_real_runs_against_shorter_runs(tiny, capsys):
+    new = [str(tiny.logs / f"seed{s}.json") for s in SEEDS]
+    assert make_submission.main(["compare", *new, "--reference", str(tiny.run("short1")),
+                                 str(tiny.run("short2"))]) == 0
+    out = capsys.readouterr().out
+    assert "new        n=3" in out and "reference  n=2" in out
+    assert "verdict: significant" in out
+    # Against a given mean and std: an improvement of 10 nats is not shown.
+    short = [json.loads((tiny.logs / f"short{s}.json").read_text())["val_loss"] for s in (1, 2)]
+    assert make_submission.main(
+        ["compare", *new, "--ref-mean", str(statistics.fmean(short)), "--ref-std",
+         str(statistics.stdev(short)), "--ref-n", "2", "--min-improvement", "10"]) == 0
+    assert "verdict: not significant" in capsys.readouterr().out
+
+
+def test_reference_scores_from_folders_and_other_logs(tiny, tmp_path):
+    folder = submit(tiny, tiny.seeds, tmp_path / "track")
+    scores, _ = rt.load_scores([folder])
+    assert [s.label for s in scores] == ["seed1", "seed2", "seed3"]
+    # A log from another trainer: its last final_*_exact line is the score.
+    other = tmp_path / "other" / "train_seed42.log"
+    other.parent.mkdir()
+    other.write_text("step:100/100 val_loss:2.1 val_bpb:1.25\n"
+                     "final_int8_zlib_roundtrip_exact val_loss:2.06035852 val_bpb:1.21687994\n")
+    hidden = other.parent / ".ipynb_checkpoints" / "train_seed42-checkpoint.log"
+    hidden.parent.mkdir()
+    shutil.copyfile(other, hidden)  # an editor's copy is not a second run
+    scores, _ = rt.load_scores([other.parent])
+    assert scores == [rt.Score("train_seed42", 2.06035852, 1.21687994)]
+    # A submission.json with the mean only cannot be a sample.
+    (other.parent / "submission.json").write_text(json.dumps({"val_loss": 2.06, "val_bpb": 1.22}))
+    with pytest.raises(rt.RecordError, match="holds only the mean"):
+        rt.load_scores([other.parent / "submission.json"])
+
+
+# ---------------------------------------------------------------------------------------
+# Sweeps and plots
+# ---------------------------------------------------------------------------------------
+
+def write_running_log(tiny: TinyRuns, path: Path) -> None:
+    """A run still in progress: seed1's log up to its last training step, no summary."""
+    log = tiny.run("seed1").read_bytes()
+    path.write_bytes(log[:log.index(b"step:20/20 train_loss")])
+
+
+def test_sweep_table_shows_what_differs_best_first(tiny, tmp_path):
+    logs = tmp_path / "logs"
+    shutil.copytree(tiny.logs, logs)
+    write_running_log(tiny, logs / "running.txt")
+    table = rt.sweep_table(logs)
+    lines = table.splitlines()
+    header = lines[0].split()
+    assert header == ["run_id", "ITERATIONS", "SEED", "val_bpb", "bytes_total", "fits", "steps",
+                      "step_avg_ms"]
+    rows = [line.split() for line in lines[2:7]]
+    summaries = {p.stem: json.loads(p.read_text()) for p in logs.glob("*.json")}
+    assert [r[0] for r in rows] == sorted(summaries, key=lambda k: summaries[k]["val_bpb"])
+    for row in rows:
+        s = summaries[row[0]]
+        assert row[1:] == [str(s["hyperparameters"]["ITERATIONS"]), str(s["seed"]),
+                           f"{s['val_bpb']:.4f}", f"{s['bytes_total']:,}", "yes", str(s["steps"]),
+                           f"{s['step_avg_ms']:.2f}"]
+    assert f"not finished (no summary): {logs / 'running.txt'}" in table
+    assert make_submission.main(["sweep", str(logs), "--markdown"]) == 0
+
+
+def test_plot_writes_a_png(tiny, tmp_path):
+    logs = tmp_path / "logs"
+    shutil.copytree(tiny.logs, logs)
+    write_running_log(tiny, logs / "running.txt")
+    out = tmp_path / "plots" / "sweep.png"
+    assert make_submission.main(["plot", str(logs), "-o", str(out)]) == 0
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert sorted(p.name for p in out.parent.iterdir()) == ["sweep.png"]
+    curves = rt.load_curves([logs])
+    assert {c.label.split()[0] for c in curves} == {"seed1", "seed2", "seed3", "short1",
+                                                      "short2", "running"}
+    seed1 = next(c for c in curves if c.label.startswith("seed1 "))
+    assert seed1.steps == [10, 20]  # step 0 left out
