@@ -377,7 +377,7 @@ def quantize_per_row(w: Tensor, max_level: int, clip_percentile: float) -> tuple
     w = w.float()
     absw = w.abs()
     n = w.shape[1]
-    k = math.ceil(clip_percentile / 100.0 * n)
+    k = math.ceil(round(clip_percentile * n / 100.0, 9))  # round: 99.9/100*1000 is 999.0000000000001 in floats
     clip = absw.amax(dim=1) if k >= n else absw.kthvalue(max(k, 1), dim=1).values
     scale = (clip / max_level).clamp_min(MIN_SCALE).to(torch.float16)
     q = torch.clamp(torch.round(w / scale.float()[:, None]), -max_level, max_level).to(torch.int8)
@@ -749,8 +749,9 @@ def read_artifact(path: Path) -> dict:
         raise ArtifactError(f"{path}: not an artifact of this script (bad magic)")
     try:
         raw = zstandard.ZstdDecompressor().decompress(blob[len(ARTIFACT_MAGIC):])
-    except zstandard.ZstdError as e:
-        raise ArtifactError(f"{path}: truncated or corrupt artifact ({e}); re-export it from the raw checkpoint") from None
+    except (zstandard.ZstdError, MemoryError) as e:  # a damaged header can declare an absurd content size
+        raise ArtifactError(f"{path}: truncated or corrupt artifact ({str(e) or type(e).__name__}); "
+                            "re-export it from the raw checkpoint") from None
     try:
         payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
@@ -1139,6 +1140,8 @@ def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> di
     log(f"model_params:{n_params} layers:{h.num_layers} dim:{h.model_dim} heads:{h.num_heads}/{h.num_kv_heads} "
         f"mlp_mult:{h.mlp_mult} smear_gate:{int(h.smear_gate)} qat:{int(h.qat)}")
     compile_fn = (lambda m: torch.compile(m, dynamic=False, fullgraph=True)) if rt.use_compile else (lambda m: m)
+    if rt.use_compile:  # training, plain and sliding evaluation of two models: ~12 static shapes of one forward
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     zeropower = torch.compile(zeropower_via_newtonschulz5) if rt.use_compile else zeropower_via_newtonschulz5
     compiled = compile_fn(base_model)
     model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
@@ -1192,14 +1195,14 @@ def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> di
     log(f"final_int6_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f} "
         f"quant_penalty_bpb:{roundtrip.val_bpb - prequant.val_bpb:+.5f} eval_time:{roundtrip.eval_time_ms:.0f}ms")
 
-    sliding = None
-    if 0 < h.eval_stride < eval_seq_len:
+    sliding = None  # the final evaluation, when it differs from the round trip's plain windows
+    if 0 < h.eval_stride < eval_seq_len or eval_seq_len != h.train_seq_len:
         rt.sync()
         sliding = evaluate(eval_fn, val_tokens, luts, seq_len=eval_seq_len, stride=h.eval_stride,
                            batch_seqs=eval_batch, rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
         rate = sliding.scored_tokens / max(sliding.eval_time_ms / 1000.0, 1e-9)
         projected_s = FINEWEB_VAL_TOKENS / (rate / rt.world_size * 8)
-        log(f"final_sliding_window_exact stride:{h.eval_stride} seq_len:{eval_seq_len} "
+        log(f"final_sliding_window_exact stride:{h.eval_stride if 0 < h.eval_stride < eval_seq_len else eval_seq_len} seq_len:{eval_seq_len} "
             f"val_loss:{sliding.val_loss:.8f} val_bpb:{sliding.val_bpb:.8f} scored_tokens:{sliding.scored_tokens} "
             f"eval_time:{sliding.eval_time_ms:.0f}ms")
         log(f"sliding_rate scored_tok_s:{rate:.0f} per_rank:{rate / rt.world_size:.0f} "
