@@ -131,7 +131,7 @@ class Hyperparameters:
 
     def validate(self) -> None:
         positive = ["vocab_size", "num_layers", "num_kv_heads", "model_dim", "num_heads", "mlp_mult",
-                    "train_seq_len", "train_batch_tokens", "val_batch_size", "muon_backend_steps"]
+                    "train_seq_len", "train_batch_tokens", "val_batch_size", "muon_backend_steps", "rope_base"]
         non_negative = ["iterations", "warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every",
                         "eval_seq_len", "eval_stride", "eval_batch_seqs", "grad_accum_steps",
                         "max_wallclock_seconds", "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr",
