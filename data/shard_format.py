@@ -1,0 +1,147 @@
+"""The challenge's token shard format, shared by the data scripts in this folder.
+
+A shard is a header of 256 little-endian int32 (magic, version, number of tokens, then
+zeros) followed by that many little-endian uint16 token ids. Datasets name their shards
+fineweb_val_000000.bin, fineweb_train_000000.bin, fineweb_train_000001.bin, ...
+
+The trainer reads shards with its own loader (train_gpt.py is self-contained); this
+module is for the scripts that write and check them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SHARD_MAGIC = 20240520  # the value llm.c and the challenge write into header[0]
+SHARD_VERSION = 1
+HEADER_INT32 = 256
+HEADER_BYTES = HEADER_INT32 * 4
+TOKEN_DTYPE = np.dtype("<u2")
+MAX_VOCAB_SIZE = 1 << 16  # token ids are stored as uint16
+SPLITS = ("val", "train")
+
+
+class ShardError(ValueError):
+    """A file that is not a well-formed shard."""
+
+
+def current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def set_default_permissions(fd_or_path: int | Path, is_dir: bool = False) -> None:
+    """mkstemp/mkdtemp create owner-only entries; give them the permissions a plain
+    open()/mkdir() would have, since they become the published files."""
+    mode = (0o777 if is_dir else 0o666) & ~current_umask()
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, mode)
+    else:
+        os.chmod(fd_or_path, mode)
+
+
+def shard_name(split: str, index: int) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return f"fineweb_{split}_{index:06d}.bin"
+
+
+def shard_paths(dataset_dir: Path, split: str) -> list[Path]:
+    return sorted(Path(dataset_dir).glob(f"fineweb_{split}_*.bin"))
+
+
+def make_header(num_tokens: int) -> bytes:
+    if not 0 <= num_tokens < 1 << 31:
+        raise ValueError(f"a shard holds 0 to 2**31 - 1 tokens, got {num_tokens}")
+    header = np.zeros(HEADER_INT32, dtype="<i4")
+    header[0] = SHARD_MAGIC
+    header[1] = SHARD_VERSION
+    header[2] = num_tokens
+    return header.tobytes()
+
+
+def read_header(path: Path) -> int:
+    """Checks the header and the file size of a shard; returns its number of tokens."""
+    path = Path(path)
+    size_bytes = path.stat().st_size
+    if size_bytes < HEADER_BYTES:
+        raise ShardError(f"{path}: {size_bytes} bytes, shorter than the {HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INT32)
+    if int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
+        raise ShardError(
+            f"{path}: header starts with magic {int(header[0])}, version {int(header[1])}; "
+            f"a shard has magic {SHARD_MAGIC}, version {SHARD_VERSION}"
+        )
+    num_tokens = int(header[2])
+    expected_bytes = HEADER_BYTES + num_tokens * TOKEN_DTYPE.itemsize
+    if num_tokens < 0 or size_bytes != expected_bytes:
+        raise ShardError(
+            f"{path}: header says {num_tokens} tokens ({expected_bytes} bytes) but the file has {size_bytes} bytes"
+        )
+    return num_tokens
+
+
+def read_shard(path: Path) -> np.ndarray:
+    """The shard's tokens as a read-only uint16 array mapped from the file."""
+    num_tokens = read_header(path)
+    if num_tokens == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+
+
+class ShardWriter:
+    """Writes one shard incrementally; the file appears under its final name only on close().
+
+    Memory stays at the size of the arrays passed to append(), whatever the shard size.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.num_tokens = 0
+        fd, tmp_name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        set_default_permissions(fd)
+        self._tmp_path = Path(tmp_name)
+        self._file = os.fdopen(fd, "wb")
+        self._file.write(make_header(0))  # rewritten with the real count on close()
+
+    def append(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        if tokens.dtype != TOKEN_DTYPE:
+            if tokens.size and (tokens.min() < 0 or tokens.max() >= MAX_VOCAB_SIZE):
+                raise ValueError(f"{self.path}: token ids must fit in uint16 (0..{MAX_VOCAB_SIZE - 1})")
+            tokens = tokens.astype(TOKEN_DTYPE)
+        self._file.write(tokens.tobytes())
+        self.num_tokens += int(tokens.size)
+
+    def close(self) -> None:
+        self._file.seek(0)
+        self._file.write(make_header(self.num_tokens))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp_path, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    """Writes a whole shard atomically (temporary file in the same folder, then rename)."""
+    with ShardWriter(path) as writer:
+        writer.append(tokens)

@@ -1,0 +1,640 @@
+"""CPU tests of data/: the shard format, the dataset builder and the downloader.
+
+Everything writes into pytest's tmp folders; corpora and vocabularies are tiny.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT / "data"
+sys.path.insert(0, str(DATA_DIR))  # the data scripts import their shared module by name
+
+import build_dataset  # noqa: E402
+import cached_challenge_fineweb as downloader  # noqa: E402
+from build_dataset import BuildConfig, DatasetError, build  # noqa: E402
+from cached_challenge_fineweb import DownloadConfig, DownloadError, download  # noqa: E402
+from shard_format import (  # noqa: E402
+    HEADER_BYTES,
+    SHARD_MAGIC,
+    ShardError,
+    current_umask,
+    read_header,
+    read_shard,
+    shard_paths,
+    write_shard,
+)
+
+VOCAB = 384  # 4 special + 256 byte pieces + the corpus' characters + some merges
+SHARD_TOKENS = 1000
+VAL_DOCS = 5
+MIN_TOKENS = 64
+
+
+def make_docs(count: int, seed: int = 0) -> list[str]:
+    """Distinct documents of made-up words, sentences and numbers."""
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "do", "fi", "gu", "he", "ja", "bo"]
+    words = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(400)})
+    docs = []
+    for index in range(count):
+        sentences = []
+        for _ in range(rng.randint(3, 12)):
+            sentence = " ".join(rng.choice(words) for _ in range(rng.randint(4, 14)))
+            sentences.append(sentence.capitalize() + f" {rng.randint(0, 99999)}.")
+        docs.append(f"Document {index}. " + " ".join(sentences) + ("\n\nNotes: " + rng.choice(words) if index % 3 else ""))
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": doc, "id": i}) + "\n" for i, doc in enumerate(docs)), encoding="utf-8")
+    return path
+
+
+def tiny_config(docs: Path, out_root: Path, **overrides) -> BuildConfig:
+    settings = dict(
+        docs=docs,
+        vocab_size=VOCAB,
+        val_docs=VAL_DOCS,
+        min_tokens=MIN_TOKENS,
+        shard_tokens=SHARD_TOKENS,
+        out_root=out_root,
+        workers=2,
+        show_progress=False,
+    )
+    settings.update(overrides)
+    return BuildConfig(**settings)
+
+
+def split_documents(tokens: np.ndarray) -> list[list[int]]:
+    """Cuts a split's token stream at each BOS; every document must start with one."""
+    starts = np.flatnonzero(tokens == build_dataset.BOS_ID)
+    assert tokens.size and starts[0] == 0, "a split must begin with BOS"
+    ends = list(starts[1:]) + [tokens.size]
+    return [tokens[s + 1 : e].tolist() for s, e in zip(starts, ends)]
+
+
+def split_tokens(dataset_dir: Path, split: str) -> np.ndarray:
+    return np.concatenate([np.asarray(read_shard(p)) for p in shard_paths(dataset_dir, split)])
+
+
+def docs_sha256(docs: list[str]) -> str:
+    hasher = hashlib.sha256()
+    for doc in docs:
+        data = doc.encode("utf-8")
+        hasher.update(len(data).to_bytes(8, "little") + data)
+    return hasher.hexdigest()
+
+
+def no_temp_leftovers(root: Path) -> bool:
+    return not [p for p in root.rglob("*") if p.name.startswith(".") and (p.name.endswith(".tmp") or ".old-" in p.name)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One dataset built from a JSONL corpus: (docs, result)."""
+    root = tmp_path_factory.mktemp("tiny")
+    docs = make_docs(60)
+    result = build(tiny_config(write_jsonl(root / "tiny.jsonl", docs), root / "out"))
+    return docs, result
+
+
+# -----------------------------------------------------------------------------
+# Shard format
+
+
+def test_shard_round_trip_and_header(tmp_path):
+    tokens = np.array([1, 0, 65535, 7, 300, 1, 2], dtype=np.int64)
+    path = tmp_path / "fineweb_train_000000.bin"
+    write_shard(path, tokens)
+
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert header[:3].tolist() == [20240520, 1, tokens.size]
+    assert not header[3:].any()
+    assert path.stat().st_size == HEADER_BYTES + 2 * tokens.size
+    raw = np.fromfile(path, dtype="<u2", offset=HEADER_BYTES)
+    assert raw.tolist() == tokens.tolist()
+    assert read_header(path) == tokens.size
+    assert np.asarray(read_shard(path)).tolist() == tokens.tolist()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+    with pytest.raises(ValueError, match="uint16"):
+        write_shard(tmp_path / "bad.bin", np.array([65536]))
+    with pytest.raises(ValueError, match="uint16"):
+        write_shard(tmp_path / "bad.bin", np.array([-1]))
+    assert not (tmp_path / "bad.bin").exists()
+
+
+def test_read_header_rejects_damaged_shards(tmp_path):
+    path = tmp_path / "s.bin"
+    write_shard(path, np.arange(100))
+    data = path.read_bytes()
+
+    path.write_bytes(data[:-2])  # one token short: an interrupted download
+    with pytest.raises(ShardError, match="header says 100 tokens"):
+        read_header(path)
+    path.write_bytes(data[:500])
+    with pytest.raises(ShardError, match="shorter than"):
+        read_header(path)
+    bad_magic = bytearray(data)
+    bad_magic[0] ^= 0xFF
+    path.write_bytes(bytes(bad_magic))
+    with pytest.raises(ShardError, match=f"magic {SHARD_MAGIC}"):
+        read_header(path)
+
+
+# -----------------------------------------------------------------------------
+# Dataset builder
+
+
+def test_build_splits_bos_and_disjointness(tiny):
+    docs, result = tiny
+    sp = spm.SentencePieceProcessor(model_file=str(result.tokenizer_path))
+    val_docs = split_documents(split_tokens(result.dataset_dir, "val"))
+    train_docs = split_documents(split_tokens(result.dataset_dir, "train"))
+
+    # Every document is BOS + its own encoding, val holds the first VAL_DOCS in order, train the rest.
+    assert val_docs == [sp.encode(doc) for doc in docs[:VAL_DOCS]]
+    assert train_docs == [sp.encode(doc) for doc in docs[VAL_DOCS:]]
+    assert not {tuple(d) for d in val_docs} & {tuple(d) for d in train_docs}
+    assert sp.eos_id() not in split_tokens(result.dataset_dir, "train")
+
+    names = [p.name for p in shard_paths(result.dataset_dir, "train")]
+    assert len(names) > 1  # small shards, so documents also cross shard boundaries
+    assert names == [f"fineweb_train_{i:06d}.bin" for i in range(len(names))]
+    assert [p.name for p in shard_paths(result.dataset_dir, "val")] == ["fineweb_val_000000.bin"]
+    assert [read_header(p) for p in shard_paths(result.dataset_dir, "train")[:-1]] == [SHARD_TOKENS] * (len(names) - 1)
+
+
+def test_manifest_counts_match_shards(tiny):
+    docs, result = tiny
+    manifest = json.loads((result.dataset_dir / "manifest.json").read_text())
+    assert manifest == result.manifest
+    stats = manifest["stats"]
+    val_tokens = split_tokens(result.dataset_dir, "val")
+    train_tokens = split_tokens(result.dataset_dir, "train")
+    assert stats["tokens_val"] == val_tokens.size
+    assert stats["tokens_train"] == train_tokens.size
+    assert stats["tokens_total"] == val_tokens.size + train_tokens.size
+    assert stats["docs_val"] == int((val_tokens == 1).sum()) == VAL_DOCS
+    assert stats["docs_train"] == int((train_tokens == 1).sum()) == len(docs) - VAL_DOCS
+    assert stats["bytes_val"] == sum(len(d.encode()) for d in docs[:VAL_DOCS])
+    assert stats["bytes_train"] == sum(len(d.encode()) for d in docs[VAL_DOCS:])
+    assert stats["files_val"] + stats["files_train"] == len(manifest["files"])
+    on_disk = {p.name: read_header(p) for p in sorted(result.dataset_dir.glob("*.bin"))}
+    assert {f["name"]: f["tokens"] for f in manifest["files"]} == on_disk
+    assert manifest["docs_sha256"] == docs_sha256(docs)
+    assert manifest["tokenizer"]["sha256"] == hashlib.sha256(result.tokenizer_path.read_bytes()).hexdigest()
+    assert manifest["tokenizer"]["path"] == f"tokenizers/tiny_{VOCAB}_bpe.model"
+    assert manifest["tokenizer"]["trained_on_docs"] == len(docs) - VAL_DOCS  # never on validation text
+    assert result.dataset_dir.name == f"tiny_sp{VOCAB}"
+    assert result.tokenizer_path.with_suffix(".vocab").is_file()
+    assert no_temp_leftovers(result.dataset_dir.parent.parent)
+    # Built in private temporary places, published with the permissions of ordinary files.
+    umask = current_umask()
+    assert stat.S_IMODE(result.dataset_dir.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in result.dataset_dir.iterdir()} == {0o666 & ~umask}
+
+
+def test_tokenizer_settings(tiny):
+    _, result = tiny
+    assert build_dataset.SPM_SETTINGS == {
+        "model_type": "bpe",
+        "character_coverage": 0.999,
+        "byte_fallback": True,
+        "split_digits": True,
+        "normalization_rule_name": "nmt_nfkc",
+        "add_dummy_prefix": False,
+        "pad_id": 0,
+        "bos_id": 1,
+        "eos_id": 2,
+        "unk_id": 3,
+        "hard_vocab_limit": False,
+    }
+    sp = spm.SentencePieceProcessor(model_file=str(result.tokenizer_path))
+    assert sp.vocab_size() == VOCAB
+    assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    assert all(sp.is_control(i) for i in (0, 1, 2)) and sp.is_unknown(3)
+    byte_ids = [i for i in range(VOCAB) if sp.is_byte(i)]
+    assert [sp.id_to_piece(i) for i in byte_ids] == [f"<0x{b:02X}>" for b in range(256)]
+    # Byte fallback: a character never seen in training becomes its UTF-8 bytes, losslessly.
+    parrot = sp.encode("🦜")
+    assert len(parrot) == 4 and all(sp.is_byte(i) for i in parrot) and sp.decode(parrot) == "🦜"
+    # Digits are split: every digit is its own piece.
+    digit_pieces = [p for p in sp.encode("ka 20240520 lo", out_type=str) if any(c.isdigit() for c in p)]
+    assert "".join(digit_pieces).replace("▁", "") == "20240520"
+    assert all(len(p.replace("▁", "")) == 1 for p in digit_pieces)
+    # No dummy prefix: a text's first word gets no "▁"; nmt_nfkc folds full-width letters.
+    assert not sp.encode("kalo mine", out_type=str)[0].startswith("▁")
+    assert sp.encode("ｋａｌｏ") == sp.encode("kalo")
+
+
+def test_build_is_deterministic(tmp_path, tiny):
+    docs, result = tiny
+    corpus = write_jsonl(tmp_path / "tiny.jsonl", docs)
+    again = build(tiny_config(corpus, tmp_path / "again", workers=1))
+    assert again.tokenizer_path.read_bytes() == result.tokenizer_path.read_bytes()
+    for path in sorted(result.dataset_dir.glob("*.bin")):
+        assert (again.dataset_dir / path.name).read_bytes() == path.read_bytes()
+    assert again.manifest["docs_sha256"] == result.manifest["docs_sha256"]
+
+
+def test_reuse_tokenizer(tmp_path, tiny):
+    docs, result = tiny
+    corpus = write_jsonl(tmp_path / "tiny.jsonl", docs)
+    reused = build(tiny_config(corpus, tmp_path / "out", name="again", tokenizer=result.tokenizer_path, vocab_size=None))
+    assert reused.dataset_dir.name == f"again_sp{VOCAB}"
+    assert reused.tokenizer_path == result.tokenizer_path
+    assert not (tmp_path / "out" / "tokenizers" / f"again_{VOCAB}_bpe.model").exists()
+    assert reused.manifest["tokenizer"]["trained_here"] is False
+    for split in ("val", "train"):
+        assert np.array_equal(split_tokens(reused.dataset_dir, split), split_tokens(result.dataset_dir, split))
+    with pytest.raises(DatasetError, match=f"--vocab-size 512 does not match .*{VOCAB} pieces"):
+        build(tiny_config(corpus, tmp_path / "other", tokenizer=result.tokenizer_path, vocab_size=512))
+
+
+def test_directory_input(tmp_path):
+    texts = make_docs(30, seed=3)
+    root = tmp_path / "notes"
+    files = {
+        "a.txt": texts[0],
+        "b/c.md": texts[1],
+        "b/d.TXT": texts[2],
+        "e.txt": "\ufeff" + texts[3],  # a byte-order mark is dropped
+    }
+    files.update({f"f/{i:02d}.txt": text for i, text in enumerate(texts[4:])})
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text, encoding="utf-8")
+    (root / "skip.py").write_text("not a document")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "x.txt").write_text("hidden")
+    (root / "dir.txt").mkdir()  # a folder with a document's suffix is not a document
+
+    result = build(tiny_config(root, tmp_path / "out", val_docs=3))
+    assert result.dataset_dir.name == f"notes_sp{VOCAB}"
+    ordered = [files[rel].removeprefix("\ufeff") for rel in sorted(files)]
+    sp = spm.SentencePieceProcessor(model_file=str(result.tokenizer_path))
+    assert split_documents(split_tokens(result.dataset_dir, "val")) == [sp.encode(t) for t in ordered[:3]]
+    assert split_documents(split_tokens(result.dataset_dir, "train")) == [sp.encode(t) for t in ordered[3:]]
+    assert result.manifest["source"]["kind"] == "dir"
+    assert result.manifest["docs_sha256"] == docs_sha256(ordered)
+
+
+def test_max_docs_and_max_bytes(tmp_path, tiny):
+    docs, _ = tiny
+    corpus = write_jsonl(tmp_path / "tiny.jsonl", docs)
+    by_docs = build(tiny_config(corpus, tmp_path / "a", max_docs=20))
+    assert by_docs.manifest["stats"]["docs_total"] == 20
+    limit = sum(len(d.encode()) for d in docs[:30]) - 1  # reached inside document 30, which is kept
+    by_bytes = build(tiny_config(corpus, tmp_path / "b", max_bytes=limit))
+    assert by_bytes.manifest["stats"]["docs_total"] == 30
+    assert by_bytes.manifest["docs_sha256"] == docs_sha256(docs[:30])
+
+
+def test_refuses_to_overwrite_unless_forced(tmp_path, tiny):
+    docs, _ = tiny
+    corpus = write_jsonl(tmp_path / "tiny.jsonl", docs)
+    first = build(tiny_config(corpus, tmp_path / "out"))
+    with pytest.raises(DatasetError, match="already exists; pass --force"):
+        build(tiny_config(corpus, tmp_path / "out", val_docs=7))
+    assert first.manifest == json.loads((first.dataset_dir / "manifest.json").read_text())
+    forced = build(tiny_config(corpus, tmp_path / "out", val_docs=7, force=True))
+    assert json.loads((forced.dataset_dir / "manifest.json").read_text())["stats"]["docs_val"] == 7
+    assert no_temp_leftovers(tmp_path / "out")
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (lambda d: d / "missing.jsonl", "no such file or folder"),
+        (lambda d: _write_bytes(d / "empty.jsonl", b""), "holds no documents"),
+        (lambda d: _write_bytes(d / "blank.jsonl", b'{"text": ""}\n' * 20), "hold no text"),
+        (
+            lambda d: _write_bytes(d / "latin1.jsonl", b'{"text": "ok"}\n{"text": "ok"}\n{"text": "caf\xe9"}\n'),
+            r"latin1.jsonl line 3: not valid UTF-8 \(byte 0xe9",
+        ),
+        (lambda d: _write_bytes(d / "broken.jsonl", b'{"text": "ok"}\n{"text": \n'), "broken.jsonl line 2: not valid JSON"),
+        (lambda d: _write_bytes(d / "field.jsonl", b'{"body": "ok"}\n'), 'line 1: expected a JSON object with a string "text"'),
+        (lambda d: _write_bytes(d / "surrogate.jsonl", b'{"text": "a \\ud800 b"}\n'), "unpaired surrogate"),
+        (lambda d: d, "no .txt or .md files"),
+    ],
+    ids=["missing", "empty", "empty-texts", "not-utf8", "bad-json", "no-text-field", "surrogate", "no-documents-in-dir"],
+)
+def test_input_errors(tmp_path, make_input, message):
+    source = make_input(tmp_path)
+    with pytest.raises(DatasetError, match=message):
+        build(tiny_config(source, tmp_path / "out", val_docs=1))
+    assert not (tmp_path / "out" / "datasets" / f"{Path(source).stem}_sp{VOCAB}").exists()
+    assert no_temp_leftovers(tmp_path)
+
+
+def test_directory_errors(tmp_path):
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "a.txt").write_text("fine text " * 50)
+    (root / "b.txt").write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(DatasetError, match=r"b\.txt: not valid UTF-8 \(byte 0xe9 at offset 3\)"):
+        build(tiny_config(root, tmp_path / "out", val_docs=1))
+    (root / "b.txt").unlink()
+    (root / "c.txt").symlink_to(root / "gone.txt")
+    with pytest.raises(DatasetError, match=r"c\.txt: no such file"):
+        build(tiny_config(root, tmp_path / "out", val_docs=1))
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files without read permission")
+def test_unreadable_file(tmp_path):
+    corpus = write_jsonl(tmp_path / "locked.jsonl", make_docs(10))
+    corpus.chmod(0)
+    with pytest.raises(DatasetError, match="cannot read .*locked.jsonl"):
+        build(tiny_config(corpus, tmp_path / "out", val_docs=1))
+
+
+def test_too_small_inputs(tmp_path, tiny):
+    docs, _ = tiny
+    corpus = write_jsonl(tmp_path / "tiny.jsonl", docs)
+    with pytest.raises(DatasetError, match=r"val split \(first 1 documents\) has \d+ tokens, fewer than --min-tokens 1025"):
+        build(tiny_config(corpus, tmp_path / "out", val_docs=1, min_tokens=1025))
+    # One training document, encoded with the tiny tokenizer (training one on a single document would fail first).
+    sp = spm.SentencePieceProcessor(model_file=str(tiny[1].tokenizer_path))
+    last = len(sp.encode(docs[-1])) + 1
+    with pytest.raises(DatasetError, match=rf"train split \(documents after the first 59\) has {last} tokens, fewer than --min-tokens {last + 1}"):
+        build(tiny_config(corpus, tmp_path / "out", val_docs=59, min_tokens=last + 1, tokenizer=tiny[1].tokenizer_path, vocab_size=None))
+    with pytest.raises(DatasetError, match="60 documents, and --val-docs 60 puts all of them"):
+        build(tiny_config(corpus, tmp_path / "out", val_docs=60))
+    with pytest.raises(DatasetError, match="SentencePiece learned only|could not train"):
+        build(tiny_config(corpus, tmp_path / "out", vocab_size=4096))
+    with pytest.raises(DatasetError, match="must exceed 260"):
+        build(tiny_config(corpus, tmp_path / "out", vocab_size=256))
+    assert no_temp_leftovers(tmp_path / "out")
+
+
+def test_trainer_sentences_fit_sentencepiece_limit():
+    long_line = " ".join(["wörd"] * 3000)  # one 15 kB line, 'ö' is 2 bytes
+    text = "short line\n" * 700 + long_line + "\nend\x00here"
+    sentences = list(build_dataset.trainer_sentences(text))
+    assert len(sentences) > 3
+    assert all(0 < len(s.encode("utf-8")) <= build_dataset.SPM_SENTENCE_BYTES for s in sentences)
+    assert " ".join(sentences).split() == text.replace("\x00", " ").split()  # nothing lost, nothing reordered
+
+
+def test_cli_error_is_one_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_bytes(b"\xff\xfe\n")
+    proc = subprocess.run(
+        [sys.executable, str(DATA_DIR / "build_dataset.py"), "--docs", str(tmp_path / "bad.jsonl"), "--out-root", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: ") and "not valid UTF-8" in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# The built-in Python docs corpus
+
+
+def test_extract_units_reads_docstrings_and_comments(tmp_path):
+    source = '''#!/usr/bin/env python3
+# -*- coding: utf-8 -*-
+"""Module docstring."""
+import os  # a trailing remark is not a comment block
+
+# Two lines of comment
+# make one block.
+X = """
+# not a comment: inside a string
+"""
+# type: ignore
+# ---------------
+
+
+class Thing:
+    """Class docstring.
+
+        Indented detail.
+    """
+
+    def go(self):  # noqa
+        """Method docstring."""
+        # Inner comment.
+        return 1
+'''
+    (tmp_path / "m.py").write_text(source)
+    units = build_dataset.extract_units(("stdlib", str(tmp_path), "m.py"))
+    assert units == [
+        "Module docstring.",
+        "Two lines of comment\nmake one block.",
+        "Class docstring.\n\nIndented detail.",
+        "Method docstring.",
+        "Inner comment.",
+    ]
+    (tmp_path / "bad.py").write_text("def broken(:\n    '''Never read.'''\n")
+    assert build_dataset.extract_units(("stdlib", str(tmp_path), "bad.py")) == []
+
+
+def test_pydocs_corpus_is_deterministic():
+    first, info = build_dataset.collect_pydocs(max_bytes=200_000, workers=2, show_progress=False)
+    second, _ = build_dataset.collect_pydocs(max_bytes=200_000, workers=1, show_progress=False)
+    assert first == second
+    assert sum(len(d.encode()) for d in first) >= 200_000
+    assert info["sources_read"] < info["sources_available"]
+    assert any("Return" in doc for doc in first)  # prose from docstrings
+
+
+def test_default_build_without_docs(tmp_path, capsys):
+    out_root = tmp_path / "out"
+    argv = ["--out-root", str(out_root), "--max-bytes", "300000", "--val-docs", "10", "--min-tokens", str(MIN_TOKENS)]
+    assert build_dataset.main(argv) == 0
+    dataset_dir = out_root / "datasets" / "pydocs_sp1024"
+    model = out_root / "tokenizers" / "pydocs_1024_bpe.model"
+    manifest = json.loads((dataset_dir / "manifest.json").read_text())
+    assert manifest["source"]["kind"] == "pydocs" and manifest["vocab_size"] == 1024
+    assert manifest["stats"]["docs_val"] == 10 and manifest["stats"]["docs_train"] > 10
+    assert spm.SentencePieceProcessor(model_file=str(model)).vocab_size() == 1024
+    assert len(split_documents(split_tokens(dataset_dir, "val"))) == 10
+    printed = capsys.readouterr().out
+    assert f"DATA_PATH={os.path.relpath(dataset_dir)}" in printed and "VOCAB_SIZE=1024" in printed
+
+
+# -----------------------------------------------------------------------------
+# Downloader, against a fake hub: a local folder laid out like the Hugging Face repo
+
+HUB_SHARD_SIZE = 1000
+HUB_VAL_TOKENS = 700
+HUB_TRAIN_TOKENS = 2400  # three shards: 1000, 1000, 400
+
+
+@pytest.fixture
+def hub(tmp_path, tiny):
+    """A repo root holding datasets/manifest.json, datasets/datasets/fineweb10B_sp384/*.bin and
+    datasets/tokenizers/*, in the layout of the published export."""
+    _, built = tiny
+    root = tmp_path / "hub"
+    export = root / "datasets"
+    shards = export / "datasets" / f"fineweb10B_sp{VOCAB}"
+    shards.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    write_shard(shards / "fineweb_val_000000.bin", rng.integers(0, VOCAB, HUB_VAL_TOKENS))
+    for index, size in enumerate([1000, 1000, 400]):
+        write_shard(shards / f"fineweb_train_{index:06d}.bin", rng.integers(0, VOCAB, size))
+    (export / "tokenizers").mkdir()
+    for suffix in (".model", ".vocab"):
+        (export / "tokenizers" / f"fineweb_{VOCAB}_bpe{suffix}").write_bytes(built.tokenizer_path.with_suffix(suffix).read_bytes())
+    (export / "docs_selected.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
+    (export / "docs_selected.source_manifest.json").write_text(json.dumps({"num_docs": 1}))
+
+    def entry(variant: str, vocab: int) -> dict:
+        stats = {"files_val": 1, "files_train": 3, "tokens_val": HUB_VAL_TOKENS, "tokens_train": HUB_TRAIN_TOKENS}
+        return {"name": f"fineweb10B_{variant}", "tokenizer_name": f"sp_bpe_{vocab}", "vocab_size": vocab, "stats": stats}
+
+    manifest = {
+        "version": "10B",
+        "shard_size": HUB_SHARD_SIZE,
+        "datasets": [entry(f"sp{VOCAB}", VOCAB), entry("sp8192", 8192)],
+        "tokenizers": [
+            {
+                "name": f"sp_bpe_{vocab}",
+                "model_path": f"tokenizers/fineweb_{vocab}_bpe.model",
+                "vocab_path": f"tokenizers/fineweb_{vocab}_bpe.vocab",
+            }
+            for vocab in (VOCAB, 8192)
+        ],
+    }
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def hub_config(hub: Path, out_root: Path, **overrides) -> DownloadConfig:
+    settings = dict(variant=f"sp{VOCAB}", train_shards=2, out_root=out_root, mirror=hub, show_progress=False)
+    settings.update(overrides)
+    return DownloadConfig(**settings)
+
+
+def local_files(out_root: Path) -> dict[str, bytes]:
+    return {p.relative_to(out_root).as_posix(): p.read_bytes() for p in sorted(out_root.rglob("*")) if p.is_file()}
+
+
+def test_download_fresh(hub, tmp_path):
+    out = tmp_path / "data"
+    result = download(hub_config(hub, out))
+    export = hub / "datasets"
+    expected = {
+        "datasets/manifest.json": export / "manifest.json",
+        f"datasets/fineweb10B_sp{VOCAB}/fineweb_val_000000.bin": export / f"datasets/fineweb10B_sp{VOCAB}/fineweb_val_000000.bin",
+        f"datasets/fineweb10B_sp{VOCAB}/fineweb_train_000000.bin": export / f"datasets/fineweb10B_sp{VOCAB}/fineweb_train_000000.bin",
+        f"datasets/fineweb10B_sp{VOCAB}/fineweb_train_000001.bin": export / f"datasets/fineweb10B_sp{VOCAB}/fineweb_train_000001.bin",
+        f"tokenizers/fineweb_{VOCAB}_bpe.model": export / f"tokenizers/fineweb_{VOCAB}_bpe.model",
+        f"tokenizers/fineweb_{VOCAB}_bpe.vocab": export / f"tokenizers/fineweb_{VOCAB}_bpe.vocab",
+    }
+    assert local_files(out) == {rel: path.read_bytes() for rel, path in expected.items()}  # and nothing else
+    assert result.dataset_dir == out / "datasets" / f"fineweb10B_sp{VOCAB}"
+    assert result.tokenizer_path == out / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
+    assert result.vocab_size == VOCAB
+    assert len(result.fetched) == 5 and result.already_complete == []
+
+
+def test_download_resumes_and_refetches_damaged_files(hub, tmp_path):
+    out = tmp_path / "data"
+    download(hub_config(hub, out))
+    dataset = out / "datasets" / f"fineweb10B_sp{VOCAB}"
+    before = {p: p.stat() for p in out.rglob("*") if p.is_file()}
+
+    again = download(hub_config(hub, out))  # nothing to do
+    assert again.fetched == [] and len(again.already_complete) == 5
+    assert {p: (s.st_ino, s.st_mtime_ns) for p, s in before.items()} == {
+        p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in before
+    }
+
+    partial = dataset / "fineweb_train_000001.bin"
+    partial.write_bytes(partial.read_bytes()[:1500])  # an interrupted copy
+    wrong_magic = dataset / "fineweb_val_000000.bin"
+    data = bytearray(wrong_magic.read_bytes())
+    data[0:4] = (12345).to_bytes(4, "little")
+    wrong_magic.write_bytes(bytes(data))
+    other = dataset / "fineweb_train_000000.bin"
+    other_stat = other.stat()
+
+    repaired = download(hub_config(hub, out, train_shards=3))
+    assert sorted(p.name for p in repaired.fetched) == [
+        "fineweb_train_000001.bin",
+        "fineweb_train_000002.bin",
+        "fineweb_val_000000.bin",
+    ]
+    assert (other.stat().st_ino, other.stat().st_mtime_ns) == (other_stat.st_ino, other_stat.st_mtime_ns)
+    for path in shard_paths(dataset, "val") + shard_paths(dataset, "train"):
+        assert path.read_bytes() == (hub / "datasets" / "datasets" / dataset.name / path.name).read_bytes()
+    assert no_temp_leftovers(out)
+
+
+def test_download_checks_token_counts_against_the_manifest(hub, tmp_path):
+    remote = hub / "datasets" / "datasets" / f"fineweb10B_sp{VOCAB}" / "fineweb_train_000000.bin"
+    write_shard(remote, np.zeros(999, dtype=np.uint16))  # well-formed, but the manifest implies 1000 tokens
+    out = tmp_path / "data"
+    with pytest.raises(DownloadError, match="fineweb_train_000000.bin is not valid: .*999 tokens, the manifest implies 1000"):
+        download(hub_config(hub, out))
+    assert not (out / "datasets" / f"fineweb10B_sp{VOCAB}" / "fineweb_train_000000.bin").exists()
+    assert no_temp_leftovers(out)
+
+
+def test_download_with_docs_and_errors(hub, tmp_path):
+    out = tmp_path / "data"
+    download(hub_config(hub, out, train_shards=0, with_docs=True))
+    assert (out / "datasets" / "docs_selected.jsonl").read_bytes() == (hub / "datasets" / "docs_selected.jsonl").read_bytes()
+    assert shard_paths(out / "datasets" / f"fineweb10B_sp{VOCAB}", "train") == []
+
+    with pytest.raises(DownloadError, match=f"variant 'sp999' is not in the manifest; it lists: sp{VOCAB}, sp8192"):
+        download(hub_config(hub, out, variant="sp999"))
+    with pytest.raises(DownloadError, match="has 3 training shards, --train-shards asks for 4"):
+        download(hub_config(hub, out, train_shards=4))
+    with pytest.raises(DownloadError, match=r"fineweb10B_sp8192/fineweb_val_000000.bin is not in the mirror"):
+        download(hub_config(hub, out, variant="sp8192"))
+    with pytest.raises(DownloadError, match="manifest.json is not in the mirror"):
+        download(hub_config(hub, tmp_path / "elsewhere", remote_root="other_root"))
+
+
+def test_download_cli_with_mirror(hub, tmp_path, capsys):
+    out = tmp_path / "data"
+    assert downloader.main(["--variant", f"sp{VOCAB}", "1", "--mirror", str(hub), "--out-root", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "files: 4 fetched, 0 already complete" in printed
+    assert f"VOCAB_SIZE={VOCAB}" in printed
+    assert shard_paths(out / "datasets" / f"fineweb10B_sp{VOCAB}", "train")[-1].name == "fineweb_train_000000.bin"
+
+
+def test_download_offline_gives_one_clear_message(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    env.pop("MATCHED_FINEWEB_REPO_ID", None)
+    env.pop("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", None)
+    proc = subprocess.run(
+        [sys.executable, str(DATA_DIR / "cached_challenge_fineweb.py"), "--out-root", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert errors == [errors[0]] and errors[0].startswith("error: ")
+    assert "willdepueoai/parameter-golf" in errors[0] and "HF_HUB_OFFLINE" in errors[0] and "--mirror" in errors[0]
+    assert not list((tmp_path / "data").rglob("*.bin"))
