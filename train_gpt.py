@@ -131,11 +131,12 @@ class Hyperparameters:
 
     def validate(self) -> None:
         positive = ["vocab_size", "num_layers", "num_kv_heads", "model_dim", "num_heads", "mlp_mult",
-                    "train_seq_len", "train_batch_tokens", "val_batch_size", "muon_backend_steps", "rope_base"]
+                    "train_seq_len", "train_batch_tokens", "val_batch_size", "muon_backend_steps", "rope_base",
+                    "adam_eps"]
         non_negative = ["iterations", "warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every",
                         "eval_seq_len", "eval_stride", "eval_batch_seqs", "grad_accum_steps",
                         "max_wallclock_seconds", "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr",
-                        "scalar_lr", "grad_clip_norm", "muon_momentum_warmup_steps", "adam_eps",
+                        "scalar_lr", "grad_clip_norm", "muon_momentum_warmup_steps",
                         "tied_embed_init_std"]
         for name in positive:
             if getattr(self, name) <= 0:
