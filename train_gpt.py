@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import resource
 import sys
 import time
 import uuid
@@ -370,6 +371,17 @@ INT8_MAX = 127
 MIN_SCALE = 2.0**-24  # smallest fp16 subnormal: keeps the scale representable, swallows nothing
 
 
+def round_to_fp16_grid(x: Tensor) -> Tensor:
+    """x (positive fp32) rounded to the nearest fp16 value, kept in fp32.
+
+    Written as arithmetic because torch.compile drops an fp32->fp16->fp32 cast pair, which would let the
+    compiled training forward quantize with a different scale than the export.
+    """
+    _, exponent = torch.frexp(x)
+    ulp = torch.exp2((exponent - 11).clamp_min(-24).float())  # fp16: 11 significant bits, subnormal step 2^-24
+    return torch.round(x / ulp) * ulp
+
+
 def quantize_per_row(w: Tensor, max_level: int, clip_percentile: float) -> tuple[Tensor, Tensor]:
     """Symmetric per-row quantization of a 2-D tensor: integer levels (int8) and fp16 scales (rows,).
 
@@ -380,9 +392,9 @@ def quantize_per_row(w: Tensor, max_level: int, clip_percentile: float) -> tuple
     n = w.shape[1]
     k = math.ceil(round(clip_percentile * n / 100.0, 9))  # round: 99.9/100*1000 is 999.0000000000001 in floats
     clip = absw.amax(dim=1) if k >= n else absw.kthvalue(max(k, 1), dim=1).values
-    scale = (clip / max_level).clamp_min(MIN_SCALE).to(torch.float16)
-    q = torch.clamp(torch.round(w / scale.float()[:, None]), -max_level, max_level).to(torch.int8)
-    return q, scale
+    scale = round_to_fp16_grid((clip / max_level).clamp_min(MIN_SCALE))
+    q = torch.clamp(torch.round(w / scale[:, None]), -max_level, max_level).to(torch.int8)
+    return q, scale.to(torch.float16)
 
 
 def dequantize_per_row(q: Tensor, scale: Tensor) -> Tensor:
@@ -897,25 +909,29 @@ def init_runtime(h: Hyperparameters, env) -> Runtime:
 
 
 class Logger:
+    """Rank 0 writes; each line is appended and closed at once, so the log survives a crash as it stands."""
+
     def __init__(self, path: Path | None):
         self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "xb")
+            path.open("xb").close()
+
+    def _append(self, data: bytes) -> None:
+        with open(self.path, "ab") as f:
+            f.write(data)
 
     def __call__(self, msg: str, console: bool = True) -> None:
         if self.path is None:
             return
         if console:
             print(msg, flush=True)
-        self.file.write((msg + "\n").encode("utf-8"))
-        self.file.flush()
+        self._append((msg + "\n").encode("utf-8"))
 
     def write_code(self, code: bytes, name: str) -> None:
         if self.path is not None:
             header = f"code_begin path:{name} bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}\n"
-            self.file.write(header.encode() + code + b"\ncode_end\n")
-            self.file.flush()
+            self._append(header.encode() + code + b"\ncode_end\n")
 
 
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
@@ -1156,6 +1172,8 @@ def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> di
     if rt.device.type == "cuda":
         log(f"peak memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
+    else:
+        log(f"peak memory rss:{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}MiB")
     log(f"train_wall_time:{1000 * (time.perf_counter() - t_train):.0f}ms")
 
     # Raw weights first: they stay on disk whatever happens to the export.
