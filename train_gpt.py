@@ -229,6 +229,11 @@ def resolve_grad_accum_steps(h: Hyperparameters, world_size: int) -> int:
     return steps
 
 
+def windows_per_batch(h: Hyperparameters, world_size: int, grad_accum_steps: int, seq_len: int) -> int:
+    """Evaluation windows per batch and rank: EVAL_BATCH_SEQS, or VAL_BATCH_SIZE split like a training batch."""
+    return h.eval_batch_seqs or max(1, h.val_batch_size // (world_size * grad_accum_steps * seq_len))
+
+
 # -----------------------------------------------------------------------------
 # Data: shards and the distributed loader
 # -----------------------------------------------------------------------------
@@ -1013,7 +1018,7 @@ def train(*, h: Hyperparameters, rt: Runtime, base_model: GPT, model, optimizers
     max_wallclock_ms = 1000.0 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else None
     flops_per_step = model_flops_per_token(h, base_model) * h.train_batch_tokens
     peak = device_peak_flops(rt.device)
-    eval_batch = h.eval_batch_seqs or max(1, h.val_batch_size // (rt.world_size * grad_accum_steps * h.train_seq_len))
+    eval_batch = windows_per_batch(h, rt.world_size, grad_accum_steps, h.train_seq_len)
 
     def step_kwargs(step: int, elapsed_ms: float) -> dict:
         return dict(model=model, loader=loader, optimizers=optimizers, base_model=base_model, h=h, rt=rt,
@@ -1205,9 +1210,9 @@ def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> di
     eval_model.load_state_dict(dequantize_state_dict(read_artifact(artifact_path)), strict=True)
     eval_model.eval()
     eval_fn = compile_fn(eval_model)
-    eval_batch = h.eval_batch_seqs or max(1, h.val_batch_size // (rt.world_size * grad_accum_steps * eval_seq_len))
     rt.sync()
-    roundtrip = evaluate(eval_fn, val_tokens, luts, seq_len=h.train_seq_len, stride=0, batch_seqs=eval_batch,
+    roundtrip = evaluate(eval_fn, val_tokens, luts, seq_len=h.train_seq_len, stride=0,
+                         batch_seqs=windows_per_batch(h, rt.world_size, grad_accum_steps, h.train_seq_len),
                          rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
     prequant = result.final
     log(f"final_prequant_exact val_loss:{prequant.val_loss:.8f} val_bpb:{prequant.val_bpb:.8f}")
@@ -1217,11 +1222,13 @@ def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> di
     sliding = None  # the final evaluation, when it differs from the round trip's plain windows
     if 0 < h.eval_stride < eval_seq_len or eval_seq_len != h.train_seq_len:
         rt.sync()
-        sliding = evaluate(eval_fn, val_tokens, luts, seq_len=eval_seq_len, stride=h.eval_stride,
-                           batch_seqs=eval_batch, rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
+        stride = h.eval_stride if 0 < h.eval_stride < eval_seq_len else eval_seq_len
+        sliding = evaluate(eval_fn, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
+                           batch_seqs=windows_per_batch(h, rt.world_size, grad_accum_steps, eval_seq_len),
+                           rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
         rate = sliding.scored_tokens / max(sliding.eval_time_ms / 1000.0, 1e-9)
         projected_s = FINEWEB_VAL_TOKENS / (rate / rt.world_size * 8)
-        log(f"final_sliding_window_exact stride:{h.eval_stride if 0 < h.eval_stride < eval_seq_len else eval_seq_len} seq_len:{eval_seq_len} "
+        log(f"final_sliding_window_exact stride:{stride} seq_len:{eval_seq_len} "
             f"val_loss:{sliding.val_loss:.8f} val_bpb:{sliding.val_bpb:.8f} scored_tokens:{sliding.scored_tokens} "
             f"eval_time:{sliding.eval_time_ms:.0f}ms")
         log(f"sliding_rate scored_tok_s:{rate:.0f} per_rank:{rate / rt.world_size:.0f} "
