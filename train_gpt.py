@@ -898,7 +898,7 @@ def init_runtime(h: Hyperparameters, env) -> Runtime:
     rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
     want = h.device if h.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("DEVICE=cuda but no CUDA device is available; use DEVICE=cpu")
+        raise ValueError("DEVICE=cuda but no CUDA device is available; use DEVICE=cpu or DEVICE=auto")
     device = torch.device("cuda", local_rank) if want == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
