@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from records_tinyrun import REPO, TINY_SETTINGS, build_tiny_dataset, run_trainers
+from records_tinyrun import REPO, TINY_SETTINGS, run_trainers
 
 sys.path.insert(0, str(REPO / "records"))
 import make_submission  # noqa: E402
@@ -45,11 +45,12 @@ class TinyRuns:
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> TinyRuns:
+def tiny(tmp_path_factory, tiny_data) -> TinyRuns:
     root = tmp_path_factory.mktemp("tiny_runs")
     code = root / "train_gpt.py"
     shutil.copyfile(REPO / "train_gpt.py", code)
-    settings = {**TINY_SETTINGS, **build_tiny_dataset(root)}
+    settings = {**TINY_SETTINGS, "DATA_PATH": tiny_data["data_path"],
+                "TOKENIZER_PATH": tiny_data["tokenizer_path"], "VOCAB_SIZE": str(tiny_data["vocab_size"])}
     runs = {f"seed{s}": {**settings, "SEED": str(s)} for s in SEEDS}
     runs |= {f"short{s}": {**settings, "SEED": str(s), "ITERATIONS": "5"} for s in (1, 2)}
     run_trainers(root, runs, code)
