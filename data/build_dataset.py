@@ -51,6 +51,7 @@ from shard_format import (
     SHARD_VERSION,
     TOKEN_DTYPE,
     ShardWriter,
+    display_path,
     set_default_permissions,
     shard_name,
 )
@@ -557,13 +558,6 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _display(path: Path) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:  # another drive
-        return str(path)
-
-
 def build(config: BuildConfig) -> BuildResult:
     """Builds the dataset described by config; raises DatasetError with a message for the user."""
     workers = config.workers or default_workers()
@@ -611,7 +605,7 @@ def build(config: BuildConfig) -> BuildResult:
     existing = [dataset_dir] + ([tokenizer_path] if sp is None else [])
     for path in existing:
         if path.exists() and not config.force:
-            raise DatasetError(f"{_display(path)} already exists; pass --force to replace it")
+            raise DatasetError(f"{display_path(path)} already exists; pass --force to replace it")
 
     if builtin:
         max_bytes = config.max_bytes or PYDOCS_MAX_BYTES
@@ -959,12 +953,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     stats = result.manifest["stats"]
     print(
-        f"dataset: {_display(result.dataset_dir)}\n"
-        f"tokenizer: {_display(result.tokenizer_path)}\n"
+        f"dataset: {display_path(result.dataset_dir)}\n"
+        f"tokenizer: {display_path(result.tokenizer_path)}\n"
         f"docs: val {stats['docs_val']:,} train {stats['docs_train']:,}\n"
         f"tokens: val {stats['tokens_val']:,} train {stats['tokens_train']:,}\n"
         f"bytes_per_token: {stats['bytes_total'] / stats['tokens_total']:.3f}\n"
-        f"train with: DATA_PATH={_display(result.dataset_dir)} TOKENIZER_PATH={_display(result.tokenizer_path)} "
+        f"train with: DATA_PATH={display_path(result.dataset_dir)} TOKENIZER_PATH={display_path(result.tokenizer_path)} "
         f"VOCAB_SIZE={result.vocab_size}"
     )
     return 0

@@ -31,7 +31,7 @@ from typing import Callable
 import sentencepiece as spm
 from tqdm import tqdm
 
-from shard_format import ShardError, set_default_permissions, read_header, shard_name
+from shard_format import ShardError, display_path, read_header, set_default_permissions, shard_name
 
 DATA_DIR = Path(__file__).resolve().parent
 REPO_ENV = "MATCHED_FINEWEB_REPO_ID"
@@ -365,13 +365,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _display(path: Path) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = DownloadConfig(
@@ -390,10 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(
-        f"dataset: {_display(result.dataset_dir)}\n"
-        f"tokenizer: {_display(result.tokenizer_path)}\n"
+        f"dataset: {display_path(result.dataset_dir)}\n"
+        f"tokenizer: {display_path(result.tokenizer_path)}\n"
         f"files: {len(result.fetched)} fetched, {len(result.already_complete)} already complete\n"
-        f"train with: DATA_PATH={_display(result.dataset_dir)} TOKENIZER_PATH={_display(result.tokenizer_path)}"
+        f"train with: DATA_PATH={display_path(result.dataset_dir)} TOKENIZER_PATH={display_path(result.tokenizer_path)}"
         + (f" VOCAB_SIZE={result.vocab_size}" if result.vocab_size is not None else "")
     )
     return 0

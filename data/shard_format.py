@@ -46,6 +46,14 @@ def set_default_permissions(fd_or_path: int | Path, is_dir: bool = False) -> Non
         os.chmod(fd_or_path, mode)
 
 
+def display_path(path: Path) -> str:
+    """A path as the user should see it: relative to the working directory when possible."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive
+        return str(path)
+
+
 def shard_name(split: str, index: int) -> str:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
