@@ -175,8 +175,8 @@ class Hyperparameters:
         return {f.name.upper(): getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def overrides(self) -> dict:
-        defaults = Hyperparameters()
-        return {k: v for k, v in self.as_env().items() if defaults.as_env()[k] != v}
+        defaults = Hyperparameters().as_env()
+        return {k: v for k, v in self.as_env().items() if defaults[k] != v}
 
 
 def _parse_value(name: str, raw: str, kind: type):
@@ -873,7 +873,7 @@ class Runtime:
     world_size: int
     device: torch.device
     use_compile: bool
-    stop_group: object  # a gloo group for host-side decisions (no device sync)
+    host_group: object  # a gloo group for host-side agreement (run id, stop decision) without device sync
 
     @property
     def master(self) -> bool:
@@ -904,13 +904,13 @@ def init_runtime(h: Hyperparameters, env) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    stop_group = None
+    host_group = None
     if world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=
                                 device if device.type == "cuda" else None)
-        stop_group = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+        host_group = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
-    return Runtime(rank, local_rank, world_size, device, use_compile, stop_group)
+    return Runtime(rank, local_rank, world_size, device, use_compile, host_group)
 
 
 class Logger:
@@ -952,7 +952,7 @@ def device_peak_flops(device: torch.device) -> float | None:
 def broadcast_run_id(h: Hyperparameters, rt: Runtime) -> str:
     run_id = [h.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]]
     if rt.distributed:
-        dist.broadcast_object_list(run_id, src=0, group=rt.stop_group)
+        dist.broadcast_object_list(run_id, src=0, group=rt.host_group)
     return run_id[0]
 
 
@@ -1010,9 +1010,8 @@ class TrainResult:
     final: EvalResult | None
 
 
-def train(*, h: Hyperparameters, rt: Runtime, base_model: GPT, model, optimizers, val_tokens: Tensor,
-          luts: ByteLuts, log: Logger, eval_model) -> TrainResult:
-    grad_accum_steps = resolve_grad_accum_steps(h, rt.world_size)
+def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model: GPT, model, optimizers,
+          val_tokens: Tensor, luts: ByteLuts, log: Logger, eval_model) -> TrainResult:
     train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
     loader = DistributedTokenLoader(train_pattern, rt.rank, rt.world_size, rt.device)
     max_wallclock_ms = 1000.0 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else None
@@ -1079,14 +1078,15 @@ def train(*, h: Hyperparameters, rt: Runtime, base_model: GPT, model, optimizers
                 dist.all_reduce(loss_value, op=dist.ReduceOp.SUM)
                 loss_value /= rt.world_size
             check_finite(first_bad_step, rt)
-            tok_s = h.train_batch_tokens * step / max(approx_ms / 1000.0, 1e-9)
-            mfu = f" mfu:{100 * flops_per_step * step / (approx_ms / 1000.0) / (peak * rt.world_size):.1f}%" if peak else ""
+            seconds = max(approx_ms / 1000.0, 1e-9)
+            tok_s = h.train_batch_tokens * step / seconds
+            mfu = f" mfu:{100 * flops_per_step * step / seconds / (peak * rt.world_size):.1f}%" if peak else ""
             log(f"step:{step}/{h.iterations} train_loss:{loss_value.item():.4f} train_time:{approx_ms:.0f}ms "
                 f"step_avg:{approx_ms / step:.2f}ms tok_s:{tok_s:.0f}{mfu}")
         reached_cap = max_wallclock_ms is not None and approx_ms >= max_wallclock_ms
         if rt.distributed and max_wallclock_ms is not None:  # host-side agreement: no device sync
             flag = torch.tensor([int(reached_cap)], dtype=torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=rt.stop_group)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=rt.host_group)
             reached_cap = bool(flag.item())
         if stop_after_step is None and reached_cap:
             stop_after_step = step
@@ -1132,7 +1132,7 @@ def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> di
     if log_path.exists():
         raise ValueError(f"RUN_ID={run_id}: {log_path} already exists; choose another RUN_ID (nothing is overwritten)")
     if rt.distributed:
-        dist.barrier(group=rt.stop_group)  # every rank checked before rank 0 creates the log
+        dist.barrier(group=rt.host_group)  # every rank checked before rank 0 creates the log
     log = Logger(log_path if rt.master else None)
     log.write_code(code, code_name)
     for line in misspelled_settings(env):
@@ -1171,8 +1171,8 @@ def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> di
     optimizers = build_optimizers(h, base_model, zeropower, fused=rt.device.type == "cuda")
 
     t_train = time.perf_counter()
-    result = train(h=h, rt=rt, base_model=base_model, model=model, optimizers=optimizers, val_tokens=val_tokens,
-                   luts=luts, log=log, eval_model=compiled)
+    result = train(h=h, rt=rt, grad_accum_steps=grad_accum_steps, base_model=base_model, model=model,
+                   optimizers=optimizers, val_tokens=val_tokens, luts=luts, log=log, eval_model=compiled)
     steps = result.steps
     if rt.device.type == "cuda":
         log(f"peak memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
