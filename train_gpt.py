@@ -1255,6 +1255,8 @@ def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> di
     if rt.master:
         atomic_write_bytes(Path(h.log_dir) / f"{run_id}.json", (json.dumps(summary, indent=2) + "\n").encode())
         log(f"run_complete run_id:{run_id} val_loss:{score.val_loss:.8f} val_bpb:{score.val_bpb:.8f}")
+    if rt.distributed:  # tearing down gloo while a peer is still busy can abort the process
+        dist.barrier(group=rt.host_group)
     return summary
 
 
