@@ -23,9 +23,12 @@ import math
 import os
 import platform
 import resource
+import signal
 import sys
 import time
+import traceback
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 SIZE_LIMIT_BYTES = 16_000_000  # the challenge's artifact cap: code bytes + model bytes (decimal)
 FINEWEB_VAL_TOKENS = 63_779_840  # the published validation split, for eval-time projections
 EVAL_BUDGET_SECONDS = 600.0  # evaluation has its own 10-minute budget on 8xH100
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")  # the order SDPA_BACKEND=auto tries them in
 
 
 def _knob(default, doc: str):
@@ -62,7 +66,10 @@ class Hyperparameters:
     seed: int = _knob(1337, "seed for initialization")
     log_dir: str = _knob("logs", "folder for {RUN_ID}.txt and {RUN_ID}.json")
     artifact_dir: str = _knob("artifacts", "folder for the raw checkpoint and the compressed artifact")
-    init_checkpoint: str = _knob("", "raw checkpoint to start from (with ITERATIONS=0: re-export and re-score it)")
+    init_checkpoint: str = _knob("", "weights to start from: raw or resume checkpoint, or artifact (ITERATIONS=0: re-export)")
+    resume_from: str = _knob("", "resume checkpoint (*_ckpt.pt) to continue a stopped run from, settings as that run")
+    checkpoint_every_seconds: float = _knob(0.0, "write a resume checkpoint every N seconds of training (0 = off)")
+    check_tokenizer: bool = _knob(True, "refuse a tokenizer other than the one DATA_PATH/manifest.json names")
     # Validation
     val_batch_size: int = _knob(524_288, "validation tokens per batch across all ranks")
     val_loss_every: int = _knob(1000, "validate every N steps (0 = only at the end)")
@@ -70,6 +77,7 @@ class Hyperparameters:
     eval_seq_len: int = _knob(0, "window length of the final evaluation (0 = TRAIN_SEQ_LEN)")
     eval_stride: int = _knob(64, "sliding-window stride (0 or >= EVAL_SEQ_LEN = plain evaluation)")
     eval_batch_seqs: int = _knob(0, "windows per evaluation batch and rank (0 = from VAL_BATCH_SIZE)")
+    final_eval: bool = _knob(True, "final evaluation, artifact and round trip (0 = a throughput run: train only)")
     # Training length
     iterations: int = _knob(20_000, "maximum number of optimizer steps")
     warmdown_iters: int = _knob(3000, "LR decays linearly to 0 over the last N steps (wall-clock estimated)")
@@ -114,6 +122,8 @@ class Hyperparameters:
     # Devices
     device: str = _knob("auto", "auto, cuda or cpu")
     compile: str = _knob("auto", "torch.compile: auto (on CUDA), 0 or 1")
+    sdpa_backend: str = _knob("auto", "CUDA attention kernel: auto (first that runs: flash, cudnn, efficient, math)")
+    host_sync: str = _knob("auto", "per-step agreement between ranks: auto/gloo (a gloo group), device (all-reduce)")
 
     @classmethod
     def env_names(cls) -> list[str]:
@@ -136,7 +146,7 @@ class Hyperparameters:
                     "adam_eps"]
         non_negative = ["iterations", "warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every",
                         "eval_seq_len", "eval_stride", "eval_batch_seqs", "grad_accum_steps",
-                        "max_wallclock_seconds", "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr",
+                        "max_wallclock_seconds", "checkpoint_every_seconds", "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr",
                         "scalar_lr", "grad_clip_norm", "muon_momentum_warmup_steps",
                         "tied_embed_init_std"]
         for name in positive:
@@ -154,6 +164,8 @@ class Hyperparameters:
             raise ValueError(f"NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}")
         if (self.model_dim // self.num_heads) % 2:
             raise ValueError(f"MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even (RoPE rotates pairs)")
+        if self.run_id in (".", "..") or "/" in self.run_id or "\\" in self.run_id:
+            raise ValueError(f"RUN_ID={self.run_id!r} must be a plain name: it names files in LOG_DIR and ARTIFACT_DIR")
         if self.vocab_size > 65536:
             raise ValueError(f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format (max 65536)")
         if self.logit_softcap <= 0:
@@ -163,7 +175,8 @@ class Hyperparameters:
         if not 1 <= self.zstd_level <= 22:
             raise ValueError(f"ZSTD_LEVEL={self.zstd_level} must be in 1..22")
         for name, allowed in [("embed_quant", ("fp16", "int8")), ("device", ("auto", "cuda", "cpu")),
-                              ("compile", ("auto", "0", "1"))]:
+                              ("compile", ("auto", "0", "1")), ("sdpa_backend", ("auto",) + SDPA_BACKENDS),
+                              ("host_sync", ("auto", "gloo", "device"))]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name.upper()}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
 
@@ -201,16 +214,20 @@ def _parse_value(name: str, raw: str, kind: type):
     return raw
 
 
-def misspelled_settings(env) -> list[str]:
-    """Warnings for variables that look like one of ours but are not (MLP_MUL -> MLP_MULT)."""
+def setting_warnings(env, h: Hyperparameters) -> list[str]:
+    """Variables that look like one of ours but are not (MLP_MUL, num_layers), and settings that turn a part off."""
     known = Hyperparameters.env_names()
     warnings = []
     for key in sorted(env):
-        if key in known or not key.isupper():
+        if key in known:
             continue
-        match = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
-        if match:
+        if key.upper() in known:
+            warnings.append(f"warning: {key} is not read (settings are upper-case); did you mean {key.upper()}?")
+        elif key.isupper() and (match := difflib.get_close_matches(key, known, n=1, cutoff=0.85)):
             warnings.append(f"warning: {key} is not a setting of this script; did you mean {match[0]}?")
+    if h.eval_stride >= h.effective_eval_seq_len:
+        warnings.append(f"warning: EVAL_STRIDE={h.eval_stride} >= EVAL_SEQ_LEN={h.effective_eval_seq_len}: sliding-"
+                        "window evaluation is off, the final score uses non-overlapping windows")
     return warnings
 
 
@@ -241,14 +258,15 @@ def windows_per_batch(h: Hyperparameters, world_size: int, grad_accum_steps: int
 SHARD_MAGIC = 20240520  # header[0] of every fineweb_*.bin shard
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256  # int32 words before the uint16 tokens
-BOS_ID = 1  # every document starts with it (SentencePiece bos_id)
+BOS_ID = 1  # every document starts with it; the run takes the id from its tokenizer (bos_id)
 
 DATA_HELP = ("download the published shards with `python3 data/cached_challenge_fineweb.py --variant sp1024`, "
              "or build an offline dataset with `python3 data/build_dataset.py`, then set DATA_PATH, "
              "TOKENIZER_PATH and VOCAB_SIZE")
 
 
-def load_data_shard(path: Path) -> Tensor:
+def read_shard_header(path: Path) -> int:
+    """Token count of a shard, after checking its header and its size on disk."""
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header.size != SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise ValueError(f"{path}: not a shard (bad magic/version in the header); re-download or rebuild it")
@@ -257,8 +275,17 @@ def load_data_shard(path: Path) -> Tensor:
     if path.stat().st_size != expected:
         raise ValueError(f"{path}: size {path.stat().st_size} bytes, header says {expected}; "
                          "the file is truncated or corrupt, re-download or rebuild it")
-    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_INTS * 4)
-    return torch.from_numpy(tokens.astype(np.int32))
+    return num_tokens
+
+
+def load_data_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
+    """The shard's tokens as uint16 (converted to int64 per batch, not per shard); ids checked < vocab_size."""
+    tokens = np.fromfile(path, dtype="<u2", count=read_shard_header(path), offset=SHARD_HEADER_INTS * 4)
+    if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
+        bad = int(np.argmax(tokens >= vocab_size))
+        raise ValueError(f"{path}: token id {int(tokens[bad])} at position {bad} is >= VOCAB_SIZE={vocab_size}; "
+                         "the shards were made with another tokenizer, set VOCAB_SIZE/TOKENIZER_PATH to match")
+    return tokens
 
 
 def shard_files(pattern: str) -> list[Path]:
@@ -269,50 +296,62 @@ def shard_files(pattern: str) -> list[Path]:
 
 
 class TokenStream:
-    """Reads shards in order, forever, wrapping around at the end."""
+    """Reads shards in order, forever, wrapping around at the end; the position is (file_idx, pos).
 
-    def __init__(self, pattern: str):
-        self.files = shard_files(pattern)
-        self.file_idx = 0
-        self.tokens = load_data_shard(self.files[0])
-        self.pos = 0
+    The next shard is read and checked in a background thread, so the timed loop never waits on the disk.
+    """
 
-    def take(self, n: int) -> Tensor:
+    def __init__(self, pattern: str, vocab_size: int | None = None, file_idx: int = 0, pos: int = 0):
+        self.files, self.vocab_size = shard_files(pattern), vocab_size
+        self.file_idx, self.pos = file_idx, pos
+        self.tokens = load_data_shard(self.files[file_idx], vocab_size)
+        self.reader = ThreadPoolExecutor(max_workers=1)
+        self.next_tokens = self.reader.submit(self._read, file_idx + 1)
+
+    def _read(self, file_idx: int) -> np.ndarray:
+        return load_data_shard(self.files[file_idx % len(self.files)], self.vocab_size)
+
+    def take(self, n: int) -> np.ndarray:
         chunks, remaining = [], n
         while remaining > 0:
-            if self.pos >= self.tokens.numel():
+            if self.pos >= self.tokens.size:
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens = load_data_shard(self.files[self.file_idx])
-                self.pos = 0
-            k = min(remaining, self.tokens.numel() - self.pos)
+                self.tokens, self.pos = self.next_tokens.result(), 0
+                self.next_tokens = self.reader.submit(self._read, self.file_idx + 1)
+            k = min(remaining, self.tokens.size - self.pos)
             chunks.append(self.tokens[self.pos:self.pos + k])
             self.pos += k
             remaining -= k
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
 class DistributedTokenLoader:
     """Each call takes one contiguous span per rank from a single shared stream: deterministic and disjoint."""
 
-    def __init__(self, pattern: str, rank: int, world_size: int, device: torch.device):
+    def __init__(self, pattern: str, rank: int, world_size: int, device: torch.device,
+                 vocab_size: int | None = None, position: tuple[int, int] = (0, 0)):
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.stream = TokenStream(pattern)
+        self.stream = TokenStream(pattern, vocab_size, *position)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.stream.file_idx, self.stream.pos
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         span = local_tokens + 1  # one extra token for the shifted targets
         chunk = self.stream.take(span * self.world_size)
-        local = chunk[self.rank * span:(self.rank + 1) * span].to(torch.int64)
+        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
         if self.device.type == "cuda":
             local = local.pin_memory().to(self.device, non_blocking=True)
         return local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
 
 
-def load_validation_tokens(pattern: str, min_tokens: int) -> Tensor:
-    tokens = torch.cat([load_data_shard(p) for p in shard_files(pattern)])
-    if tokens.numel() < min_tokens + 1:
-        raise ValueError(f"validation split {pattern} has {tokens.numel()} tokens; need at least {min_tokens + 1} "
+def load_validation_tokens(pattern: str, min_tokens: int, vocab_size: int | None = None) -> Tensor:
+    tokens = np.concatenate([load_data_shard(p, vocab_size) for p in shard_files(pattern)])
+    if tokens.size < min_tokens + 1:
+        raise ValueError(f"validation split {pattern} has {tokens.size} tokens; need at least {min_tokens + 1} "
                          "(one sequence and its shifted target)")
-    return tokens
+    return torch.from_numpy(tokens.astype(np.int32))
 
 
 # -----------------------------------------------------------------------------
@@ -360,7 +399,22 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLuts
 def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     if not Path(h.tokenizer_path).is_file():
         raise FileNotFoundError(f"tokenizer not found at TOKENIZER_PATH={h.tokenizer_path}; {DATA_HELP}")
-    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path} is not a SentencePiece model ({str(e).strip()}); "
+                         f"{DATA_HELP}") from None
+    manifest = Path(h.data_path) / "manifest.json"
+    if h.check_tokenizer and manifest.is_file():
+        try:
+            want = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer", {}).get("sha256")
+        except (ValueError, AttributeError):
+            raise ValueError(f"{manifest}: not a readable dataset manifest; rebuild the dataset") from None
+        have = hashlib.sha256(Path(h.tokenizer_path).read_bytes()).hexdigest()
+        if want and want != have:
+            raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path} (sha256 {have[:12]}) is not the tokenizer the shards "
+                             f"in DATA_PATH={h.data_path} were made with ({manifest.name}: sha256 {want[:12]}); "
+                             "point TOKENIZER_PATH at that tokenizer, or set CHECK_TOKENIZER=0 to score anyway")
     if sp.get_piece_size() != h.vocab_size:
         raise ValueError(f"VOCAB_SIZE={h.vocab_size} but the tokenizer {h.tokenizer_path} has "
                          f"{sp.get_piece_size()} pieces; set VOCAB_SIZE={sp.get_piece_size()}")
@@ -373,6 +427,7 @@ def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
 
 INT6_MAX = 31  # int6 levels -31..31
 INT8_MAX = 127
+FP16_MAX = 65504.0
 MIN_SCALE = 2.0**-24  # smallest fp16 subnormal: keeps the scale representable, swallows nothing
 
 
@@ -445,10 +500,10 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim),
                              persistent=False)
 
-    def forward(self, seq_len: int, device, dtype) -> tuple[Tensor, Tensor]:
+    def forward(self, seq_len: int, device) -> tuple[Tensor, Tensor]:
         t = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.to(device))  # (T, D/2)
-        return freqs.cos().to(dtype)[None, None], freqs.sin().to(dtype)[None, None]
+        freqs = torch.outer(t, self.inv_freq.to(device))  # (T, D/2), fp32: bf16 angles lose the position
+        return freqs.cos()[None, None], freqs.sin()[None, None]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -475,9 +530,10 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.rotary(T, x.device, q.dtype)
-        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
-        k = apply_rotary(rms_norm(k), cos, sin)
+        cos, sin = self.rotary(T, x.device)
+        # Norm, rotation and gain in fp32, then back to the compute dtype for attention.
+        q = (apply_rotary(rms_norm(q.float()), cos, sin) * self.q_gain[None, :, None, None]).to(v.dtype)
+        k = apply_rotary(rms_norm(k.float()), cos, sin).to(v.dtype)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -512,25 +568,26 @@ class Block(nn.Module):
 class SmearGate(nn.Module):
     """x[t] <- (1-g) x[t] + g x[t-1] per channel, g = sigmoid(gate); no blend at a BOS or at position 0."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, bos_id: int = BOS_ID):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
+        self.bos_id = bos_id
 
     def forward(self, x: Tensor, input_ids: Tensor) -> Tensor:
         g = torch.sigmoid(self.gate.to(x.dtype))
         x_prev = F.pad(x[:, :-1], (0, 0, 1, 0))  # (B, T, C), shifted right by one token
-        blend = (input_ids != BOS_ID)
+        blend = input_ids != self.bos_id
         blend[:, 0] = False  # the previous token is unknown here
         return x + blend[..., None].to(x.dtype) * g * (x_prev - x)
 
 
 class GPT(nn.Module):
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, h: Hyperparameters, bos_id: int = BOS_ID):
         super().__init__()
         self.logit_softcap = h.logit_softcap
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
-        self.smear = SmearGate(h.model_dim) if h.smear_gate else None
+        self.smear = SmearGate(h.model_dim, bos_id) if h.smear_gate else None
         self.num_encoder_layers = h.num_layers // 2
         self.num_skips = min(self.num_encoder_layers, h.num_layers - self.num_encoder_layers)
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, h.model_dim))
@@ -694,6 +751,7 @@ def muon_momentum_at(step: int, *, start: float, end: float, warmup_steps: int) 
 
 ARTIFACT_MAGIC = b"PGOLF-Q\x00"  # 8 bytes before the zstd frame
 ARTIFACT_FORMAT_VERSION = 1
+ARTIFACT_KINDS = ("int6", "int8", "fp16", "float")
 
 
 class ArtifactError(ValueError):
@@ -779,13 +837,14 @@ def read_artifact(path: Path) -> dict:
     if payload.get("version") != ARTIFACT_FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {payload.get('version')}, this script reads "
                             f"version {ARTIFACT_FORMAT_VERSION}")
+    tensors = payload.get("tensors")
+    for name, e in (tensors.items() if isinstance(tensors, dict) else [("tensors", None)]):
+        keys = ("q", "scale") if isinstance(e, dict) and e.get("kind") in ("int6", "int8") else ("data",)
+        if not (isinstance(e, dict) and e.get("kind") in ARTIFACT_KINDS
+                and all(isinstance(e.get(k), Tensor) for k in keys)):
+            raise ArtifactError(f"{path}: artifact entry {name!r} is malformed (kind {e.get('kind') if isinstance(e, dict) else type(e).__name__!r}); "
+                                "re-export it from the raw checkpoint")
     return payload
-
-
-def load_raw_checkpoint(path: str, model: nn.Module) -> None:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"INIT_CHECKPOINT={path} does not exist")
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
 
 
 # -----------------------------------------------------------------------------
@@ -822,6 +881,15 @@ class EvalResult:
     scored_tokens: int
     scored_bytes: int
     eval_time_ms: float
+    graphs: int = 0  # graphs torch.compile built during this evaluation
+    compile_ms: float = 0.0
+
+
+def compile_stats() -> tuple[int, float]:
+    """(graphs built, seconds spent compiling) so far in this process, from dynamo's own counters."""
+    from torch._dynamo import utils
+    return (int(utils.counters["stats"]["unique_graphs"]),
+            float(sum(utils.compilation_time_metrics.get("_compile.compile_inner", []))))
 
 
 @torch.no_grad()
@@ -829,36 +897,49 @@ def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLuts, *, seq_len: int, 
              rank: int = 0, world_size: int = 1, autocast=contextlib.nullcontext) -> EvalResult:
     """Mean cross-entropy (nats) and bits per byte over all targets of `tokens` (a 1-D tensor on the device).
 
-    The windows are split into contiguous ranges per rank; consecutive windows that score the same number
-    of targets start that many tokens apart, so each batch is a strided view of the split.
+    Always in eval mode (no fake-quant, whatever mode the model was in; the mode is restored). The windows
+    are split into contiguous ranges per rank and run in batches of exactly `batch_seqs` windows, each
+    scoring the last `s` positions (s = the stride; the split's first window alone scores all w): a short
+    batch is padded with copies of its last window, and positions a window does not score (padding, and
+    the last window's overlap with the one before) are masked out of the sums. So an evaluation calls the
+    model with at most two shapes, and a compiled model builds at most two graphs.
     """
-    t0 = time.perf_counter()
+    t0, (graphs0, compile0) = time.perf_counter(), compile_stats()
     windows = plan_windows(tokens.numel() - 1, seq_len, stride)
     mine = windows[len(windows) * rank // world_size:len(windows) * (rank + 1) // world_size]
     w = min(seq_len, tokens.numel() - 1)
+    s = stride if 0 < stride < w else w
+    batch_seqs = max(batch_seqs, 1)
     sums = torch.zeros(3, device=tokens.device, dtype=torch.float64)  # loss, targets, bytes
-    i = 0
-    while i < len(mine):
-        start, n = mine[i]
-        j = i + 1
-        while j < len(mine) and j - i < batch_seqs and mine[j][1] == n and mine[j][0] == mine[j - 1][0] + n:
-            j += 1
-        span = (j - i - 1) * n + w
-        x = tokens[start:start + span].unfold(0, w, n).long()  # (B, w)
-        y = tokens[start + 1:start + span + 1].unfold(0, w, n)[:, w - n:].long()  # (B, n)
-        with autocast():
-            losses = model(x, y, score_last=n, reduction="none")
-        sums[0] += losses.double().sum()
-        sums[1] += y.numel()
-        sums[2] += luts.count(x[:, w - n:], y).sum()
-        i = j
+    offsets = torch.arange(w + 1, device=tokens.device)
+    was_training = model.training
+    model.eval()
+    try:
+        for n, group in ((w, [m for m in mine if m[1] > s]), (s, [m for m in mine if m[1] <= s])):
+            for b in range(0, len(group), batch_seqs):
+                batch = group[b:b + batch_seqs]
+                batch = batch + [(batch[-1][0], 0)] * (batch_seqs - len(batch))  # padding scores nothing
+                starts = torch.tensor([start for start, _ in batch], device=tokens.device)
+                scored = torch.tensor([k for _, k in batch], device=tokens.device)
+                seqs = tokens[starts[:, None] + offsets].long()  # (B, w + 1)
+                x, y = seqs[:, :-1], seqs[:, w - n + 1:]  # (B, w), (B, n)
+                mask = torch.arange(n, device=tokens.device)[None, :] >= (n - scored)[:, None]  # (B, n)
+                with autocast():
+                    losses = model(x, y, score_last=n, reduction="none")
+                sums[0] += torch.where(mask, losses.double(), 0.0).sum()
+                sums[1] += mask.sum()
+                sums[2] += torch.where(mask, luts.count(x[:, w - n:], y), 0).sum()
+    finally:
+        model.train(was_training)
     if world_size > 1:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     loss_sum, count, byte_count = sums.tolist()
     val_loss = loss_sum / count
+    graphs1, compile1 = compile_stats()
     return EvalResult(val_loss=val_loss, val_bpb=val_loss / math.log(2.0) * count / byte_count,
                       scored_tokens=int(count), scored_bytes=int(byte_count),
-                      eval_time_ms=1000.0 * (time.perf_counter() - t0))
+                      eval_time_ms=1000.0 * (time.perf_counter() - t0), graphs=graphs1 - graphs0,
+                      compile_ms=1000.0 * (compile1 - compile0))
 
 
 # -----------------------------------------------------------------------------
@@ -873,7 +954,9 @@ class Runtime:
     world_size: int
     device: torch.device
     use_compile: bool
-    host_group: object  # a gloo group for host-side agreement (run id, stop decision) without device sync
+    host_group: object  # group for host-side agreement (run id, stop decision); None = the device group
+    attention: str = "math"  # the SDPA backend in use
+    notes: list = field(default_factory=list)  # lines for the log once it exists (fallbacks taken)
 
     @property
     def master(self) -> bool:
@@ -883,6 +966,10 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def host_sync(self) -> str:
+        return "device" if self.distributed and self.host_group is None else "gloo"
+
     def autocast(self):
         if self.device.type == "cuda":
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -891,6 +978,39 @@ class Runtime:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def agree(self, *flags: int) -> list[int]:
+        """Element-wise max of small integers over all ranks: host-only through gloo, else a device round trip."""
+        if not self.distributed:
+            return list(flags)
+        t = torch.tensor(flags, dtype=torch.int64, device="cpu" if self.host_group is not None else self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.host_group)
+
+
+def select_attention_backend(h: Hyperparameters, device: torch.device) -> str:
+    """Enable exactly one SDPA backend on CUDA, checked on this model's head shape with GQA; CPU uses math."""
+    if device.type != "cuda":
+        return "math"
+    head_dim = h.model_dim // h.num_heads
+    q = torch.randn(1, h.num_heads, 16, head_dim, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(1, h.num_kv_heads, 16, head_dim, device=device, dtype=torch.bfloat16)
+    errors = []
+    for name in (SDPA_BACKENDS if h.sdpa_backend == "auto" else (h.sdpa_backend,)):
+        for other in SDPA_BACKENDS:
+            getattr(torch.backends.cuda, f"enable_{'mem_efficient' if other == 'efficient' else other}_sdp")(
+                other == name)
+        try:
+            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=h.num_kv_heads != h.num_heads)
+            return name
+        except RuntimeError as e:
+            errors.append(f"{name}: {str(e).splitlines()[0]}")
+    raise ValueError(f"SDPA_BACKEND={h.sdpa_backend}: no attention backend runs this model here "
+                     f"({'; '.join(errors)}); try another SDPA_BACKEND ({', '.join(SDPA_BACKENDS)})")
 
 
 def init_runtime(h: Hyperparameters, env) -> Runtime:
@@ -904,13 +1024,22 @@ def init_runtime(h: Hyperparameters, env) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    host_group = None
+    rt = Runtime(rank, local_rank, world_size, device, h.compile == "1" or (h.compile == "auto" and device.type ==
+                 "cuda"), None, select_attention_backend(h, device))
     if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=
-                                device if device.type == "cuda" else None)
-        host_group = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
-    use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
-    return Runtime(rank, local_rank, world_size, device, use_compile, host_group)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+        if device.type == "cpu" and h.host_sync != "gloo":
+            rt.host_group = dist.group.WORLD  # already gloo
+        elif h.host_sync != "device":
+            try:  # a gloo group beside NCCL keeps the per-step agreement off the device
+                rt.host_group = dist.new_group(backend="gloo")
+                dist.barrier(group=rt.host_group)
+            except Exception as e:
+                rt.host_group = None
+                rt.notes.append(f"warning: host_sync gloo group failed ({type(e).__name__}: {e}); host-side "
+                                "agreement falls back to device all-reduces (HOST_SYNC=device)")
+    return rt
 
 
 class Logger:
@@ -960,9 +1089,37 @@ def broadcast_run_id(h: Hyperparameters, rt: Runtime) -> str:
 # Training
 # -----------------------------------------------------------------------------
 
+CHECKPOINT_FORMAT = "pgolf-checkpoint"  # resume checkpoints; raw checkpoints are a bare state dict
+
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class BrokenModel(RuntimeError):
+    """The trained model cannot be a result: a non-finite score or weight, or a value fp16 cannot hold."""
+
+
+class StopRequested(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class StopSignals:
+    """While active, SIGINT/SIGTERM only record themselves; the loop stops at the next step boundary."""
+
+    def __enter__(self) -> "StopSignals":
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self._record) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def check_finite(first_bad_step: Tensor, rt: Runtime) -> None:
@@ -1003,17 +1160,45 @@ def train_step(*, model, loader, optimizers, base_model, h: Hyperparameters, rt:
 
 
 @dataclass
-class TrainResult:
-    steps: int
-    train_time_ms: float
-    val_history: list
-    final: EvalResult | None
+class TrainState:
+    """Where training stands: what a resume restores besides weights and optimizer state."""
+
+    step: int = 0
+    train_time_ms: float = 0.0
+    loader_position: tuple = (0, 0)  # (shard index, token offset) of the shared stream
+    val_history: list = field(default_factory=list)
+    started: bool = False  # the first real step has begun (the warm-up is undone and does not count)
+
+
+def write_checkpoint(path: Path, *, base_model: GPT, optimizers, state: TrainState, h: Hyperparameters,
+                     rt: Runtime) -> None:
+    """A resume checkpoint (every rank calls this): weights, all optimizer state, position, clock and RNG."""
+    opt_states = [opt.state_dict() for opt in optimizers]
+    if rt.distributed:  # Muon keeps each matrix's momentum only on the rank that orthogonalizes it
+        mine = [{k: {n: t.cpu() for n, t in v.items()} for k, v in s["state"].items()} for s in opt_states]
+        everyone = [None] * rt.world_size
+        dist.all_gather_object(everyone, mine, group=rt.host_group)
+        for i, s in enumerate(opt_states):
+            s["state"] = {k: v for shard in everyone for k, v in shard[i].items()}
+    if rt.master:
+        atomic_write_bytes(path, torch_save_bytes({
+            "format": CHECKPOINT_FORMAT, "model": base_model.state_dict(), "optimizers": opt_states,
+            "step": state.step, "train_time_ms": state.train_time_ms, "loader_position": list(state.loader_position),
+            "val_history": state.val_history, "rng": torch.get_rng_state(), "world_size": rt.world_size,
+            "hyperparameters": {k: str(v) for k, v in h.as_env().items()}}))
+    rt.barrier()
 
 
 def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model: GPT, model, optimizers,
-          val_tokens: Tensor, luts: ByteLuts, log: Logger, eval_model) -> TrainResult:
+          val_tokens: Tensor, luts: ByteLuts, log: Logger, eval_model, state: TrainState, files) -> None:
+    """Train from `state` until ITERATIONS or the wall-clock cap; `state` always says how far it got."""
     train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
-    loader = DistributedTokenLoader(train_pattern, rt.rank, rt.world_size, rt.device)
+
+    def new_loader() -> DistributedTokenLoader:
+        return DistributedTokenLoader(train_pattern, rt.rank, rt.world_size, rt.device, h.vocab_size,
+                                      tuple(state.loader_position))
+
+    loader = new_loader()
     max_wallclock_ms = 1000.0 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else None
     flops_per_step = model_flops_per_token(h, base_model) * h.train_batch_tokens
     peak = device_peak_flops(rt.device)
@@ -1027,71 +1212,88 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
                     momentum=muon_momentum_at(step, start=h.muon_momentum_warmup_start, end=h.muon_momentum,
                                               warmup_steps=h.muon_momentum_warmup_steps))
 
-    if h.warmup_steps > 0 and h.iterations > 0:
+    if h.warmup_steps > 0 and h.iterations > state.step:
         # Prime compilation and allocator on real steps, then undo every effect: weights, optimizer
         # state and the data position are all restored, so training starts exactly as with no warm-up.
         model_state = copy.deepcopy(base_model.state_dict())
         opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         t_warm = time.perf_counter()
         for _ in range(h.warmup_steps):
-            train_step(**step_kwargs(0, 0.0))
+            train_step(**step_kwargs(state.step, state.train_time_ms))
         rt.sync()
         base_model.load_state_dict(model_state)
-        for opt, state in zip(optimizers, opt_states):
-            opt.load_state_dict(state)
-        loader = DistributedTokenLoader(train_pattern, rt.rank, rt.world_size, rt.device)
+        for opt, opt_state in zip(optimizers, opt_states):
+            opt.load_state_dict(opt_state)
+        loader = new_loader()
         log(f"warmup_steps:{h.warmup_steps} warmup_time:{1000 * (time.perf_counter() - t_warm):.0f}ms (undone)")
 
-    history, final = [], None
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
-    train_time_ms, step, stop_after_step = 0.0, 0, None
+    start_step, stop_after_step = state.step, None
     rt.sync()
-    t0 = time.perf_counter()
-    while True:
-        last_step = step == h.iterations or (stop_after_step is not None and step >= stop_after_step)
-        if last_step or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
-            rt.sync()
-            train_time_ms += 1000.0 * (time.perf_counter() - t0)
-            base_model.eval()
-            result = evaluate(eval_model, val_tokens, luts, seq_len=h.train_seq_len, stride=0,
-                              batch_seqs=eval_batch, rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
-            base_model.train()
-            history.append({"step": step, "train_time_ms": round(train_time_ms, 1), "val_loss": result.val_loss,
-                            "val_bpb": result.val_bpb})
-            log(f"step:{step}/{h.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
-                f"train_time:{train_time_ms:.0f}ms step_avg:{train_time_ms / max(step, 1):.2f}ms")
-            final = result
-            rt.sync()
-            t0 = time.perf_counter()
-        if last_step:
-            if stop_after_step is not None and step < h.iterations:
-                log(f"stopping_early: wallclock_cap train_time:{train_time_ms:.0f}ms step:{step}/{h.iterations}")
-            break
-        elapsed_ms = train_time_ms + 1000.0 * (time.perf_counter() - t0)
-        loss = train_step(**step_kwargs(step, elapsed_ms))
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
-        step += 1
-        approx_ms = train_time_ms + 1000.0 * (time.perf_counter() - t0)
-        if step <= 5 or (h.train_log_every > 0 and step % h.train_log_every == 0) or step == h.iterations:
-            loss_value = loss.detach().clone()
-            if rt.distributed:  # logging steps may sync the host; ordinary steps never do
-                dist.all_reduce(loss_value, op=dist.ReduceOp.SUM)
-                loss_value /= rt.world_size
-            check_finite(first_bad_step, rt)
-            seconds = max(approx_ms / 1000.0, 1e-9)
-            tok_s = h.train_batch_tokens * step / seconds
-            mfu = f" mfu:{100 * flops_per_step * step / seconds / (peak * rt.world_size):.1f}%" if peak else ""
-            log(f"step:{step}/{h.iterations} train_loss:{loss_value.item():.4f} train_time:{approx_ms:.0f}ms "
-                f"step_avg:{approx_ms / step:.2f}ms tok_s:{tok_s:.0f}{mfu}")
-        reached_cap = max_wallclock_ms is not None and approx_ms >= max_wallclock_ms
-        if rt.distributed and max_wallclock_ms is not None:  # host-side agreement: no device sync
-            flag = torch.tensor([int(reached_cap)], dtype=torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=rt.host_group)
-            reached_cap = bool(flag.item())
-        if stop_after_step is None and reached_cap:
-            stop_after_step = step
-    check_finite(first_bad_step, rt)
-    return TrainResult(steps=step, train_time_ms=train_time_ms, val_history=history, final=final)
+    t0 = last_checkpoint = time.perf_counter()
+
+    def clock_ms() -> float:
+        return state.train_time_ms + 1000.0 * (time.perf_counter() - t0)
+
+    with StopSignals() as signals:
+        state.started = True
+        while True:
+            step = state.step
+            if step >= h.iterations or (stop_after_step is not None and step >= stop_after_step):
+                rt.sync()
+                state.train_time_ms = clock_ms()
+                if step < h.iterations:
+                    log(f"stopping_early: wallclock_cap train_time:{state.train_time_ms:.0f}ms "
+                        f"step:{step}/{h.iterations}")
+                break
+            if h.val_loss_every > 0 and step % h.val_loss_every == 0 and (step > start_step or step == 0):
+                rt.sync()
+                state.train_time_ms = clock_ms()
+                result = evaluate(eval_model, val_tokens, luts, seq_len=h.train_seq_len, stride=0,
+                                  batch_seqs=eval_batch, rank=rt.rank, world_size=rt.world_size,
+                                  autocast=rt.autocast)
+                if not math.isfinite(result.val_loss):
+                    raise BrokenModel(f"validation loss is {result.val_loss} at step {step}")
+                state.val_history.append({"step": step, "train_time_ms": round(state.train_time_ms, 1),
+                                          "val_loss": result.val_loss, "val_bpb": result.val_bpb})
+                log(f"step:{step}/{h.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
+                    f"train_time:{state.train_time_ms:.0f}ms step_avg:{state.train_time_ms / max(step, 1):.2f}ms")
+                rt.sync()
+                t0 = time.perf_counter()
+            loss = train_step(**step_kwargs(step, clock_ms()))
+            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+            state.step, state.loader_position = step + 1, loader.position
+            approx_ms = clock_ms()
+            if state.step <= 5 or (h.train_log_every > 0 and state.step % h.train_log_every == 0) \
+                    or state.step == h.iterations:
+                loss_value = loss.detach().clone()
+                if rt.distributed:  # logging steps may sync the host; ordinary steps never do
+                    dist.all_reduce(loss_value, op=dist.ReduceOp.SUM)
+                    loss_value /= rt.world_size
+                check_finite(first_bad_step, rt)
+                seconds = max(approx_ms / 1000.0, 1e-9)
+                tok_s = h.train_batch_tokens * state.step / seconds
+                mfu = f" mfu:{100 * flops_per_step * state.step / seconds / (peak * rt.world_size):.1f}%" if peak else ""
+                log(f"step:{state.step}/{h.iterations} train_loss:{loss_value.item():.4f} train_time:{approx_ms:.0f}ms "
+                    f"step_avg:{approx_ms / state.step:.2f}ms tok_s:{tok_s:.0f}{mfu}")
+            # One host-side agreement per step: wall-clock cap, a stop signal on any rank, a checkpoint due.
+            reached_cap, stop, checkpoint_due = rt.agree(
+                int(max_wallclock_ms is not None and approx_ms >= max_wallclock_ms), signals.signum,
+                int(h.checkpoint_every_seconds > 0
+                    and time.perf_counter() - last_checkpoint >= h.checkpoint_every_seconds))
+            if stop:
+                state.train_time_ms = clock_ms()
+                raise StopRequested(stop)
+            if checkpoint_due:
+                state.train_time_ms, t_ckpt = clock_ms(), time.perf_counter()
+                write_checkpoint(files.checkpoint, base_model=base_model, optimizers=optimizers, state=state, h=h,
+                                 rt=rt)
+                log(f"checkpoint:{files.checkpoint} step:{state.step} "
+                    f"time:{1000 * (time.perf_counter() - t_ckpt):.0f}ms (not counted as training)")
+                t0 = last_checkpoint = time.perf_counter()
+            if stop_after_step is None and reached_cap:
+                stop_after_step = state.step
+        check_finite(first_bad_step, rt)
 
 
 # -----------------------------------------------------------------------------
@@ -1099,8 +1301,112 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
 # -----------------------------------------------------------------------------
 
 
-def build_model(h: Hyperparameters, device: torch.device) -> GPT:
-    model = GPT(h).to(device)
+@dataclass(frozen=True)
+class RunFiles:
+    """Every file a run writes; none may exist before it starts, so nothing is ever overwritten."""
+
+    run_id: str
+    log: Path
+    summary: Path
+    raw: Path  # the trained weights, written before anything can fail
+    artifact: Path
+    checkpoint: Path  # resume checkpoints (CHECKPOINT_EVERY_SECONDS, or a stop signal)
+
+    @classmethod
+    def of(cls, h: Hyperparameters, run_id: str) -> "RunFiles":
+        logs, arts = Path(h.log_dir), Path(h.artifact_dir)
+        return cls(run_id, logs / f"{run_id}.txt", logs / f"{run_id}.json", arts / f"{run_id}_raw.pt",
+                   arts / f"{run_id}.int6.ptz", arts / f"{run_id}_ckpt.pt")
+
+
+@dataclass
+class Inputs:
+    """What the preflight read: the run starts only once all of it is known to be good."""
+
+    grad_accum_steps: int
+    sp: spm.SentencePieceProcessor
+    val_tokens: Tensor
+    init_weights: dict | None = None
+    init_kind: str = ""
+    resume: dict | None = None
+
+
+def check_writable(folder: str, setting: str) -> None:
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe = Path(folder) / f".write-probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{setting}={folder} is not a writable folder ({e.strerror or e}); fix its permissions "
+                         f"or choose another {setting}") from None
+
+
+def check_shapes(state: dict, expected: dict, where: str) -> dict:
+    hint = "the settings (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE, ...) differ from the run that wrote it"
+    for name, shape in expected.items():
+        if name not in state:
+            raise ValueError(f"{where}: no tensor {name} (shape {tuple(shape)} in this model); {hint}")
+        if state[name].shape != shape:
+            raise ValueError(f"{where}: tensor {name} has shape {tuple(state[name].shape)} in the file, "
+                             f"{tuple(shape)} in this model; {hint}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ValueError(f"{where}: tensor {extra[0]} is not in this model; {hint}")
+    return state
+
+
+def read_weights(path: str, setting: str, expected: dict) -> tuple[dict, str, dict | None]:
+    """(state dict, what the file is, the resume checkpoint or None) from a raw checkpoint, a resume checkpoint
+    or an artifact (its dequantized weights), shape-checked. Never runs code from the file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{setting}={path} does not exist")
+    with open(path, "rb") as f:
+        if f.read(len(ARTIFACT_MAGIC)) == ARTIFACT_MAGIC:
+            state = dequantize_state_dict(read_artifact(Path(path)))
+            return check_shapes(state, expected, f"{setting}={path}"), "artifact (dequantized weights)", None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{setting}={path} is not a checkpoint of this script "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    ckpt = obj if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT else None
+    state = ckpt["model"] if ckpt else obj
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{setting}={path} holds no weights of this script; give a raw checkpoint (*_raw.pt), "
+                         "a resume checkpoint (*_ckpt.pt) or an artifact (*.ptz)")
+    return check_shapes(state, expected, f"{setting}={path}"), "resume checkpoint" if ckpt else "raw checkpoint", ckpt
+
+
+def preflight(h: Hyperparameters, rt: Runtime, files: RunFiles) -> Inputs:
+    """Every check that needs no device, on every rank, before the run writes anything."""
+    check_writable(h.log_dir, "LOG_DIR")
+    check_writable(h.artifact_dir, "ARTIFACT_DIR")
+    taken = next((p for p in (files.log, files.summary, files.raw, files.artifact, files.checkpoint) if p.exists()),
+                 None)
+    if taken:
+        raise ValueError(f"RUN_ID={files.run_id}: {taken} already exists; choose another RUN_ID (nothing is "
+                         "overwritten)")
+    inputs = Inputs(resolve_grad_accum_steps(h, rt.world_size), load_tokenizer(h),
+                    load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"),
+                                           max(h.train_seq_len, h.effective_eval_seq_len), h.vocab_size))
+    for path in shard_files(os.path.join(h.data_path, "fineweb_train_*.bin")):
+        read_shard_header(path)  # token ids are checked as each shard is read (a background thread)
+    if h.init_checkpoint or h.resume_from:
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in GPT(h).state_dict().items()}
+        if h.init_checkpoint:
+            inputs.init_weights, inputs.init_kind, _ = read_weights(h.init_checkpoint, "INIT_CHECKPOINT", expected)
+        if h.resume_from:
+            _, kind, inputs.resume = read_weights(h.resume_from, "RESUME_FROM", expected)
+            if inputs.resume is None:
+                raise ValueError(f"RESUME_FROM={h.resume_from} is a {kind}: it holds no optimizer state or data "
+                                 "position; give a *_ckpt.pt file, or start from its weights with INIT_CHECKPOINT")
+    return inputs
+
+
+def build_model(h: Hyperparameters, device: torch.device, bos_id: int = BOS_ID) -> GPT:
+    model = GPT(h, bos_id).to(device)
     model.configure_qat(h.qat, h.quant_clip_percentile, [p for p in h.fp16_keep.split(",") if p.strip()])
     return model
 
@@ -1113,88 +1419,153 @@ def versions() -> str:
     return " ".join(parts)
 
 
-def main(env=None) -> dict:
-    env = os.environ if env is None else env
-    code_path = Path(__file__).resolve()
-    code = code_path.read_bytes()
-    h = Hyperparameters.from_env(env)
-    rt = init_runtime(h, env)
+def save_stopped_run(e: BaseException, *, files: RunFiles, base_model: GPT, optimizers, state: TrainState,
+                     h: Hyperparameters, rt: Runtime, log: Logger) -> None:
+    """Training ended early: rank 0 keeps the weights; a stop signal (every rank alive) also gets a resume
+    checkpoint. A failure while saving is logged and does not hide the original error."""
     try:
-        return run(h, rt, env, code, code_path.name)
-    finally:
-        if rt.distributed:
-            dist.destroy_process_group()
+        if isinstance(e, StopRequested):
+            write_checkpoint(files.checkpoint, base_model=base_model, optimizers=optimizers, state=state, h=h, rt=rt)
+        if rt.master:
+            atomic_write_bytes(files.raw, torch_save_bytes(base_model.state_dict()))
+    except Exception as save_error:
+        log(f"error: could not save the weights ({type(save_error).__name__}: {save_error})")
+        return
+    log(f"interrupted step:{state.step}/{h.iterations} train_time:{state.train_time_ms:.0f}ms ({e}) "
+        f"raw_checkpoint:{files.raw}")
+    log(f"to re-export: ITERATIONS=0 INIT_CHECKPOINT={files.raw} RUN_ID=<new id> (other settings as this run)")
+    if files.checkpoint.exists():
+        log(f"to resume: RESUME_FROM={files.checkpoint} RUN_ID=<new id> (other settings as this run)")
 
 
-def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> dict:
-    run_id = broadcast_run_id(h, rt)
-    log_path = Path(h.log_dir) / f"{run_id}.txt"
-    if log_path.exists():
-        raise ValueError(f"RUN_ID={run_id}: {log_path} already exists; choose another RUN_ID (nothing is overwritten)")
-    if rt.distributed:
-        dist.barrier(group=rt.host_group)  # every rank checked before rank 0 creates the log
-    log = Logger(log_path if rt.master else None)
+def check_exportable(state: dict[str, Tensor], h: Hyperparameters) -> None:
+    """A broken model is never shipped: every weight finite and within the range its export format holds."""
+    keep = [p for p in h.fp16_keep.split(",") if p.strip()]
+    for name, t in state.items():
+        kind = export_kind(name, t, h.embed_quant, keep)
+        limit = FP16_MAX * {"int6": INT6_MAX, "int8": INT8_MAX, "float": math.inf}.get(kind, 1)  # fp16 scales
+        if not torch.isfinite(t).all():
+            raise BrokenModel(f"weight {name} has non-finite values: training diverged (lower the learning rates "
+                              f"or set GRAD_CLIP_NORM); the raw weights are kept")
+        if t.abs().max() > limit:
+            raise BrokenModel(f"weight {name} reaches {t.abs().max().item():.4g}, beyond what its {kind} export "
+                              f"holds (fp16 max {FP16_MAX:.0f}); the raw weights are kept")
+
+
+def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> dict | None:
+    files = RunFiles.of(h, broadcast_run_id(h, rt))
+    inputs = preflight(h, rt, files)
+    rt.barrier()  # every rank passed before rank 0 creates the log
+    log = Logger(files.log if rt.master else None)
+    state = TrainState()
+    try:
+        return run_phases(h, rt, env, code, code_name, files, inputs, log, state)
+    except BaseException as e:
+        log(f"error: {e}" if isinstance(e, (ValueError, RuntimeError, StopRequested)) else
+            f"error: {type(e).__name__}: {e}")
+        if rt.master and not state.started:  # nothing trained: free the RUN_ID, keep the log aside
+            failed = files.log.with_name(f"{files.run_id}.failed.txt")
+            os.replace(files.log, failed)
+            print(f"the log is kept as {failed}; RUN_ID={files.run_id} stays free", file=sys.stderr)
+        raise
+
+
+def run_phases(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str, files: RunFiles,
+               inputs: Inputs, log: Logger, state: TrainState) -> dict | None:
     log.write_code(code, code_name)
-    for line in misspelled_settings(env):
+    for line in setting_warnings(env, h) + rt.notes:
         log(line)
     for name, value in h.as_env().items():
         log(f"setting {name}:{value}", console=False)
     log("overrides: " + " ".join(f"{k}={v}" for k, v in h.overrides().items()))
-    grad_accum_steps = resolve_grad_accum_steps(h, rt.world_size)
-    log(f"run_id:{run_id} world_size:{rt.world_size} grad_accum_steps:{grad_accum_steps} device:{rt.device} "
-        f"compile:{int(rt.use_compile)} {versions()}")
+    grad_accum_steps, val_tokens = inputs.grad_accum_steps, inputs.val_tokens.to(rt.device)
+    log(f"run_id:{files.run_id} world_size:{rt.world_size} grad_accum_steps:{grad_accum_steps} device:{rt.device} "
+        f"compile:{int(rt.use_compile)} attention:{rt.attention} host_sync:{rt.host_sync} {versions()}")
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
+    luts = build_byte_luts(inputs.sp, h.vocab_size).to(rt.device)
+    log(f"val_tokens:{val_tokens.numel()} tokenizer:{h.tokenizer_path} bos_id:{inputs.sp.bos_id()} "
+        f"data:{h.data_path}")
 
-    sp = load_tokenizer(h)
-    luts = build_byte_luts(sp, h.vocab_size).to(rt.device)
-    eval_seq_len = h.effective_eval_seq_len
-    val_tokens = load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"),
-                                        max(h.train_seq_len, eval_seq_len)).to(rt.device)
-    shard_files(os.path.join(h.data_path, "fineweb_train_*.bin"))  # fail before building anything
-    log(f"val_tokens:{val_tokens.numel()} tokenizer:{h.tokenizer_path} data:{h.data_path}")
-
-    base_model = build_model(h, rt.device)
-    if h.init_checkpoint:
-        load_raw_checkpoint(h.init_checkpoint, base_model)
-        log(f"init_checkpoint:{h.init_checkpoint}")
+    base_model = build_model(h, rt.device, inputs.sp.bos_id())
+    if inputs.init_weights is not None:
+        base_model.load_state_dict(inputs.init_weights, strict=True)
+        log(f"init_checkpoint:{h.init_checkpoint} kind:{inputs.init_kind}")
     n_params = sum(p.numel() for p in base_model.parameters())
     log(f"model_params:{n_params} layers:{h.num_layers} dim:{h.model_dim} heads:{h.num_heads}/{h.num_kv_heads} "
-        f"mlp_mult:{h.mlp_mult} smear_gate:{int(h.smear_gate)} qat:{int(h.qat)}")
+        f"mlp_mult:{h.mlp_mult} smear_gate:{int(h.smear_gate)} qat:{int(h.qat)} "
+        f"flops_per_token:{model_flops_per_token(h, base_model):.0f}")
     compile_fn = (lambda m: torch.compile(m, dynamic=False, fullgraph=True)) if rt.use_compile else (lambda m: m)
-    if rt.use_compile:  # training, plain and sliding evaluation of two models: ~12 static shapes of one forward
+    if rt.use_compile:  # training plus the evaluations' (at most two) shapes each, with headroom
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     zeropower = torch.compile(zeropower_via_newtonschulz5) if rt.use_compile else zeropower_via_newtonschulz5
     compiled = compile_fn(base_model)
     model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                 broadcast_buffers=False) if rt.distributed else compiled
     optimizers = build_optimizers(h, base_model, zeropower, fused=rt.device.type == "cuda")
+    if inputs.resume is not None:
+        ckpt = inputs.resume
+        base_model.load_state_dict(ckpt["model"], strict=True)
+        for opt, opt_state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(opt_state)
+        torch.set_rng_state(ckpt["rng"])
+        state.step, state.train_time_ms = ckpt["step"], ckpt["train_time_ms"]
+        state.loader_position, state.val_history = tuple(ckpt["loader_position"]), list(ckpt["val_history"])
+        changed = [k for k, v in h.as_env().items()
+                   if k not in ("RUN_ID", "RESUME_FROM") and ckpt["hyperparameters"].get(k) != str(v)]
+        log(f"resumed_from:{h.resume_from} step:{state.step} train_time:{state.train_time_ms:.0f}ms"
+            + (f" warning: settings differ from the checkpoint's: {', '.join(changed)}" if changed else ""))
 
     t_train = time.perf_counter()
-    result = train(h=h, rt=rt, grad_accum_steps=grad_accum_steps, base_model=base_model, model=model,
-                   optimizers=optimizers, val_tokens=val_tokens, luts=luts, log=log, eval_model=compiled)
-    steps = result.steps
+    try:
+        train(h=h, rt=rt, grad_accum_steps=grad_accum_steps, base_model=base_model, model=model,
+              optimizers=optimizers, val_tokens=val_tokens, luts=luts, log=log, eval_model=compiled, state=state,
+              files=files)
+    except BaseException as e:
+        if state.started:
+            save_stopped_run(e, files=files, base_model=base_model, optimizers=optimizers, state=state, h=h,
+                             rt=rt, log=log)
+        raise
+    if rt.master:  # the weights first: they stay on disk whatever happens next
+        atomic_write_bytes(files.raw, torch_save_bytes(base_model.state_dict()))
+    train_tokens = sum(read_shard_header(p) for p in shard_files(os.path.join(h.data_path, "fineweb_train_*.bin")))
+    log(f"training_done steps:{state.step} train_time:{state.train_time_ms:.0f}ms "
+        f"wall_time:{1000 * (time.perf_counter() - t_train):.0f}ms raw_checkpoint:{files.raw} "
+        f"data_epochs:{state.step * h.train_batch_tokens / max(train_tokens, 1):.3f}")
     if rt.device.type == "cuda":
         log(f"peak memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
     else:
         log(f"peak memory rss:{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}MiB")
-    log(f"train_wall_time:{1000 * (time.perf_counter() - t_train):.0f}ms")
+    if not h.final_eval:
+        log(f"throughput_run_complete run_id:{files.run_id} steps:{state.step} (FINAL_EVAL=0: no evaluation, "
+            "no artifact)")
+        return None
+    return finish(h, rt, code, files, inputs, log, state, base_model, compiled, compile_fn, val_tokens, luts)
 
-    # Raw weights first: they stay on disk whatever happens to the export.
-    artifact_dir = Path(h.artifact_dir)
-    raw_path = artifact_dir / f"{run_id}_raw.pt"
-    artifact_path = artifact_dir / f"{run_id}.int6.ptz"
+
+def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs: Inputs, log: Logger,
+           state: TrainState, base_model: GPT, compiled, compile_fn, val_tokens: Tensor, luts: ByteLuts) -> dict:
+    """The final evaluations, the artifact and its round trip, the summary."""
+    eval_batch = windows_per_batch(h, rt.world_size, inputs.grad_accum_steps, h.train_seq_len)
+    rt.sync()
+    prequant = evaluate(compiled, val_tokens, luts, seq_len=h.train_seq_len, stride=0, batch_seqs=eval_batch,
+                        rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
+    if not math.isfinite(prequant.val_loss):
+        raise BrokenModel(f"the final validation loss is {prequant.val_loss}: training diverged (lower the "
+                          f"learning rates or set GRAD_CLIP_NORM); the raw weights are kept in {files.raw}")
+    state.val_history.append({"step": state.step, "train_time_ms": round(state.train_time_ms, 1),
+                              "val_loss": prequant.val_loss, "val_bpb": prequant.val_bpb})
+    log(f"step:{state.step}/{h.iterations} val_loss:{prequant.val_loss:.4f} val_bpb:{prequant.val_bpb:.4f} "
+        f"train_time:{state.train_time_ms:.0f}ms step_avg:{state.train_time_ms / max(state.step, 1):.2f}ms")
+    check_exportable(base_model.state_dict(), h)
     if rt.master:
-        atomic_write_bytes(raw_path, torch_save_bytes(base_model.state_dict()))
         t_export = time.perf_counter()
-        blob = artifact_bytes(quantize_state_dict(base_model.state_dict(), h), h.zstd_level)
-        atomic_write_bytes(artifact_path, blob)
-        log(f"raw_checkpoint:{raw_path} artifact:{artifact_path} export_time:"
-            f"{1000 * (time.perf_counter() - t_export):.0f}ms")
-    if rt.distributed:
-        dist.barrier()
-    bytes_model, bytes_code = artifact_path.stat().st_size, len(code)
+        atomic_write_bytes(files.artifact, artifact_bytes(quantize_state_dict(base_model.state_dict(), h),
+                                                          h.zstd_level))
+        log(f"artifact:{files.artifact} export_time:{1000 * (time.perf_counter() - t_export):.0f}ms")
+    rt.barrier()
+    bytes_model, bytes_code = files.artifact.stat().st_size, len(code)
     bytes_total = bytes_model + bytes_code
     fits = bytes_total <= SIZE_LIMIT_BYTES
     log(f"Serialized model int6+zstd-{h.zstd_level}: {bytes_model} bytes")
@@ -1206,63 +1577,92 @@ def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> di
             "limit; shrink the model or change the quantization settings")
 
     # Round trip: a fresh model from the file on disk, scored on the whole validation split.
-    eval_model = build_model(h, rt.device)
-    eval_model.load_state_dict(dequantize_state_dict(read_artifact(artifact_path)), strict=True)
-    eval_model.eval()
+    eval_model = build_model(h, rt.device, inputs.sp.bos_id())
+    eval_model.load_state_dict(dequantize_state_dict(read_artifact(files.artifact)), strict=True)
     eval_fn = compile_fn(eval_model)
     rt.sync()
-    roundtrip = evaluate(eval_fn, val_tokens, luts, seq_len=h.train_seq_len, stride=0,
-                         batch_seqs=windows_per_batch(h, rt.world_size, grad_accum_steps, h.train_seq_len),
+    roundtrip = evaluate(eval_fn, val_tokens, luts, seq_len=h.train_seq_len, stride=0, batch_seqs=eval_batch,
                          rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
-    prequant = result.final
     log(f"final_prequant_exact val_loss:{prequant.val_loss:.8f} val_bpb:{prequant.val_bpb:.8f}")
     log(f"final_int6_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f} "
-        f"quant_penalty_bpb:{roundtrip.val_bpb - prequant.val_bpb:+.5f} eval_time:{roundtrip.eval_time_ms:.0f}ms")
+        f"quant_penalty_bpb:{roundtrip.val_bpb - prequant.val_bpb:+.5f} eval_time:{roundtrip.eval_time_ms:.0f}ms "
+        f"graphs:{roundtrip.graphs} compile_time:{roundtrip.compile_ms:.0f}ms")
+    if not math.isfinite(roundtrip.val_loss):
+        raise BrokenModel(f"the artifact scores val_loss {roundtrip.val_loss}; the raw weights are kept in {files.raw}")
 
     sliding = None  # the final evaluation, when it differs from the round trip's plain windows
+    eval_seq_len = h.effective_eval_seq_len
     if 0 < h.eval_stride < eval_seq_len or eval_seq_len != h.train_seq_len:
         rt.sync()
         stride = h.eval_stride if 0 < h.eval_stride < eval_seq_len else eval_seq_len
         sliding = evaluate(eval_fn, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
-                           batch_seqs=windows_per_batch(h, rt.world_size, grad_accum_steps, eval_seq_len),
+                           batch_seqs=windows_per_batch(h, rt.world_size, inputs.grad_accum_steps, eval_seq_len),
                            rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
         rate = sliding.scored_tokens / max(sliding.eval_time_ms / 1000.0, 1e-9)
-        projected_s = FINEWEB_VAL_TOKENS / (rate / rt.world_size * 8)
         log(f"final_sliding_window_exact stride:{stride} seq_len:{eval_seq_len} "
             f"val_loss:{sliding.val_loss:.8f} val_bpb:{sliding.val_bpb:.8f} scored_tokens:{sliding.scored_tokens} "
-            f"eval_time:{sliding.eval_time_ms:.0f}ms")
-        log(f"sliding_rate scored_tok_s:{rate:.0f} per_rank:{rate / rt.world_size:.0f} "
-            f"projected_fineweb_8gpu:{projected_s:.1f}s")
-        if projected_s > EVAL_BUDGET_SECONDS:
-            log(f"WARNING: at this rate the full {FINEWEB_VAL_TOKENS}-token split would take {projected_s:.0f}s on "
-                f"8 such devices, over the {EVAL_BUDGET_SECONDS:.0f}s evaluation budget; raise EVAL_STRIDE")
+            f"eval_time:{sliding.eval_time_ms:.0f}ms graphs:{sliding.graphs} compile_time:{sliding.compile_ms:.0f}ms")
+        if rt.device.type == "cuda":  # a CPU rate says nothing about the 8xH100 evaluation budget
+            projected_s = FINEWEB_VAL_TOKENS / (rate / rt.world_size * 8)
+            log(f"sliding_rate scored_tok_s:{rate:.0f} per_rank:{rate / rt.world_size:.0f} "
+                f"projected_fineweb_8gpu:{projected_s:.1f}s")
+            if projected_s > EVAL_BUDGET_SECONDS:
+                log(f"WARNING: at this rate the full {FINEWEB_VAL_TOKENS}-token split would take {projected_s:.0f}s "
+                    f"on 8 such devices, over the {EVAL_BUDGET_SECONDS:.0f}s evaluation budget; raise EVAL_STRIDE")
+        else:
+            log(f"sliding_rate scored_tok_s:{rate:.0f} per_rank:{rate / rt.world_size:.0f}")
     score = sliding or roundtrip
     summary = {
-        "run_id": run_id, "seed": h.seed, "val_bpb": score.val_bpb, "val_loss": score.val_loss,
+        "run_id": files.run_id, "seed": h.seed, "val_bpb": score.val_bpb, "val_loss": score.val_loss,
         "prequant_val_bpb": prequant.val_bpb, "prequant_val_loss": prequant.val_loss,
         "roundtrip_val_bpb": roundtrip.val_bpb, "roundtrip_val_loss": roundtrip.val_loss,
         "sliding_val_bpb": sliding.val_bpb if sliding else None,
         "sliding_val_loss": sliding.val_loss if sliding else None,
         "scored_tokens": score.scored_tokens, "val_tokens": val_tokens.numel(),
         "bytes_model": bytes_model, "bytes_code": bytes_code, "bytes_total": bytes_total, "fits": fits,
-        "steps": steps, "train_time_ms": round(result.train_time_ms, 1),
-        "step_avg_ms": round(result.train_time_ms / max(steps, 1), 3), "world_size": rt.world_size,
-        "artifact_path": str(artifact_path), "raw_checkpoint_path": str(raw_path),
+        "steps": state.step, "train_time_ms": round(state.train_time_ms, 1),
+        "step_avg_ms": round(state.train_time_ms / max(state.step, 1), 3), "world_size": rt.world_size,
+        "artifact_path": str(files.artifact), "raw_checkpoint_path": str(files.raw),
         "code_sha256": hashlib.sha256(code).hexdigest(),
-        "hyperparameters": {**h.as_env(), "RUN_ID": run_id}, "env_overrides": h.overrides(),
-        "val_history": result.val_history,
+        "hyperparameters": {**h.as_env(), "RUN_ID": files.run_id}, "env_overrides": h.overrides(),
+        "val_history": state.val_history,
     }
     if rt.master:
-        atomic_write_bytes(Path(h.log_dir) / f"{run_id}.json", (json.dumps(summary, indent=2) + "\n").encode())
-        log(f"run_complete run_id:{run_id} val_loss:{score.val_loss:.8f} val_bpb:{score.val_bpb:.8f}")
-    if rt.distributed:  # tearing down gloo while a peer is still busy can abort the process
-        dist.barrier(group=rt.host_group)
+        atomic_write_bytes(files.summary, (json.dumps(summary, indent=2) + "\n").encode())
+        log(f"run_complete run_id:{files.run_id} val_loss:{score.val_loss:.8f} val_bpb:{score.val_bpb:.8f}")
     return summary
 
 
-if __name__ == "__main__":
+def main(env=None) -> dict | None:
+    env = os.environ if env is None else env
+    code_path = Path(__file__).resolve()
+    code = code_path.read_bytes()
+    h = Hyperparameters.from_env(env)
+    rt = init_runtime(h, env)
+    summary = run(h, rt, env, code, code_path.name)
+    if rt.distributed:
+        rt.barrier()  # tearing down gloo while a peer is still busy can abort the process
+        dist.destroy_process_group()
+    return summary
+
+
+def cli() -> int:
+    """The command: an `error:` line and a non-zero status on failure. A failing rank of a distributed run exits
+    at once, without tearing down, so that peers blocked in a collective fail promptly instead of waiting."""
     try:
         main()
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 0
+    except BaseException as e:
+        status = 128 + e.signum if isinstance(e, StopRequested) else 130 if isinstance(e, KeyboardInterrupt) else 1
+        if not isinstance(e, (ValueError, FileNotFoundError, NonFiniteLoss, BrokenModel, StopRequested,
+                              KeyboardInterrupt)):
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            sys.stdout.flush()
+            os._exit(status)
+        return status
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

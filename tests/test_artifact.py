@@ -652,5 +652,8 @@ def test_failed_export_keeps_the_raw_checkpoint_and_no_artifact(tiny_data, tmp_p
     artifacts = Path(env["ARTIFACT_DIR"])
     assert [p.name for p in artifacts.iterdir()] == ["broken_export_raw.pt"]  # no artifact, no temporary file
     model = tg.build_model(tg.Hyperparameters.from_env(env), torch.device("cpu"))
-    tg.load_raw_checkpoint(str(artifacts / "broken_export_raw.pt"), model)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    state, kind, _ = tg.read_weights(str(artifacts / "broken_export_raw.pt"), "INIT_CHECKPOINT", shapes)
+    assert kind == "raw checkpoint"
+    model.load_state_dict(state)
     assert not (Path(env["LOG_DIR"]) / "broken_export.json").exists()

@@ -289,12 +289,21 @@ def test_grad_accum_steps_resolve_or_refuse_batches_that_do_not_split():
         tg.resolve_grad_accum_steps(dataclasses.replace(h, grad_accum_steps=2), 3)
 
 
-def test_misspelled_setting_gets_a_warning_naming_the_real_one():
+def test_misspelled_and_lower_case_settings_get_a_warning_naming_the_real_one():
     env = {"MLP_MUL": "3", "MODEL_DIM": "64", "PATH": "/usr/bin", "HOME": "/root", "OMP_NUM_THREADS": "1",
-           "MASTER_PORT": "29500", "LOCAL_WORLD_SIZE": "2", "mlp_mul": "3"}
-    warnings = tg.misspelled_settings(env)
-    assert len(warnings) == 1
+           "MASTER_PORT": "29500", "LOCAL_WORLD_SIZE": "2", "mlp_mul": "3", "num_layers": "4"}
+    warnings = tg.setting_warnings(env, tg.Hyperparameters())
+    assert len(warnings) == 2
     assert "MLP_MUL " in warnings[0] and "MLP_MULT" in warnings[0]
+    assert "num_layers is not read" in warnings[1] and "NUM_LAYERS" in warnings[1]
+
+
+def test_a_stride_that_turns_sliding_evaluation_off_gets_a_warning():
+    assert tg.setting_warnings({}, tg.Hyperparameters()) == []
+    for h in (tg.Hyperparameters(eval_stride=1024), tg.Hyperparameters(eval_seq_len=256, eval_stride=300)):
+        (warning,) = tg.setting_warnings({}, h)
+        assert f"EVAL_STRIDE={h.eval_stride} >= EVAL_SEQ_LEN={h.effective_eval_seq_len}" in warning
+        assert "sliding-window evaluation is off" in warning
 
 
 def test_missing_tokenizer_shards_and_wrong_vocab_are_refused(tiny_data, tmp_path):
@@ -352,7 +361,7 @@ def three_shards(tmp_path):
 def test_token_stream_reads_shards_in_order_and_wraps(three_shards):
     pattern, tokens = three_shards
     stream = tg.TokenStream(pattern)
-    got = np.concatenate([stream.take(n).numpy() for n in (60, 60, 1, 300, 40)])  # wraps twice
+    got = np.concatenate([stream.take(n) for n in (60, 60, 1, 300, 40)])  # wraps twice
     np.testing.assert_array_equal(got, np.concatenate([tokens] * 3)[:len(got)])
 
 
@@ -715,7 +724,8 @@ def test_non_finite_loss_stops_the_run_naming_the_step(runs):
     assert "non-finite training loss at step 2;" in run.proc.stderr and "Traceback" not in run.proc.stderr
     losses = run.train_losses()
     assert list(losses) == [1] and math.isfinite(losses[1])  # step 1 was fine: step 2 is the first bad one
-    assert not run.raw_path.exists()
+    assert run.raw_path.exists()  # the (diverged) weights are kept all the same
+    assert any(line.startswith("error: non-finite training loss at step 2") for line in run.lines)
     assert not any(line.startswith("run_complete") for line in run.lines)
 
 
