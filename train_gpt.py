@@ -1494,7 +1494,8 @@ def run_phases(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str
     n_params = sum(p.numel() for p in base_model.parameters())
     log(f"model_params:{n_params} layers:{h.num_layers} dim:{h.model_dim} heads:{h.num_heads}/{h.num_kv_heads} "
         f"mlp_mult:{h.mlp_mult} smear_gate:{int(h.smear_gate)} qat:{int(h.qat)} "
-        f"flops_per_token:{model_flops_per_token(h, base_model):.0f}")
+        f"flops_per_token:{model_flops_per_token(h, base_model):.0f} "
+        f"peak_flops_per_device:{device_peak_flops(rt.device) or 0:.4g}")
     compile_fn = (lambda m: torch.compile(m, dynamic=False, fullgraph=True)) if rt.use_compile else (lambda m: m)
     if rt.use_compile:  # training plus the evaluations' (at most two) shapes each, with headroom
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
