@@ -1190,7 +1190,8 @@ def write_checkpoint(path: Path, *, base_model: GPT, optimizers, state: TrainSta
 
 
 def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model: GPT, model, optimizers,
-          val_tokens: Tensor, luts: ByteLuts, log: Logger, eval_model, state: TrainState, files) -> None:
+          val_tokens: Tensor, luts: ByteLuts, log: Logger, eval_model, state: TrainState, files,
+          signals: StopSignals) -> None:
     """Train from `state` until ITERATIONS or the wall-clock cap; `state` always says how far it got."""
     train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
 
@@ -1235,65 +1236,64 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
     def clock_ms() -> float:
         return state.train_time_ms + 1000.0 * (time.perf_counter() - t0)
 
-    with StopSignals() as signals:
-        state.started = True
-        while True:
-            step = state.step
-            if step >= h.iterations or (stop_after_step is not None and step >= stop_after_step):
-                rt.sync()
-                state.train_time_ms = clock_ms()
-                if step < h.iterations:
-                    log(f"stopping_early: wallclock_cap train_time:{state.train_time_ms:.0f}ms "
-                        f"step:{step}/{h.iterations}")
-                break
-            if h.val_loss_every > 0 and step % h.val_loss_every == 0 and (step > start_step or step == 0):
-                rt.sync()
-                state.train_time_ms = clock_ms()
-                result = evaluate(eval_model, val_tokens, luts, seq_len=h.train_seq_len, stride=0,
-                                  batch_seqs=eval_batch, rank=rt.rank, world_size=rt.world_size,
-                                  autocast=rt.autocast)
-                if not math.isfinite(result.val_loss):
-                    raise BrokenModel(f"validation loss is {result.val_loss} at step {step}")
-                state.val_history.append({"step": step, "train_time_ms": round(state.train_time_ms, 1),
-                                          "val_loss": result.val_loss, "val_bpb": result.val_bpb})
-                log(f"step:{step}/{h.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
-                    f"train_time:{state.train_time_ms:.0f}ms step_avg:{state.train_time_ms / max(step, 1):.2f}ms")
-                rt.sync()
-                t0 = time.perf_counter()
-            loss = train_step(**step_kwargs(step, clock_ms()))
-            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
-            state.step, state.loader_position = step + 1, loader.position
-            approx_ms = clock_ms()
-            if state.step <= 5 or (h.train_log_every > 0 and state.step % h.train_log_every == 0) \
-                    or state.step == h.iterations:
-                loss_value = loss.detach().clone()
-                if rt.distributed:  # logging steps may sync the host; ordinary steps never do
-                    dist.all_reduce(loss_value, op=dist.ReduceOp.SUM)
-                    loss_value /= rt.world_size
-                check_finite(first_bad_step, rt)
-                seconds = max(approx_ms / 1000.0, 1e-9)
-                tok_s = h.train_batch_tokens * state.step / seconds
-                mfu = f" mfu:{100 * flops_per_step * state.step / seconds / (peak * rt.world_size):.1f}%" if peak else ""
-                log(f"step:{state.step}/{h.iterations} train_loss:{loss_value.item():.4f} train_time:{approx_ms:.0f}ms "
-                    f"step_avg:{approx_ms / state.step:.2f}ms tok_s:{tok_s:.0f}{mfu}")
-            # One host-side agreement per step: wall-clock cap, a stop signal on any rank, a checkpoint due.
-            reached_cap, stop, checkpoint_due = rt.agree(
-                int(max_wallclock_ms is not None and approx_ms >= max_wallclock_ms), signals.signum,
-                int(h.checkpoint_every_seconds > 0
-                    and time.perf_counter() - last_checkpoint >= h.checkpoint_every_seconds))
-            if stop:
-                state.train_time_ms = clock_ms()
-                raise StopRequested(stop)
-            if checkpoint_due:
-                state.train_time_ms, t_ckpt = clock_ms(), time.perf_counter()
-                write_checkpoint(files.checkpoint, base_model=base_model, optimizers=optimizers, state=state, h=h,
-                                 rt=rt)
-                log(f"checkpoint:{files.checkpoint} step:{state.step} "
-                    f"time:{1000 * (time.perf_counter() - t_ckpt):.0f}ms (not counted as training)")
-                t0 = last_checkpoint = time.perf_counter()
-            if stop_after_step is None and reached_cap:
-                stop_after_step = state.step
-        check_finite(first_bad_step, rt)
+    state.started = True
+    while True:
+        step = state.step
+        if step >= h.iterations or (stop_after_step is not None and step >= stop_after_step):
+            rt.sync()
+            state.train_time_ms = clock_ms()
+            if step < h.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{state.train_time_ms:.0f}ms "
+                    f"step:{step}/{h.iterations}")
+            break
+        if h.val_loss_every > 0 and step % h.val_loss_every == 0 and (step > start_step or step == 0):
+            rt.sync()
+            state.train_time_ms = clock_ms()
+            result = evaluate(eval_model, val_tokens, luts, seq_len=h.train_seq_len, stride=0,
+                              batch_seqs=eval_batch, rank=rt.rank, world_size=rt.world_size,
+                              autocast=rt.autocast)
+            if not math.isfinite(result.val_loss):
+                raise BrokenModel(f"validation loss is {result.val_loss} at step {step}")
+            state.val_history.append({"step": step, "train_time_ms": round(state.train_time_ms, 1),
+                                      "val_loss": result.val_loss, "val_bpb": result.val_bpb})
+            log(f"step:{step}/{h.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
+                f"train_time:{state.train_time_ms:.0f}ms step_avg:{state.train_time_ms / max(step, 1):.2f}ms")
+            rt.sync()
+            t0 = time.perf_counter()
+        loss = train_step(**step_kwargs(step, clock_ms()))
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+        state.step, state.loader_position = step + 1, loader.position
+        approx_ms = clock_ms()
+        if state.step <= 5 or (h.train_log_every > 0 and state.step % h.train_log_every == 0) \
+                or state.step == h.iterations:
+            loss_value = loss.detach().clone()
+            if rt.distributed:  # logging steps may sync the host; ordinary steps never do
+                dist.all_reduce(loss_value, op=dist.ReduceOp.SUM)
+                loss_value /= rt.world_size
+            check_finite(first_bad_step, rt)
+            seconds = max(approx_ms / 1000.0, 1e-9)
+            tok_s = h.train_batch_tokens * state.step / seconds
+            mfu = f" mfu:{100 * flops_per_step * state.step / seconds / (peak * rt.world_size):.1f}%" if peak else ""
+            log(f"step:{state.step}/{h.iterations} train_loss:{loss_value.item():.4f} train_time:{approx_ms:.0f}ms "
+                f"step_avg:{approx_ms / state.step:.2f}ms tok_s:{tok_s:.0f}{mfu}")
+        # One host-side agreement per step: wall-clock cap, a stop signal on any rank, a checkpoint due.
+        reached_cap, stop, checkpoint_due = rt.agree(
+            int(max_wallclock_ms is not None and approx_ms >= max_wallclock_ms), signals.signum,
+            int(h.checkpoint_every_seconds > 0
+                and time.perf_counter() - last_checkpoint >= h.checkpoint_every_seconds))
+        if stop:
+            state.train_time_ms = clock_ms()
+            raise StopRequested(stop)
+        if checkpoint_due:
+            state.train_time_ms, t_ckpt = clock_ms(), time.perf_counter()
+            write_checkpoint(files.checkpoint, base_model=base_model, optimizers=optimizers, state=state, h=h,
+                             rt=rt)
+            log(f"checkpoint:{files.checkpoint} step:{state.step} "
+                f"time:{1000 * (time.perf_counter() - t_ckpt):.0f}ms (not counted as training)")
+            t0 = last_checkpoint = time.perf_counter()
+        if stop_after_step is None and reached_cap:
+            stop_after_step = state.step
+    check_finite(first_bad_step, rt)
 
 
 # -----------------------------------------------------------------------------
@@ -1452,6 +1452,19 @@ def check_exportable(state: dict[str, Tensor], h: Hyperparameters) -> None:
                               f"holds (fp16 max {FP16_MAX:.0f}); the raw weights are kept")
 
 
+def projected_fineweb_eval_seconds(scored_tokens_per_s: float, world_size: int) -> float:
+    """How long the whole published split would take on 8 devices at this run's rate per device."""
+    return FINEWEB_VAL_TOKENS / (scored_tokens_per_s / world_size * 8)
+
+
+def log_eval_projection(log: Logger, scored_tokens_per_s: float, world_size: int) -> None:
+    projected_s = projected_fineweb_eval_seconds(scored_tokens_per_s, world_size)
+    log(f"projected_fineweb_8gpu:{projected_s:.1f}s")
+    if projected_s > EVAL_BUDGET_SECONDS:
+        log(f"WARNING: at this rate the full {FINEWEB_VAL_TOKENS}-token split would take {projected_s:.0f}s on 8 such "
+            f"devices, over the {EVAL_BUDGET_SECONDS:.0f}s evaluation budget; raise EVAL_STRIDE")
+
+
 def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> dict | None:
     files = RunFiles.of(h, broadcast_run_id(h, rt))
     inputs = preflight(h, rt, files)
@@ -1518,17 +1531,20 @@ def run_phases(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str
             + (f" warning: settings differ from the checkpoint's: {', '.join(changed)}" if changed else ""))
 
     t_train = time.perf_counter()
-    try:
-        train(h=h, rt=rt, grad_accum_steps=grad_accum_steps, base_model=base_model, model=model,
-              optimizers=optimizers, val_tokens=val_tokens, luts=luts, log=log, eval_model=compiled, state=state,
-              files=files)
-    except BaseException as e:
-        if state.started:
-            save_stopped_run(e, files=files, base_model=base_model, optimizers=optimizers, state=state, h=h,
-                             rt=rt, log=log)
-        raise
-    if rt.master:  # the weights first: they stay on disk whatever happens next
-        atomic_write_bytes(files.raw, torch_save_bytes(base_model.state_dict()))
+    with StopSignals() as signals:  # also while saving: a second signal must not cut a write short
+        try:
+            train(h=h, rt=rt, grad_accum_steps=grad_accum_steps, base_model=base_model, model=model,
+                  optimizers=optimizers, val_tokens=val_tokens, luts=luts, log=log, eval_model=compiled,
+                  state=state, files=files, signals=signals)
+        except BaseException as e:
+            if state.started:
+                save_stopped_run(e, files=files, base_model=base_model, optimizers=optimizers, state=state, h=h,
+                                 rt=rt, log=log)
+            raise
+        if rt.master:  # the weights first: they stay on disk whatever happens next
+            atomic_write_bytes(files.raw, torch_save_bytes(base_model.state_dict()))
+    if signals.signum:
+        raise StopRequested(signals.signum)
     train_tokens = sum(read_shard_header(p) for p in shard_files(os.path.join(h.data_path, "fineweb_train_*.bin")))
     log(f"training_done steps:{state.step} train_time:{state.train_time_ms:.0f}ms "
         f"wall_time:{1000 * (time.perf_counter() - t_train):.0f}ms raw_checkpoint:{files.raw} "
@@ -1600,18 +1616,12 @@ def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs
                            batch_seqs=windows_per_batch(h, rt.world_size, inputs.grad_accum_steps, eval_seq_len),
                            rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
         rate = sliding.scored_tokens / max(sliding.eval_time_ms / 1000.0, 1e-9)
+        log(f"sliding_rate scored_tok_s:{rate:.0f} per_rank:{rate / rt.world_size:.0f}")
         log(f"final_sliding_window_exact stride:{stride} seq_len:{eval_seq_len} "
             f"val_loss:{sliding.val_loss:.8f} val_bpb:{sliding.val_bpb:.8f} scored_tokens:{sliding.scored_tokens} "
             f"eval_time:{sliding.eval_time_ms:.0f}ms graphs:{sliding.graphs} compile_time:{sliding.compile_ms:.0f}ms")
         if rt.device.type == "cuda":  # a CPU rate says nothing about the 8xH100 evaluation budget
-            projected_s = FINEWEB_VAL_TOKENS / (rate / rt.world_size * 8)
-            log(f"sliding_rate scored_tok_s:{rate:.0f} per_rank:{rate / rt.world_size:.0f} "
-                f"projected_fineweb_8gpu:{projected_s:.1f}s")
-            if projected_s > EVAL_BUDGET_SECONDS:
-                log(f"WARNING: at this rate the full {FINEWEB_VAL_TOKENS}-token split would take {projected_s:.0f}s "
-                    f"on 8 such devices, over the {EVAL_BUDGET_SECONDS:.0f}s evaluation budget; raise EVAL_STRIDE")
-        else:
-            log(f"sliding_rate scored_tok_s:{rate:.0f} per_rank:{rate / rt.world_size:.0f}")
+            log_eval_projection(log, rate, rt.world_size)
     score = sliding or roundtrip
     summary = {
         "run_id": files.run_id, "seed": h.seed, "val_bpb": score.val_bpb, "val_loss": score.val_loss,

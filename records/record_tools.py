@@ -62,6 +62,23 @@ class RecordError(Exception):
     """A refusal or unreadable input; the message names the file and what is wrong."""
 
 
+FAILED = "a failed run is never ranked, compared or submitted"
+
+
+def failure_line(lines: Iterable[str]) -> str | None:
+    """The `error: ...` line train_gpt.py writes into the log of a run that failed, if any."""
+    return next((line.strip() for line in lines if line.startswith("error:")), None)
+
+
+def check_score(data: dict, where: object) -> dict:
+    """Refuse a run summary whose score is not a finite number (a diverged run from before such runs failed)."""
+    for key in ("val_bpb", "val_loss"):
+        value = data.get(key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RecordError(f"{where}: {key} is {value}: the run failed; {FAILED}")
+    return data
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -172,6 +189,9 @@ def _check_finished(log_path: Path, lines: list[str]) -> str:
         raise RecordError(
             f"{log_path}: holds more than one run (a second code_begin line): train_gpt.py "
             "appends to an existing log, so a RUN_ID was reused; rerun with a fresh RUN_ID")
+    failed = failure_line(nonempty)
+    if failed:
+        raise RecordError(f"{log_path}: the run failed ({failed[:200]}); {FAILED}")
     last = nonempty[-1] if nonempty else "(nothing after code_end)"
     if not last.startswith("run_complete "):
         raise RecordError(
@@ -226,7 +246,7 @@ def load_run(path: str | os.PathLike) -> Run:
         raise RecordError(
             f"{summary_path}: missing; train_gpt.py writes the summary last, "
             "so the run did not finish")
-    summary = read_summary(summary_path)
+    summary = check_score(read_summary(summary_path), summary_path)
     _check_log_matches_summary(log_path, source, lines, complete_line, summary_path, summary)
     return Run(log_path=log_path, summary_path=summary_path, source=source, summary=summary)
 
@@ -493,6 +513,9 @@ def _log_score(path: Path) -> Score | None:
     head = path.read_bytes()[:11]
     lines = split_log(path)[1] if head == b"code_begin " else \
         path.read_text(encoding="utf-8", errors="replace").splitlines()
+    failed = failure_line(lines)
+    if failed:
+        raise RecordError(f"{path}: the run failed ({failed[:200]}); {FAILED}")
     finals = [line.strip() for line in lines if FINAL_SCORE_LINE.match(line.strip())]
     complete = [line for line in finals if line.startswith("run_complete ")]
     if not finals:
@@ -506,8 +529,9 @@ def _json_scores(path: Path) -> list[Score]:
     data = _read_json(path)
     if isinstance(data.get("runs"), list):
         return [Score(str(r.get("run_id", f"{path.parent.name}#{i}")), float(r["val_loss"]),
-                      float(r["val_bpb"])) for i, r in enumerate(data["runs"])]
+                      float(r["val_bpb"])) for i, r in enumerate(check_score(r, path) for r in data["runs"])]
     if "run_id" in data and "val_loss" in data and "val_bpb" in data:
+        check_score(data, path)
         return [Score(str(data["run_id"]), float(data["val_loss"]), float(data["val_bpb"]))]
     if "val_loss" in data:
         raise RecordError(
@@ -531,14 +555,19 @@ def load_scores(paths: Sequence[str | os.PathLike]) -> tuple[list[Score], list[s
             if submission.is_file() and isinstance(_read_json(submission).get("runs"), list):
                 scores += _json_scores(submission)
                 continue
-            summaries, _ = find_summaries(path)
+            summaries, _, failed = find_summaries(path)
+            notes += [f"{p}: skipped, {why}" for p, why in failed]
             if summaries:
                 scores += [Score(str(s["run_id"]), float(s["val_loss"]), float(s["val_bpb"]))
                            for _, s in summaries]
                 continue
             logs = files_under(path, "*.txt") + files_under(path, "*.log")
             for p in logs:
-                score = _log_score(p)
+                try:
+                    score = _log_score(p)
+                except RecordError as err:
+                    notes.append(f"skipped: {err}")
+                    continue
                 if score is None:
                     notes.append(f"{p}: skipped, no final score line")
                 else:
@@ -688,19 +717,30 @@ def compare(new: Sequence[Score], ref: Sequence[Score] | SummaryStats, *,
 # Sweeps and plots
 # ---------------------------------------------------------------------------------------
 
-def find_summaries(root: Path) -> tuple[list[tuple[Path, dict]], list[Path]]:
-    """Every run summary under `root`, and the train logs that have no summary (unfinished)."""
-    summaries = []
+def find_summaries(root: Path) -> tuple[list[tuple[Path, dict]], list[Path], list[tuple[Path, str]]]:
+    """Every finished run's summary under `root`; the train logs without one that are still unfinished; and
+    the failed runs (an `error:` line in the log, or a summary without a finite score) with the reason."""
+    summaries, failed = [], []
     for path in files_under(root, "*.json"):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
         if is_run_summary(data):
-            summaries.append((path, data))
-    unfinished = [p for p in files_under(root, "*.txt") if not run_paths(p)[1].is_file()
-                  and p.read_bytes()[:11] == b"code_begin "]
-    return summaries, unfinished
+            try:
+                summaries.append((path, check_score(data, path)))
+            except RecordError:
+                failed.append((path, f"val_bpb is {data.get('val_bpb')}"))
+    unfinished = []
+    for p in files_under(root, "*.txt"):
+        if run_paths(p)[1].is_file() or p.read_bytes()[:11] != b"code_begin ":
+            continue
+        error = failure_line(split_log(p)[1])
+        if error:
+            failed.append((p, error[:160]))
+        else:
+            unfinished.append(p)
+    return summaries, unfinished, failed
 
 
 def _cell(value: object) -> str:
@@ -725,9 +765,10 @@ def sweep_table(root: str | os.PathLike, markdown: bool = False) -> str:
     root = Path(root)
     if not root.is_dir():
         raise RecordError(f"{root}: no such folder")
-    summaries, unfinished = find_summaries(root)
+    summaries, unfinished, failed = find_summaries(root)
     if not summaries:
-        raise RecordError(f"{root}: no run summaries (*.json written by train_gpt.py) under it")
+        raise RecordError(f"{root}: no run summaries of finished runs (*.json written by train_gpt.py) under it"
+                          + "".join(f"\n  failed: {p} ({why})" for p, why in failed))
     runs = sorted((s for _, s in summaries), key=lambda s: s["val_bpb"])
     keys = sorted({k for s in runs for k in s["hyperparameters"]} - {"RUN_ID"})
     differing = [k for k in keys
@@ -742,6 +783,8 @@ def sweep_table(root: str | os.PathLike, markdown: bool = False) -> str:
     text = format_table(headers, rows, markdown)
     if unfinished:
         text += "\n\nnot finished (no summary): " + ", ".join(str(p) for p in unfinished)
+    if failed:
+        text += "\n\nfailed (not ranked):\n" + "\n".join(f"  {p}: {why}" for p, why in failed)
     return text
 
 
@@ -778,7 +821,7 @@ def load_curves(paths: Sequence[str | os.PathLike]) -> list[Curve]:
     curves = []
     for path in map(Path, paths):
         if path.is_dir():
-            summaries, unfinished = find_summaries(path)
+            summaries, unfinished, _ = find_summaries(path)
             curves += [_curve_from_summary(s) for _, s in summaries]
             curves += [_curve_from_log(p) for p in unfinished]
             continue

@@ -4,6 +4,7 @@ warm-up, training, plain and sliding evaluation, agrees with the uncompiled run.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -18,6 +19,9 @@ def test_compiled_run_matches_eager(tiny_data, tmp_path):
         proc = run_script(env, timeout=600)
         log = (tmp_path / f"compile{flag}" / "logs" / f"c{flag}.txt").read_text()
         assert f"compile:{flag}" in log
+        for name in ("final_int6_roundtrip_exact", "final_sliding_window_exact"):  # padded: at most two shapes
+            graphs = int(re.search(rf"^{name} .* graphs:(\d+) compile_time:\d+ms$", log, re.M)[1])
+            assert graphs <= 2 if flag == "1" else graphs == 0, (name, graphs)
         results[flag] = json.loads((tmp_path / f"compile{flag}" / "logs" / f"c{flag}.json").read_text())
         assert "run_complete" in proc.stdout
     eager, compiled = results["0"], results["1"]

@@ -319,6 +319,35 @@ def test_missing_tokenizer_shards_and_wrong_vocab_are_refused(tiny_data, tmp_pat
         tg.load_tokenizer(tg.Hyperparameters(tokenizer_path=tiny_data["tokenizer_path"], vocab_size=500))
 
 
+def test_shards_stay_uint16_until_a_batch_is_taken(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(40000, 40100))
+    assert tg.load_data_shard(tmp_path / "fineweb_train_000000.bin").dtype == np.uint16
+    loader = tg.DistributedTokenLoader(str(tmp_path / "fineweb_train_*.bin"), 0, 1, CPU)
+    assert loader.stream.tokens.dtype == np.uint16
+    x, y = loader.next_batch(16, 8)
+    assert x.dtype == torch.int64 and x[0, 0].item() == 40000 and y[1, 7].item() == 40016
+
+
+def test_the_bos_id_comes_from_the_tokenizer(tiny_data):
+    model = tg.build_model(small_h(), CPU, bos_id=7)
+    assert model.smear.bos_id == 7
+    ids = torch.tensor([[5, 7, 9, 1]])
+    smear = model.smear
+    with torch.no_grad():
+        smear.gate.fill_(10.0)  # blend almost fully with the previous token wherever it blends
+        x = torch.eye(4)[None].repeat(1, 1, 8)[:, :, :32]
+        out = smear(x, ids)
+    assert torch.equal(out[0, 1], x[0, 1]) and not torch.equal(out[0, 3], x[0, 3])  # id 7 is the BOS here
+
+
+def test_rotary_angles_are_fp32_at_long_positions():
+    cos, sin = tg.Rotary(64, 10000.0)(4096, CPU)
+    assert cos.dtype == sin.dtype == torch.float32
+    t = torch.arange(4096, dtype=torch.float64)[:, None]
+    inv = 1.0 / 10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    torch.testing.assert_close(cos[0, 0].double(), torch.cos(t * inv), rtol=0, atol=2e-3)
+
+
 def test_corrupt_shards_are_refused_naming_the_file(tmp_path):
     good = tmp_path / "fineweb_train_000000.bin"
     write_shard(good, np.arange(10))
