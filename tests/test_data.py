@@ -377,7 +377,7 @@ def test_too_small_inputs(tmp_path, tiny):
     last = len(sp.encode(docs[-1])) + 1
     with pytest.raises(DatasetError, match=rf"train split \(documents after the first 59\) has {last} tokens, fewer than --min-tokens {last + 1}"):
         build(tiny_config(corpus, tmp_path / "out", val_docs=59, min_tokens=last + 1, tokenizer=tiny[1].tokenizer_path, vocab_size=None))
-    with pytest.raises(DatasetError, match="60 documents, and --val-docs 60 puts all of them"):
+    with pytest.raises(DatasetError, match=r"60 documents, and the validation split \(the first 60\) takes all of them"):
         build(tiny_config(corpus, tmp_path / "out", val_docs=60))
     with pytest.raises(DatasetError, match="SentencePiece learned only|could not train"):
         build(tiny_config(corpus, tmp_path / "out", vocab_size=4096))
@@ -407,6 +407,119 @@ def test_cli_error_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and "not valid UTF-8" in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# The --val-docs default and --tokenizer-train-docs
+
+
+def reference_val_docs(sizes: list[int], min_tokens: int) -> int:
+    """The documented rule, written out with whole-list sums."""
+    if len(sizes) >= 10 * 50_000:
+        return 50_000
+    tenth = max(1, len(sizes) // 10)
+    holding = next((k for k in range(1, len(sizes) + 1) if sum(sizes[:k]) >= 8 * min_tokens), len(sizes))
+    return max(tenth, min(holding, len(sizes) // 2))
+
+
+def test_default_val_split_follows_the_rule():
+    assert build_dataset.default_val_split([3000] * 1500, 1025).docs == 150  # a corpus a new user might bring
+    assert build_dataset.default_val_split([100] * 20, 64).docs == 6  # a tenth (2) holds 200 of 512 bytes
+    assert build_dataset.default_val_split([100] * 5, 1025).docs == 2  # never more than half
+    assert build_dataset.default_val_split([5000], 1025).docs == 1
+    rng = random.Random(5)
+    for _ in range(300):
+        sizes = [rng.choice([0, 1, 50, 300, 5000]) for _ in range(rng.randint(1, 120))]
+        min_tokens = rng.choice([1, 64, 1025])
+        split = build_dataset.default_val_split(iter(sizes), min_tokens)
+        assert split.docs == reference_val_docs(sizes, min_tokens), (sizes, min_tokens)
+        assert "tenth" in split.reason and f"{len(sizes):,} documents" in split.reason
+
+
+def test_default_val_split_is_the_challenge_split_for_large_corpora():
+    read = 0
+
+    def endless_sizes():
+        nonlocal read
+        while True:
+            read += 1
+            yield 2500
+
+    split = build_dataset.default_val_split(endless_sizes(), 1025)
+    assert split.docs == 50_000 and read == 500_000  # stops reading once the corpus is large enough
+    assert "challenge's split" in split.reason
+    assert build_dataset.default_val_split([2500] * 499_999, 1025).docs == 49_999
+
+
+def test_a_corpus_of_1500_documents_builds_with_the_defaults(tmp_path, capsys):
+    docs = make_docs(1500, seed=7)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    assert build_dataset.main(["--docs", str(corpus), "--out-root", str(tmp_path / "out"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "val_docs: 150 (a tenth of the corpus' 1,500 documents; --val-docs sets another)" in captured.err
+    manifest = json.loads((tmp_path / "out" / "datasets" / "corpus_sp1024" / "manifest.json").read_text())
+    assert manifest["val_docs"] == {"count": 150, "from": "a tenth of the corpus' 1,500 documents"}
+    assert (manifest["stats"]["docs_val"], manifest["stats"]["docs_train"]) == (150, 1350)
+    assert manifest["tokenizer"]["trained_on_doc_numbers"] == [151, 1500]
+    assert manifest["stats"]["tokens_val"] >= build_dataset.DEFAULT_MIN_TOKENS
+
+
+def test_small_corpus_validation_split_holds_one_sequence(tmp_path):
+    docs = make_docs(60, seed=11)  # a tenth, 6 documents, holds fewer than 8 x 1025 bytes
+    corpus = write_jsonl(tmp_path / "small.jsonl", docs)
+    result = build(tiny_config(corpus, tmp_path / "out", val_docs=None, min_tokens=1025))
+    expected = reference_val_docs([len(d.encode()) for d in docs], 1025)
+    assert 6 < expected < 30
+    assert result.manifest["stats"]["docs_val"] == expected
+    assert result.manifest["stats"]["tokens_val"] >= 1025
+    assert result.manifest["tokenizer"]["trained_on_doc_numbers"] == [expected + 1, 60]
+
+
+def test_tokenizer_train_docs_uses_the_training_documents_among_the_first_n(tmp_path, tiny):
+    docs, _ = tiny
+    corpus = write_jsonl(tmp_path / "tiny.jsonl", docs)
+    result = build(tiny_config(corpus, tmp_path / "out", tokenizer_train_docs=40))
+    info = result.manifest["tokenizer"]
+    assert (info["trained_on_docs"], info["trained_on_doc_numbers"]) == (40 - VAL_DOCS, [VAL_DOCS + 1, 40])
+    assert info["trained_on_bytes"] == sum(len(d.encode()) for d in docs[VAL_DOCS:40])
+    assert info["tokenizer_train_bytes"] is None  # no byte cap unless asked for
+    # The same model as one trained directly on documents 6..40, and not the one trained on all of them.
+    sentences = [s for doc in docs[VAL_DOCS:40] for s in build_dataset.trainer_sentences(doc)]
+    direct = build_dataset.train_tokenizer(sentences, vocab_size=VOCAB, source="reference")
+    assert result.tokenizer_path.read_bytes() == direct
+    assert tiny[1].tokenizer_path.read_bytes() != direct
+    # Every document is still encoded, in its split.
+    assert result.manifest["stats"]["docs_train"] == len(docs) - VAL_DOCS
+
+    with pytest.raises(DatasetError, match=f"--tokenizer-train-docs {VAL_DOCS}: .*give more than {VAL_DOCS}"):
+        build(tiny_config(corpus, tmp_path / "other", tokenizer_train_docs=VAL_DOCS))
+    with pytest.raises(DatasetError, match="--tokenizer reuses one"):
+        build(tiny_config(corpus, tmp_path / "other", tokenizer=result.tokenizer_path, vocab_size=None,
+                          tokenizer_train_docs=40))
+    with pytest.raises(DatasetError, match="--tokenizer-train-docs must be at least 1"):
+        build(tiny_config(corpus, tmp_path / "other", tokenizer_train_docs=0))
+
+
+def test_tokenizer_text_streams_and_reports_bad_input_after_training(tmp_path, tiny):
+    docs, _ = tiny
+    lines = [json.dumps({"text": doc}) for doc in docs]
+    lines[40] = '{"text": "cut off'  # a bad line inside the tokenizer's training text
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"bad.jsonl line 41: not valid JSON"):
+        build(tiny_config(corpus, tmp_path / "out"))
+    assert no_temp_leftovers(tmp_path / "out")
+
+    # SentencePiece reads the sentences as they come; an error while reading them is raised
+    # as it was, whether training then succeeds on what came before or fails for lack of text.
+    def failing_after(count: int):
+        yield from [s for doc in docs for s in build_dataset.trainer_sentences(doc)][:count]
+        raise DatasetError("corpus line 9: not valid JSON")
+
+    for count in (200, 0):
+        with pytest.raises(DatasetError, match="corpus line 9: not valid JSON") as err:
+            build_dataset.train_tokenizer(failing_after(count), vocab_size=VOCAB, source="corpus")
+        assert type(err.value) is DatasetError
 
 
 # -----------------------------------------------------------------------------
