@@ -51,6 +51,7 @@ MANIFESTS_DIR_NAME = "manifests"  # one cached manifest per repo and root
 SCOREABLE_VARIANT = re.compile(r"sp\d+")
 REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 SHARD_FILE = re.compile(r"fineweb_(val|train)_(\d{6})\.bin")
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a folder name, never a path
 
 
 @dataclass(frozen=True)
@@ -249,13 +250,16 @@ def from_manifest(manifest: dict | None, variant: str) -> VariantFiles | None:
     entry = next((e for e in entries if e["name"] == variant or variant_of(str(e["name"])) == variant), None)
     if entry is None:
         return None
+    if not DATASET_NAME.fullmatch(str(entry["name"])):
+        raise DownloadError(f"the manifest names an unsafe dataset folder {entry['name']!r}")
     stats = entry.get("stats") or {}
     try:
         files_val, files_train = int(stats["files_val"]), int(stats["files_train"])
     except (KeyError, TypeError, ValueError):
         raise DownloadError(f"the manifest entry for {entry['name']} lacks stats.files_val / stats.files_train") from None
     tokenizer_name = entry.get("tokenizer_name")
-    tokenizer = next((t for t in manifest.get("tokenizers", []) if t.get("name") == tokenizer_name), None)
+    tokenizers = [t for t in manifest.get("tokenizers") or [] if isinstance(t, dict)]
+    tokenizer = next((t for t in tokenizers if t.get("name") == tokenizer_name), None)
     if tokenizer is None:
         raise DownloadError(f"the manifest lists no tokenizer {tokenizer_name!r} for {entry['name']}")
     artifacts = tuple(str(tokenizer[key]) for key in ("model_path", "vocab_path", "path") if tokenizer.get(key))
@@ -402,11 +406,15 @@ def manifest_cache_path(out_root: Path, repo_id: str, remote_root: str) -> Path:
 
 def load_manifest(fetcher: Fetcher, cache: Path, remote_root: str, variant: str) -> dict | None:
     """The export's manifest, None when the repo has none. A cached copy is reused unless it
-    lacks the variant: the repo may have been updated since, so it is then fetched again."""
+    lacks the variant or describes it wrongly: the repo may have been updated since, so it is
+    then fetched again."""
     if file_problem(cache) is None:
         cached = json.loads(cache.read_text(encoding="utf-8"))
-        if isinstance(cached, dict) and from_manifest(cached, variant) is not None:
-            return cached
+        try:
+            if isinstance(cached, dict) and from_manifest(cached, variant) is not None:
+                return cached
+        except DownloadError:
+            pass
     try:
         fetch_checked(fetcher, PlannedFile(remote_join(remote_root, "manifest.json"), cache))
     except RemoteFileMissing:

@@ -840,6 +840,21 @@ def test_download_listing_errors(two_repos, tmp_path):
         download(hub_config(two_repos, tmp_path / "data", variant="sp4096", train_shards=1))
 
 
+def test_download_refuses_unsafe_names_in_a_manifest(hub, tmp_path):
+    manifest_path = hub / CHALLENGE_REPO / "datasets" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["datasets"][0]["name"] = f"../../outside_sp{VOCAB}"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DownloadError, match="unsafe dataset folder '../../outside_sp384'"):
+        download(hub_config(hub, tmp_path / "data"))
+    manifest["datasets"][0]["name"] = f"fineweb10B_sp{VOCAB}"
+    manifest["tokenizers"][0]["model_path"] = "tokenizers/../../../outside.model"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DownloadError, match="unsafe tokenizer path"):
+        download(hub_config(hub, tmp_path / "data"))
+    assert not list(tmp_path.rglob("outside*"))
+
+
 def test_download_leaves_a_built_dataset_alone(two_repos, tmp_path):
     out = tmp_path / "data"
     built = out / "datasets" / "fineweb10B_sp8192"
