@@ -94,6 +94,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 def cmd_pack(args: argparse.Namespace) -> None:
     source = rt.read_file(args.source)
+    if args.output.resolve() == args.source.resolve():
+        raise rt.RecordError(f"-o {args.output} is the source itself; write the packed file elsewhere")
     packed = rt.pack_code(source, str(args.source))
     rt.write_bytes_atomic(args.output, packed)
     print(f"wrote {args.output}: {len(packed):,} bytes ({args.source}: {len(source):,} bytes; "

@@ -447,6 +447,9 @@ def test_packing_round_trips_and_saves_bytes(tiny, packed, capsys):
     assert make_submission.main(["pack", str(packed.code), "-o", str(packed.root / "twice.py")]) == 1
     assert "is already packed" in capsys.readouterr().err
     assert not (packed.root / "twice.py").exists()
+    assert make_submission.main(["pack", str(packed.root / "source.py"), "-o", str(packed.root / "source.py")]) == 1
+    assert "is the source itself" in capsys.readouterr().err
+    assert (packed.root / "source.py").read_bytes() == source
 
 
 def test_runs_from_the_packed_file_score_as_the_plain_ones(tiny, packed):
