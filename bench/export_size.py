@@ -1,18 +1,26 @@
-"""Export time and artifact size of the default model, without data: quantize_state_dict + artifact_bytes.
+"""Export time and artifact size of a model, without data: quantize_state_dict + artifact_bytes.
 
     python bench/export_size.py            # Hyperparameters() defaults: 9x512, MLP 3x, vocab 1024, zstd-22
     MLP_MULT=2 ZSTD_LEVEL=19 python bench/export_size.py   # any setting of train_gpt.py applies
+    VOCAB_SIZE=8192 MLP_MULT=4 python bench/export_size.py --embed-quant all   # which embedding format fits?
+    python bench/export_size.py --code packed/train_gpt.py   # count the packed file's bytes as the code
 
 Two weight sets are exported. "init" is the model as built (the output projections start at zero, so it
 compresses far better than a trained model). "dense" replaces every block matrix by a Gaussian of the
 same shape (std = the layer's default init bound / sqrt(3), i.e. the same RMS as the c_q/c_k/c_v/fc init)
 and the embedding by N(0, TIED_EMBED_INIT_STD): a stand-in closer to trained weights, whose int6
 levels carry about as much entropy.
+
+With --embed-quant all, each weight set is exported once per embedding format that train_gpt.py
+accepts (EMBED_QUANT), and once without the embedding: what the rest of the model takes, and so how
+many bits a value the embedding may spend at most. The last lines say which formats fit, or what is
+missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -24,6 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 
+EMBED_NAME = "tok_emb.weight"
+# Embedding formats this project has (fp16, int8) or that the SP8192 records used (int7, int6);
+# --embed-quant all keeps those that train_gpt.py accepts.
+EMBED_QUANT_FORMATS = ("fp16", "int8", "int7", "int6")
+
 
 def densify(model: tg.GPT, h: tg.Hyperparameters, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -33,12 +46,11 @@ def densify(model: tg.GPT, h: tg.Hyperparameters, seed: int) -> None:
             if kind == "int6":
                 std = 1.0 / p.shape[1] ** 0.5 / 3**0.5  # nn.Linear's U(-1/sqrt(in), 1/sqrt(in)) has this RMS
                 p.copy_(torch.randn(p.shape, generator=g) * std)
-            elif name == "tok_emb.weight":
+            elif name == EMBED_NAME:
                 p.copy_(torch.randn(p.shape, generator=g) * h.tied_embed_init_std)
 
 
-def export(model: tg.GPT, h: tg.Hyperparameters) -> dict:
-    state = model.state_dict()
+def export(state: dict, h: tg.Hyperparameters) -> dict:
     t0 = time.perf_counter()
     payload = tg.quantize_state_dict(state, h)
     t1 = time.perf_counter()
@@ -49,28 +61,88 @@ def export(model: tg.GPT, h: tg.Hyperparameters) -> dict:
             "bytes_uncompressed": raw}
 
 
+def accepted_embed_quants(h: tg.Hyperparameters) -> list[str]:
+    accepted = []
+    for fmt in EMBED_QUANT_FORMATS:
+        try:
+            dataclasses.replace(h, embed_quant=fmt).validate()
+        except ValueError:
+            continue
+        accepted.append(fmt)
+    return accepted
+
+
+def verdict(label: str, totals: dict[str, int], rest_total: int, embed_values: int, missing: list[str]) -> str:
+    """Which embedding formats fit, or how few bits a value the embedding would need."""
+    fitting = [fmt for fmt, total in totals.items() if total <= tg.SIZE_LIMIT_BYTES]
+    room = tg.SIZE_LIMIT_BYTES - rest_total
+    bits = 8 * room / embed_values
+    if fitting:
+        return f"{label}: fits with embed_quant {', '.join(fitting)}; the embedding may take {bits:.2f} bits a value"
+    unavailable = f" ({', '.join(missing)} not in train_gpt.py yet)" if missing else ""
+    if room <= 0:
+        return (f"{label}: fits with no embedding format{unavailable}: the rest of the model alone is "
+                f"{-room} bytes over; it needs fewer bits a weight in the blocks or fewer parameters")
+    return (f"{label}: fits with none of {', '.join(totals)}{unavailable}: the embedding may take "
+            f"{bits:.2f} bits a value after compression")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--embed-quant", help="comma-separated EMBED_QUANT formats to export, or 'all' "
+                        "(every format train_gpt.py accepts); default: the EMBED_QUANT setting")
+    parser.add_argument("--code", type=Path, default=ROOT / "train_gpt.py",
+                        help="the file whose size counts as the code (default: train_gpt.py)")
     args = parser.parse_args()
-    h = tg.Hyperparameters.from_env(os.environ)
+    try:
+        h = tg.Hyperparameters.from_env(os.environ)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if not args.code.is_file():
+        sys.exit(f"error: --code {args.code}: no such file")
+    accepted = accepted_embed_quants(h)
+    if args.embed_quant in (None, "all"):
+        formats = accepted if args.embed_quant == "all" else [h.embed_quant]
+    else:
+        formats = [f.strip() for f in args.embed_quant.split(",") if f.strip()]
+        refused = [f for f in formats if f not in accepted]
+        if refused:
+            sys.exit(f"error: --embed-quant {','.join(refused)}: train_gpt.py accepts EMBED_QUANT "
+                     f"{', '.join(accepted)}")
+    missing = [f for f in EMBED_QUANT_FORMATS if f not in accepted]
     torch.manual_seed(args.seed)
     model = tg.build_model(h, torch.device("cpu"))
-    bytes_code = (ROOT / "train_gpt.py").stat().st_size
+    bytes_code = args.code.stat().st_size
     n_params = sum(p.numel() for p in model.parameters())
+    embed_values = model.state_dict()[EMBED_NAME].numel()
     print(f"model layers:{h.num_layers} dim:{h.model_dim} mlp_mult:{h.mlp_mult} vocab:{h.vocab_size} "
-          f"params:{n_params} embed_quant:{h.embed_quant} zstd_level:{h.zstd_level} seed:{args.seed} "
-          f"torch_threads:{torch.get_num_threads()} overrides:{h.overrides() or '-'}")
+          f"params:{n_params} embed_values:{embed_values} zstd_level:{h.zstd_level} seed:{args.seed} "
+          f"torch_threads:{torch.get_num_threads()} overrides:{h.overrides() or '-'} code:{args.code.name} "
+          f"bytes_code:{bytes_code} embed_quant_accepted:{','.join(accepted)}")
+    verdicts = []
     for label in ("init", "dense"):
         if label == "dense":
             densify(model, h, args.seed)
-        r = export(model, h)
-        total = r["bytes_model"] + bytes_code
-        print(f"{label}: quantize:{r['quantize_ms']:.0f}ms zstd-{h.zstd_level}:{r['compress_ms']:.0f}ms "
-              f"export:{r['quantize_ms'] + r['compress_ms']:.0f}ms uncompressed:{r['bytes_uncompressed']} "
-              f"bytes_model:{r['bytes_model']} bytes_code:{bytes_code} bytes_total:{total} "
-              f"bits_per_param:{8 * r['bytes_model'] / n_params:.3f} "
-              f"fits_16mb:{str(total <= tg.SIZE_LIMIT_BYTES).lower()} margin:{tg.SIZE_LIMIT_BYTES - total}")
+        state = model.state_dict()
+        totals = {}
+        for fmt in formats:
+            r = export(state, dataclasses.replace(h, embed_quant=fmt))
+            totals[fmt] = total = r["bytes_model"] + bytes_code
+            print(f"{label}: embed_quant:{fmt} quantize:{r['quantize_ms']:.0f}ms "
+                  f"zstd-{h.zstd_level}:{r['compress_ms']:.0f}ms export:{r['quantize_ms'] + r['compress_ms']:.0f}ms "
+                  f"uncompressed:{r['bytes_uncompressed']} bytes_model:{r['bytes_model']} bytes_code:{bytes_code} "
+                  f"bytes_total:{total} bits_per_param:{8 * r['bytes_model'] / n_params:.3f} "
+                  f"fits_16mb:{str(total <= tg.SIZE_LIMIT_BYTES).lower()} margin:{tg.SIZE_LIMIT_BYTES - total}",
+                  flush=True)
+        if args.embed_quant == "all":
+            rest = export({k: v for k, v in state.items() if k != EMBED_NAME}, h)
+            rest_total = rest["bytes_model"] + bytes_code
+            print(f"{label}: without the embedding: bytes_model:{rest['bytes_model']} bytes_total:{rest_total} "
+                  f"room_for_embedding:{tg.SIZE_LIMIT_BYTES - rest_total}", flush=True)
+            verdicts.append(verdict(label, totals, rest_total, embed_values, missing))
+    for line in verdicts:
+        print(line)
 
 
 if __name__ == "__main__":

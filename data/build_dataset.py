@@ -3,6 +3,8 @@
     python data/build_dataset.py                                   # offline corpus, see below
     python data/build_dataset.py --docs docs.jsonl --vocab-size 4096
     python data/build_dataset.py --docs notes/ --name notes --val-docs 20
+    python data/build_dataset.py --docs data/datasets/docs_selected.jsonl --name fineweb10B_retok \
+        --vocab-size 8192 --tokenizer-train-docs 5000000            # the SP8192 records' recipe
 
 With no --docs, the documents are the docstrings and comments of the Python standard
 library and of the installed packages, plus the pydoc topics: text that every Python
@@ -15,8 +17,10 @@ Output, under --out-root (default: this folder):
     datasets/<name>_sp<V>/fineweb_train_000000.bin   the other documents, in order
     datasets/<name>_sp<V>/manifest.json              counts, sha256 of the document list
     tokenizers/<name>_<V>_bpe.model (+ .vocab)       unless --tokenizer reuses one
-Every document is stored as [BOS] + its tokens. The tokenizer is trained on training
-documents only, so validation text is never seen before it is scored.
+Every document is stored as [BOS] + its tokens. The first --val-docs documents are the
+validation split (default: the challenge's 50,000 for a corpus of at least 500,000
+documents, else a tenth of it), all later ones the training split. The tokenizer is trained
+on training documents only, so validation text is never seen before it is scored.
 """
 
 from __future__ import annotations
@@ -68,10 +72,15 @@ PYDOCS_SHUFFLE_SEED = 1337
 # Generated tables and vendored bundles: slow to parse and nearly free of prose.
 PYDOCS_MAX_FILE_BYTES = 2_000_000
 CHALLENGE_VAL_DOCS = 50_000  # the challenge scores the first 50,000 documents of docs_selected.jsonl
+# A corpus of fewer than ten times that many documents gives a tenth of them to validation.
+SMALL_CORPUS_VAL_FRACTION = 10
+# Bytes of text a validation token is assumed to cover when the split must hold --min-tokens:
+# about twice what the tokenizers here average (2.4 to 3.9 bytes a token at vocab 1024 to 8192).
+VAL_BYTES_PER_TOKEN = 8
 # One sequence of the trainer's default TRAIN_SEQ_LEN (1024) plus the target of its last token.
 DEFAULT_MIN_TOKENS = 1025
 DEFAULT_SHARD_TOKENS = 100_000_000  # the published shards' size
-DEFAULT_TOKENIZER_TRAIN_BYTES = 50_000_000
+DEFAULT_TOKENIZER_TRAIN_BYTES = 50_000_000  # when --tokenizer-train-docs is not given
 BOS_ID = 1
 DOC_SUFFIXES = (".txt", ".md")
 
@@ -104,6 +113,10 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 class DatasetError(Exception):
     """A problem with the input or the output location, explained for the user."""
+
+
+class TokenizerTrainingError(DatasetError):
+    """SentencePiece could not learn the tokenizer from the text it was given."""
 
 
 # -----------------------------------------------------------------------------
@@ -401,6 +414,47 @@ def collect_pydocs(*, max_bytes: int, workers: int, show_progress: bool) -> tupl
 
 
 # -----------------------------------------------------------------------------
+# The validation split
+
+
+@dataclass(frozen=True)
+class ValSplit:
+    docs: int  # the first `docs` documents are the validation split
+    reason: str  # why, for the user and the manifest
+
+
+def default_val_split(doc_sizes: Iterable[int], min_tokens: int) -> ValSplit:
+    """The --val-docs default for a corpus whose documents have these UTF-8 sizes, in order.
+
+    At least SMALL_CORPUS_VAL_FRACTION x CHALLENGE_VAL_DOCS documents: the challenge's split,
+    the first 50,000 (only that many sizes are read). Fewer: a tenth of them, at least one,
+    raised (up to half the corpus) to the first documents that hold min_tokens x
+    VAL_BYTES_PER_TOKEN bytes, so that the split holds one validation sequence.
+    """
+    enough_docs = SMALL_CORPUS_VAL_FRACTION * CHALLENGE_VAL_DOCS
+    needed_bytes = min_tokens * VAL_BYTES_PER_TOKEN
+    count = total_bytes = 0
+    docs_holding_needed_bytes = None
+    for size in doc_sizes:
+        count += 1
+        total_bytes += size
+        if docs_holding_needed_bytes is None and total_bytes >= needed_bytes:
+            docs_holding_needed_bytes = count
+        if count >= enough_docs:
+            return ValSplit(CHALLENGE_VAL_DOCS, f"the challenge's split: the corpus holds at least {enough_docs:,} documents")
+    tenth = max(1, count // SMALL_CORPUS_VAL_FRACTION)
+    reason = f"a tenth of the corpus' {count:,} documents"
+    raised = min(docs_holding_needed_bytes or count, count // 2)
+    if raised > tenth:
+        return ValSplit(
+            raised,
+            f"{reason} ({tenth:,}) raised to the first {raised:,}, which hold {needed_bytes:,} bytes: "
+            f"room for one {min_tokens}-token sequence",
+        )
+    return ValSplit(tenth, reason)
+
+
+# -----------------------------------------------------------------------------
 # Tokenizer
 
 
@@ -426,14 +480,27 @@ def trainer_sentences(text: str) -> Iterator[str]:
         yield "\n".join(chunk)
 
 
-def train_tokenizer(sentences: list[str], *, vocab_size: int, source: str) -> bytes:
+def train_tokenizer(sentences: Iterable[str], *, vocab_size: int, source: str) -> bytes:
     """The serialized SentencePiece model. It is taken from memory rather than written by
     SentencePiece to a model_prefix, which the .model file would record: the bytes then
-    depend on the input alone, not on where they were built."""
+    depend on the input alone, not on where they were built.
+
+    The sentences are streamed: SentencePiece keeps its own copy, no list is held here. An
+    error raised while reading them (a bad input line) is raised again after training, with
+    its message; SentencePiece alone would turn it into a RuntimeError.
+    """
+    reading_error: list[BaseException] = []
+
+    def guarded() -> Iterator[str]:
+        try:
+            yield from sentences
+        except BaseException as exc:
+            reading_error.append(exc)
+
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
+            sentence_iterator=guarded(),
             model_writer=model,
             vocab_size=vocab_size,
             num_threads=SPM_TRAIN_THREADS,
@@ -441,13 +508,17 @@ def train_tokenizer(sentences: list[str], *, vocab_size: int, source: str) -> by
             **SPM_SETTINGS,
         )
     except RuntimeError as exc:
-        raise DatasetError(
+        if reading_error:
+            raise reading_error[0] from None
+        raise TokenizerTrainingError(
             f"SentencePiece could not train a {vocab_size}-piece tokenizer on the text of {source}: {exc}. "
             "Give more text or a smaller --vocab-size."
         ) from None
+    if reading_error:
+        raise reading_error[0]
     learned = spm.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
     if learned != vocab_size:
-        raise DatasetError(
+        raise TokenizerTrainingError(
             f"SentencePiece learned only {learned} of {vocab_size} pieces from the training documents of "
             f"{source}; give more text or a smaller --vocab-size"
         )
@@ -483,12 +554,13 @@ class BuildConfig:
     name: str | None = None  # default: "pydocs", or the stem of --docs
     vocab_size: int | None = None  # default 1024, or the size of --tokenizer
     tokenizer: Path | None = None  # reuse this SentencePiece model instead of training one
-    val_docs: int | None = None  # default: PYDOCS_VAL_DOCS, or CHALLENGE_VAL_DOCS for --docs
+    val_docs: int | None = None  # default: PYDOCS_VAL_DOCS, or default_val_split() for --docs
     min_tokens: int = DEFAULT_MIN_TOKENS  # each split must hold at least this many tokens
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     max_docs: int | None = None
     max_bytes: int | None = None  # default: PYDOCS_MAX_BYTES for the built-in corpus, all of --docs
-    tokenizer_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES
+    tokenizer_train_docs: int | None = None  # train the tokenizer on the training documents among the first N
+    tokenizer_train_bytes: int | None = None  # default: DEFAULT_TOKENIZER_TRAIN_BYTES unless tokenizer_train_docs
     out_root: Path = DATA_DIR  # holds datasets/ and tokenizers/
     workers: int | None = None  # default: the CPUs this process may use
     force: bool = False  # replace an existing dataset (and tokenizer)
@@ -565,22 +637,28 @@ def build(config: BuildConfig) -> BuildResult:
     name = config.name or (PYDOCS_NAME if builtin else Path(config.docs).stem)
     if not NAME_PATTERN.fullmatch(name):
         raise DatasetError(f"--name {name!r}: use letters, digits, '.', '_' or '-', starting with a letter or digit")
-    val_docs = config.val_docs if config.val_docs is not None else (PYDOCS_VAL_DOCS if builtin else CHALLENGE_VAL_DOCS)
     for flag, value in [
-        ("--val-docs", val_docs),
+        ("--val-docs", config.val_docs),
         ("--min-tokens", config.min_tokens),
         ("--shard-tokens", config.shard_tokens),
+        ("--tokenizer-train-docs", config.tokenizer_train_docs),
         ("--tokenizer-train-bytes", config.tokenizer_train_bytes),
         ("--max-docs", config.max_docs),
         ("--max-bytes", config.max_bytes),
     ]:
         if value is not None and value < 1:
             raise DatasetError(f"{flag} must be at least 1, got {value}")
+    tokenizer_train_bytes = config.tokenizer_train_bytes
+    if tokenizer_train_bytes is None and config.tokenizer_train_docs is None:
+        tokenizer_train_bytes = DEFAULT_TOKENIZER_TRAIN_BYTES
     if config.shard_tokens >= 1 << 31:
         raise DatasetError(f"--shard-tokens must be below 2**31 (the header stores an int32), got {config.shard_tokens}")
 
     sp = None
     if config.tokenizer is not None:
+        if config.tokenizer_train_docs is not None or config.tokenizer_train_bytes is not None:
+            raise DatasetError("--tokenizer-train-docs and --tokenizer-train-bytes train a tokenizer; "
+                               "--tokenizer reuses one: give one or the other")
         sp = load_tokenizer(Path(config.tokenizer))
         vocab_size = sp.vocab_size()
         if config.vocab_size is not None and config.vocab_size != vocab_size:
@@ -630,6 +708,24 @@ def build(config: BuildConfig) -> BuildResult:
         finally:
             progress.close()
 
+    if config.val_docs is not None:
+        split = ValSplit(config.val_docs, "--val-docs")
+    elif builtin:
+        split = ValSplit(PYDOCS_VAL_DOCS, "the built-in corpus' default")
+    else:  # a first pass over (at most 500,000 of) the documents counts them
+        counted = documents("count", source.input_bytes)
+        try:
+            split = default_val_split((len(data) for _, data in counted), config.min_tokens)
+        finally:
+            counted.close()
+        print(f"val_docs: {split.docs:,} ({split.reason}; --val-docs sets another)", file=sys.stderr)
+    val_docs = split.docs
+    if config.tokenizer_train_docs is not None and sp is None and config.tokenizer_train_docs <= val_docs:
+        raise DatasetError(
+            f"--tokenizer-train-docs {config.tokenizer_train_docs}: the tokenizer trains on the training documents "
+            f"among the first N, and the first {val_docs:,} are the validation split; give more than {val_docs:,}"
+        )
+
     datasets_dir.mkdir(parents=True, exist_ok=True)
     tokenizers_dir.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(dir=datasets_dir, prefix=f".{dataset_dir.name}.", suffix=".tmp"))
@@ -638,15 +734,28 @@ def build(config: BuildConfig) -> BuildResult:
     try:
         tokenizer_info: dict = {}
         if sp is None:
-            sentences, train_docs, train_bytes = _tokenizer_training_text(
-                documents("tokenizer text", source.input_bytes), val_docs, config.tokenizer_train_bytes, source.description
-            )
-            model_bytes = train_tokenizer(sentences, vocab_size=vocab_size, source=source.description)
-            del sentences
+            text = TokenizerText(val_docs=val_docs, max_docs=config.tokenizer_train_docs, max_bytes=tokenizer_train_bytes)
+            try:
+                model_bytes = train_tokenizer(
+                    text.sentences(documents("tokenizer text", source.input_bytes)),
+                    vocab_size=vocab_size,
+                    source=source.description,
+                )
+            except TokenizerTrainingError:
+                text.check(source.description)  # a plainer reason when there is one
+                raise
+            text.check(source.description)
             sp = spm.SentencePieceProcessor(model_proto=model_bytes)
             (tokenizer_work_dir / tokenizer_path.name).write_bytes(model_bytes)
             (tokenizer_work_dir / tokenizer_path.with_suffix(".vocab").name).write_text(vocab_listing(sp), encoding="utf-8")
-            tokenizer_info = {"trained_on_docs": train_docs, "trained_on_bytes": train_bytes, "settings": SPM_SETTINGS}
+            tokenizer_info = {
+                "trained_on_docs": text.docs,
+                "trained_on_bytes": text.bytes,
+                "trained_on_doc_numbers": [val_docs + 1, val_docs + text.docs],
+                "tokenizer_train_docs": config.tokenizer_train_docs,
+                "tokenizer_train_bytes": tokenizer_train_bytes,
+                "settings": SPM_SETTINGS,
+            }
 
         split_stats, docs_sha256 = _write_shards(
             documents("encode", source.input_bytes),
@@ -670,6 +779,7 @@ def build(config: BuildConfig) -> BuildResult:
                 **tokenizer_info,
             },
             docs_sha256=docs_sha256,
+            split=split,
             val=split_stats["val"],
             train=split_stats["train"],
         )
@@ -685,26 +795,37 @@ def build(config: BuildConfig) -> BuildResult:
     return BuildResult(dataset_dir=dataset_dir, tokenizer_path=tokenizer_path, vocab_size=vocab_size, manifest=manifest)
 
 
-def _tokenizer_training_text(
-    docs: Iterator[tuple[str, bytes]], val_docs: int, max_bytes: int, source: str
-) -> tuple[list[str], int, int]:
-    """Training-split documents (those after the first val_docs) up to max_bytes, as
-    trainer sentences; also the number of documents and bytes they came from."""
-    sentences: list[str] = []
-    total_docs = train_docs = train_bytes = 0
-    for text, data in docs:
-        total_docs += 1
-        if total_docs <= val_docs:
-            continue
-        sentences.extend(trainer_sentences(text))
-        train_docs += 1
-        train_bytes += len(data)
-        if train_bytes >= max_bytes:
-            break
-    _check_doc_count(total_docs, val_docs, source)
-    if not sentences:
-        raise DatasetError(f"{source}: the training documents (all after the first {val_docs}) hold no text")
-    return sentences, train_docs, train_bytes
+class TokenizerText:
+    """The tokenizer's training text: the training documents (those after the first val_docs)
+    among the first max_docs, up to max_bytes of them, as trainer sentences. Counts what it read."""
+
+    def __init__(self, *, val_docs: int, max_docs: int | None, max_bytes: int | None):
+        self.val_docs, self.max_docs, self.max_bytes = val_docs, max_docs, max_bytes
+        self.docs_read = 0  # validation documents included
+        self.docs = self.bytes = self.sentence_count = 0  # what the tokenizer learned from
+
+    def sentences(self, docs: Iterator[tuple[str, bytes]]) -> Iterator[str]:
+        try:
+            for text, data in docs:
+                if self.max_docs is not None and self.docs_read >= self.max_docs:
+                    return
+                self.docs_read += 1
+                if self.docs_read <= self.val_docs:
+                    continue
+                for sentence in trainer_sentences(text):
+                    self.sentence_count += 1
+                    yield sentence
+                self.docs += 1
+                self.bytes += len(data)
+                if self.max_bytes is not None and self.bytes >= self.max_bytes:
+                    return
+        finally:
+            docs.close()
+
+    def check(self, source: str) -> None:
+        _check_doc_count(self.docs_read, self.val_docs, source)
+        if self.sentence_count == 0:
+            raise DatasetError(f"{source}: the training documents (all after the first {self.val_docs}) hold no text")
 
 
 def _check_doc_count(total_docs: int, val_docs: int, source: str) -> None:
@@ -712,8 +833,8 @@ def _check_doc_count(total_docs: int, val_docs: int, source: str) -> None:
         raise DatasetError(f"{source} holds no documents")
     if total_docs <= val_docs:
         raise DatasetError(
-            f"{source} holds {total_docs} documents, and --val-docs {val_docs} puts all of them in the "
-            "validation split; lower --val-docs or give more documents"
+            f"{source} holds {total_docs} documents, and the validation split (the first {val_docs}) takes all "
+            "of them; lower --val-docs or give more documents"
         )
 
 
@@ -791,6 +912,7 @@ def _manifest(
     source_info: dict,
     tokenizer: dict,
     docs_sha256: str,
+    split: ValSplit,
     val: SplitStats,
     train: SplitStats,
 ) -> dict:
@@ -805,6 +927,7 @@ def _manifest(
         "tokenizer": tokenizer,
         "docs_sha256": docs_sha256,
         "docs_sha256_scheme": DOCS_SHA256_SCHEME,
+        "val_docs": {"count": split.docs, "from": split.reason},
         "stats": {
             "docs_total": val.docs + train.docs,
             "docs_val": val.docs,
@@ -885,8 +1008,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--val-docs",
         type=_positive_int,
-        help=f"the first N documents form the validation split (default: {PYDOCS_VAL_DOCS} for the "
-        f"built-in corpus; {CHALLENGE_VAL_DOCS}, the challenge's split, for --docs)",
+        help=f"the first N documents form the validation split (default: {PYDOCS_VAL_DOCS} for the built-in "
+        f"corpus; for --docs, the challenge's {CHALLENGE_VAL_DOCS:_} when it holds at least "
+        f"{SMALL_CORPUS_VAL_FRACTION * CHALLENGE_VAL_DOCS:_} documents, else a tenth of them, raised if needed "
+        "to hold one --min-tokens sequence)",
     )
     parser.add_argument(
         "--min-tokens",
@@ -908,11 +1033,16 @@ def build_parser() -> argparse.ArgumentParser:
         "corpus, no limit for --docs)",
     )
     parser.add_argument(
+        "--tokenizer-train-docs",
+        type=_positive_int,
+        help="train the tokenizer on the training documents among the first N documents (the SP4096/SP8192 "
+        "records used 5000000; the validation documents among them are left out)",
+    )
+    parser.add_argument(
         "--tokenizer-train-bytes",
         type=_positive_int,
-        default=DEFAULT_TOKENIZER_TRAIN_BYTES,
         help=f"train the tokenizer on at most this many bytes of training-split text "
-        f"(default: {DEFAULT_TOKENIZER_TRAIN_BYTES:_})",
+        f"(default: {DEFAULT_TOKENIZER_TRAIN_BYTES:_}, or no limit with --tokenizer-train-docs)",
     )
     parser.add_argument(
         "--out-root",
@@ -940,6 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
         shard_tokens=args.shard_tokens,
         max_docs=args.max_docs,
         max_bytes=args.max_bytes,
+        tokenizer_train_docs=args.tokenizer_train_docs,
         tokenizer_train_bytes=args.tokenizer_train_bytes,
         out_root=args.out_root,
         workers=args.workers,

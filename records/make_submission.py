@@ -8,6 +8,8 @@
     python records/make_submission.py compare logs/sweep/ --ref-mean 2.0604 --ref-std 0.0012 --ref-n 3
     python records/make_submission.py sweep logs/
     python records/make_submission.py plot logs/ -o sweep.png
+    python records/make_submission.py pack -o packed/train_gpt.py     # then run the seeds from it
+    python records/make_submission.py unpack packed/train_gpt.py
 
 A run is named by its log, its summary or their common stem (logs/s1.txt, logs/s1.json,
 logs/s1). See records/README.md for the workflow.
@@ -90,6 +92,28 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {rt.plot_runs(args.runs, args.output)}")
 
 
+def cmd_pack(args: argparse.Namespace) -> None:
+    source = rt.read_file(args.source)
+    if args.output.resolve() == args.source.resolve():
+        raise rt.RecordError(f"-o {args.output} is the source itself; write the packed file elsewhere")
+    packed = rt.pack_code(source, str(args.source))
+    rt.write_bytes_atomic(args.output, packed)
+    print(f"wrote {args.output}: {len(packed):,} bytes ({args.source}: {len(source):,} bytes; "
+          f"{len(source) - len(packed):,} bytes saved)")
+
+
+def cmd_unpack(args: argparse.Namespace) -> None:
+    source = rt.unpack_code(rt.read_file(args.packed), str(args.packed))
+    if source is None:
+        raise rt.RecordError(f"{args.packed} is not a packed train_gpt.py (it does not start with the "
+                             "packer's stub)")
+    if args.output is None:
+        sys.stdout.buffer.write(source)
+    else:
+        rt.write_bytes_atomic(args.output, source)
+        print(f"wrote {args.output}: {len(source):,} bytes", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -128,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", help="runs or folders of runs")
     plot.add_argument("-o", "--output", type=Path, default=Path("val_bpb.png"))
     plot.set_defaults(handler=cmd_plot)
+
+    pack = commands.add_parser(
+        "pack", help="write train_gpt.py as an lzma-compressed, self-extracting file that runs the same")
+    pack.add_argument("source", type=Path, nargs="?", default=rt.DEFAULT_CODE_PATH,
+                      help="the source to pack (default: the repository's train_gpt.py)")
+    pack.add_argument("-o", "--output", type=Path, default=Path("packed") / "train_gpt.py",
+                      help="the packed file (default: packed/train_gpt.py)")
+    pack.set_defaults(handler=cmd_pack)
+
+    unpack = commands.add_parser("unpack", help="the source inside a packed train_gpt.py (nothing is run)")
+    unpack.add_argument("packed", type=Path)
+    unpack.add_argument("-o", "--output", type=Path, help="write the source here (default: standard output)")
+    unpack.set_defaults(handler=cmd_unpack)
     return parser
 
 

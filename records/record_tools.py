@@ -7,7 +7,8 @@ each run -- `logs/{RUN_ID}.txt` (the source that ran, then grep-able `key:value`
 - `load_run` / `check_submittable` / `make_submission`: a verified submission folder;
 - `load_scores` / `compare`: Welch's one-sided t-test "improves by at least D";
 - `sweep_table`: every run under a folder, sorted by score, with the settings that differ;
-- `plot_runs`: val_bpb against training time and step (needs matplotlib, imported lazily).
+- `plot_runs`: val_bpb against training time and step (needs matplotlib, imported lazily);
+- `pack_code` / `unpack_code`: train_gpt.py as an lzma-compressed, self-extracting file.
 
 Every refusal is a `RecordError` whose message names the file and what is wrong.
 """
@@ -16,8 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import base64
+import binascii
 import hashlib
 import json
+import lzma
 import math
 import os
 import re
@@ -103,6 +107,30 @@ def files_under(root: Path, pattern: str) -> list[Path]:
     return sorted(p for p in root.rglob(pattern)
                   if p.is_file() and not any(part.startswith(".")
                                              for part in p.relative_to(root).parts[:-1]))
+
+
+def read_file(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise RecordError(f"{path}: no such file") from None
+    except OSError as err:
+        raise RecordError(f"cannot read {path}: {err.strerror}") from None
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _printed_matches(printed: str, value: float) -> bool:
@@ -252,6 +280,64 @@ def load_run(path: str | os.PathLike) -> Run:
 
 
 # ---------------------------------------------------------------------------------------
+# Packed code
+# ---------------------------------------------------------------------------------------
+
+# A packed train_gpt.py is this stub around one base85 string: the source, xz-compressed.
+# Run as a script (python, torchrun), it decompresses the source and executes it as the
+# file's own module: __name__ and __file__ are the packed file's, so main() reads and logs
+# the packed file's bytes as the code that ran. linecache gets the source so that
+# tracebacks show its lines. Nothing else is executed: unpack_code() accepts only this
+# exact stub, byte for byte, around a base85 payload.
+PACKED_HEAD = (b"# train_gpt.py, lzma-packed. Source: python records/make_submission.py unpack FILE\n"
+               b"import base64,linecache,lzma\n"
+               b"s=lzma.decompress(base64.b85decode(\"")
+PACKED_TAIL = (b"\")).decode()\n"
+               b"n=\"<unpacked train_gpt.py>\"\n"
+               b"linecache.cache[n]=len(s),None,s.splitlines(True),n\n"
+               b"exec(compile(s,n,\"exec\"))\n")
+BASE85_PAYLOAD = re.compile(rb"[0-9A-Za-z!#$%&()*+\-;<=>?@^_`{|}~]*")
+MAX_UNPACKED_BYTES = 16_000_000  # no source is larger than the whole artifact
+
+
+def pack_code(source: bytes, name: str = "train_gpt.py") -> bytes:
+    """The packed, self-extracting form of a Python source (UTF-8, compilable)."""
+    if source.startswith(PACKED_HEAD):
+        raise RecordError(f"{name} is already packed")
+    try:
+        compile(source.decode("utf-8"), name, "exec")  # compiles only; nothing runs
+    except (UnicodeDecodeError, SyntaxError, ValueError) as err:
+        raise RecordError(f"{name} is not a Python source that compiles: {err}") from None
+    payload = lzma.compress(source, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
+    return PACKED_HEAD + base64.b85encode(payload) + PACKED_TAIL
+
+
+def unpack_code(data: bytes, name: str = "train_gpt.py") -> bytes | None:
+    """The source inside a packed file, None for a plain source. Never executes anything:
+    a file that starts like a packed one must be exactly the stub around a valid payload."""
+    if not data.startswith(PACKED_HEAD):
+        return None
+    if not data.endswith(PACKED_TAIL) or len(data) < len(PACKED_HEAD) + len(PACKED_TAIL):
+        raise RecordError(f"{name} starts like a packed train_gpt.py but does not end with the packer's "
+                          "stub: it was edited after packing; pack the source again")
+    payload = data[len(PACKED_HEAD):-len(PACKED_TAIL)]
+    if not BASE85_PAYLOAD.fullmatch(payload):
+        raise RecordError(f"{name}: the packed payload holds characters outside base85 (the stub was "
+                          "edited after packing); pack the source again")
+    try:
+        decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+        source = decompressor.decompress(base64.b85decode(payload), max_length=MAX_UNPACKED_BYTES)
+    except (ValueError, lzma.LZMAError, binascii.Error) as err:
+        raise RecordError(f"{name}: the packed payload is damaged ({err}); pack the source again") from None
+    if not decompressor.eof:
+        raise RecordError(f"{name}: the packed payload is truncated or unpacks to over "
+                          f"{MAX_UNPACKED_BYTES:,} bytes; pack the source again")
+    if decompressor.unused_data:
+        raise RecordError(f"{name}: the packed payload has bytes after its end; pack the source again")
+    return source
+
+
+# ---------------------------------------------------------------------------------------
 # Submission folder
 # ---------------------------------------------------------------------------------------
 
@@ -334,7 +420,8 @@ def _per_run_entry(run: Run) -> dict:
 
 
 def submission_json(runs: Sequence[Run], *, author: str, github_id: str, name: str,
-                    blurb: str, date: str, comparison: Comparison | None = None) -> dict:
+                    blurb: str, date: str, comparison: Comparison | None = None,
+                    packed_source: bytes | None = None) -> dict:
     losses = [r.summary["val_loss"] for r in runs]
     bpbs = [r.summary["val_bpb"] for r in runs]
     data = {
@@ -352,6 +439,8 @@ def submission_json(runs: Sequence[Run], *, author: str, github_id: str, name: s
         "code_sha256": runs[0].source_sha256,
         "runs": [_per_run_entry(r) for r in runs],
     }
+    if packed_source is not None:
+        data["code_packed"] = {"bytes_source": len(packed_source), "source_sha256": sha256_hex(packed_source)}
     if comparison is not None:
         data["significance"] = comparison.as_dict()
     return data
@@ -424,10 +513,19 @@ def readme_text(runs: Sequence[Run], meta: dict, comparison: Comparison | None) 
         "```bash\n" + commands + "\n```",
         "## Files",
         f"- `train_gpt.py`: the script that ran (sha256 `{meta['code_sha256']}`), identical "
-        "byte for byte to the source copied at the top of every log\n"
+        "byte for byte to the source copied at the top of every log" + packed_note(meta) + "\n"
         + files + "\n- `submission.json`: the means, the largest artifact and the per-seed values",
     ]
     return "\n\n".join(sections) + "\n"
+
+
+def packed_note(meta: dict) -> str:
+    packed = meta.get("code_packed")
+    if packed is None:
+        return ""
+    return (f". It is lzma-packed: it decompresses and runs its embedded source "
+            f"({packed['bytes_source']:,} bytes, sha256 `{packed['source_sha256']}`), which "
+            "`python records/make_submission.py unpack train_gpt.py` prints")
 
 
 def make_submission(runs: Sequence[Run], *, name: str, author: str,
@@ -451,7 +549,8 @@ def make_submission(runs: Sequence[Run], *, name: str, author: str,
     code = code_path.read_bytes()
     check_submittable(runs, code, code_path)
     meta = submission_json(runs, author=author, github_id=github_id, name=name, blurb=blurb,
-                           date=date, comparison=comparison)
+                           date=date, comparison=comparison,
+                           packed_source=unpack_code(code, str(code_path)))
     readme = readme_text(runs, meta, comparison)
 
     track_dir.mkdir(parents=True, exist_ok=True)

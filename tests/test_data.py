@@ -377,7 +377,7 @@ def test_too_small_inputs(tmp_path, tiny):
     last = len(sp.encode(docs[-1])) + 1
     with pytest.raises(DatasetError, match=rf"train split \(documents after the first 59\) has {last} tokens, fewer than --min-tokens {last + 1}"):
         build(tiny_config(corpus, tmp_path / "out", val_docs=59, min_tokens=last + 1, tokenizer=tiny[1].tokenizer_path, vocab_size=None))
-    with pytest.raises(DatasetError, match="60 documents, and --val-docs 60 puts all of them"):
+    with pytest.raises(DatasetError, match=r"60 documents, and the validation split \(the first 60\) takes all of them"):
         build(tiny_config(corpus, tmp_path / "out", val_docs=60))
     with pytest.raises(DatasetError, match="SentencePiece learned only|could not train"):
         build(tiny_config(corpus, tmp_path / "out", vocab_size=4096))
@@ -407,6 +407,119 @@ def test_cli_error_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and "not valid UTF-8" in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# The --val-docs default and --tokenizer-train-docs
+
+
+def reference_val_docs(sizes: list[int], min_tokens: int) -> int:
+    """The documented rule, written out with whole-list sums."""
+    if len(sizes) >= 10 * 50_000:
+        return 50_000
+    tenth = max(1, len(sizes) // 10)
+    holding = next((k for k in range(1, len(sizes) + 1) if sum(sizes[:k]) >= 8 * min_tokens), len(sizes))
+    return max(tenth, min(holding, len(sizes) // 2))
+
+
+def test_default_val_split_follows_the_rule():
+    assert build_dataset.default_val_split([3000] * 1500, 1025).docs == 150  # a corpus a new user might bring
+    assert build_dataset.default_val_split([100] * 20, 64).docs == 6  # a tenth (2) holds 200 of 512 bytes
+    assert build_dataset.default_val_split([100] * 5, 1025).docs == 2  # never more than half
+    assert build_dataset.default_val_split([5000], 1025).docs == 1
+    rng = random.Random(5)
+    for _ in range(300):
+        sizes = [rng.choice([0, 1, 50, 300, 5000]) for _ in range(rng.randint(1, 120))]
+        min_tokens = rng.choice([1, 64, 1025])
+        split = build_dataset.default_val_split(iter(sizes), min_tokens)
+        assert split.docs == reference_val_docs(sizes, min_tokens), (sizes, min_tokens)
+        assert "tenth" in split.reason and f"{len(sizes):,} documents" in split.reason
+
+
+def test_default_val_split_is_the_challenge_split_for_large_corpora():
+    read = 0
+
+    def endless_sizes():
+        nonlocal read
+        while True:
+            read += 1
+            yield 2500
+
+    split = build_dataset.default_val_split(endless_sizes(), 1025)
+    assert split.docs == 50_000 and read == 500_000  # stops reading once the corpus is large enough
+    assert "challenge's split" in split.reason
+    assert build_dataset.default_val_split([2500] * 499_999, 1025).docs == 49_999
+
+
+def test_a_corpus_of_1500_documents_builds_with_the_defaults(tmp_path, capsys):
+    docs = make_docs(1500, seed=7)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    assert build_dataset.main(["--docs", str(corpus), "--out-root", str(tmp_path / "out"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "val_docs: 150 (a tenth of the corpus' 1,500 documents; --val-docs sets another)" in captured.err
+    manifest = json.loads((tmp_path / "out" / "datasets" / "corpus_sp1024" / "manifest.json").read_text())
+    assert manifest["val_docs"] == {"count": 150, "from": "a tenth of the corpus' 1,500 documents"}
+    assert (manifest["stats"]["docs_val"], manifest["stats"]["docs_train"]) == (150, 1350)
+    assert manifest["tokenizer"]["trained_on_doc_numbers"] == [151, 1500]
+    assert manifest["stats"]["tokens_val"] >= build_dataset.DEFAULT_MIN_TOKENS
+
+
+def test_small_corpus_validation_split_holds_one_sequence(tmp_path):
+    docs = make_docs(60, seed=11)  # a tenth, 6 documents, holds fewer than 8 x 1025 bytes
+    corpus = write_jsonl(tmp_path / "small.jsonl", docs)
+    result = build(tiny_config(corpus, tmp_path / "out", val_docs=None, min_tokens=1025))
+    expected = reference_val_docs([len(d.encode()) for d in docs], 1025)
+    assert 6 < expected < 30
+    assert result.manifest["stats"]["docs_val"] == expected
+    assert result.manifest["stats"]["tokens_val"] >= 1025
+    assert result.manifest["tokenizer"]["trained_on_doc_numbers"] == [expected + 1, 60]
+
+
+def test_tokenizer_train_docs_uses_the_training_documents_among_the_first_n(tmp_path, tiny):
+    docs, _ = tiny
+    corpus = write_jsonl(tmp_path / "tiny.jsonl", docs)
+    result = build(tiny_config(corpus, tmp_path / "out", tokenizer_train_docs=40))
+    info = result.manifest["tokenizer"]
+    assert (info["trained_on_docs"], info["trained_on_doc_numbers"]) == (40 - VAL_DOCS, [VAL_DOCS + 1, 40])
+    assert info["trained_on_bytes"] == sum(len(d.encode()) for d in docs[VAL_DOCS:40])
+    assert info["tokenizer_train_bytes"] is None  # no byte cap unless asked for
+    # The same model as one trained directly on documents 6..40, and not the one trained on all of them.
+    sentences = [s for doc in docs[VAL_DOCS:40] for s in build_dataset.trainer_sentences(doc)]
+    direct = build_dataset.train_tokenizer(sentences, vocab_size=VOCAB, source="reference")
+    assert result.tokenizer_path.read_bytes() == direct
+    assert tiny[1].tokenizer_path.read_bytes() != direct
+    # Every document is still encoded, in its split.
+    assert result.manifest["stats"]["docs_train"] == len(docs) - VAL_DOCS
+
+    with pytest.raises(DatasetError, match=f"--tokenizer-train-docs {VAL_DOCS}: .*give more than {VAL_DOCS}"):
+        build(tiny_config(corpus, tmp_path / "other", tokenizer_train_docs=VAL_DOCS))
+    with pytest.raises(DatasetError, match="--tokenizer reuses one"):
+        build(tiny_config(corpus, tmp_path / "other", tokenizer=result.tokenizer_path, vocab_size=None,
+                          tokenizer_train_docs=40))
+    with pytest.raises(DatasetError, match="--tokenizer-train-docs must be at least 1"):
+        build(tiny_config(corpus, tmp_path / "other", tokenizer_train_docs=0))
+
+
+def test_tokenizer_text_streams_and_reports_bad_input_after_training(tmp_path, tiny):
+    docs, _ = tiny
+    lines = [json.dumps({"text": doc}) for doc in docs]
+    lines[40] = '{"text": "cut off'  # a bad line inside the tokenizer's training text
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"bad.jsonl line 41: not valid JSON"):
+        build(tiny_config(corpus, tmp_path / "out"))
+    assert no_temp_leftovers(tmp_path / "out")
+
+    # SentencePiece reads the sentences as they come; an error while reading them is raised
+    # as it was, whether training then succeeds on what came before or fails for lack of text.
+    def failing_after(count: int):
+        yield from [s for doc in docs for s in build_dataset.trainer_sentences(doc)][:count]
+        raise DatasetError("corpus line 9: not valid JSON")
+
+    for count in (200, 0):
+        with pytest.raises(DatasetError, match="corpus line 9: not valid JSON") as err:
+            build_dataset.train_tokenizer(failing_after(count), vocab_size=VOCAB, source="corpus")
+        assert type(err.value) is DatasetError
 
 
 # -----------------------------------------------------------------------------
@@ -477,50 +590,63 @@ def test_default_build_without_docs(tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
-# Downloader, against a fake hub: a local folder laid out like the Hugging Face repo
+# Downloader, against a fake hub: a local folder holding one folder per repo (OWNER/NAME/),
+# each laid out like the published exports
 
 HUB_SHARD_SIZE = 1000
 HUB_VAL_TOKENS = 700
-HUB_TRAIN_TOKENS = 2400  # three shards: 1000, 1000, 400
+HUB_TRAIN_SHARDS = [1000, 1000, 400]
+CHALLENGE_REPO = "willdepueoai/parameter-golf"
+RECORDS_REPO = "kevclark/parameter-golf"
+
+
+def write_export(repo: Path, tokenizer: Path, *, listed: tuple[str, ...], unlisted: tuple[str, ...] = (),
+                 listed_without_files: tuple[str, ...] = (), manifest: bool = True, root: str = "datasets") -> Path:
+    """An export under repo/root/: shards and tokenizer files for the `listed` and `unlisted` variants,
+    and a manifest.json (unless manifest=False) that lists `listed` and `listed_without_files` only.
+    Every tokenizer file is a copy of the tiny one, named as the export names it."""
+    export = repo / root
+    rng = np.random.default_rng(len(str(repo)))
+    for variant in listed + unlisted:
+        shards = export / "datasets" / f"fineweb10B_{variant}"
+        shards.mkdir(parents=True)
+        write_shard(shards / "fineweb_val_000000.bin", rng.integers(0, VOCAB, HUB_VAL_TOKENS))
+        for index, size in enumerate(HUB_TRAIN_SHARDS):
+            write_shard(shards / f"fineweb_train_{index:06d}.bin", rng.integers(0, VOCAB, size))
+        (export / "tokenizers").mkdir(exist_ok=True)
+        for suffix in (".model", ".vocab"):
+            vocab = variant.removeprefix("sp")
+            (export / "tokenizers" / f"fineweb_{vocab}_bpe{suffix}").write_bytes(tokenizer.with_suffix(suffix).read_bytes())
+    (export / "docs_selected.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
+    (export / "docs_selected.source_manifest.json").write_text(json.dumps({"num_docs": 1}))
+
+    def entry(variant: str) -> dict:
+        stats = {"files_val": 1, "files_train": len(HUB_TRAIN_SHARDS), "tokens_val": HUB_VAL_TOKENS,
+                 "tokens_train": sum(HUB_TRAIN_SHARDS)}
+        vocab = int(variant.removeprefix("sp"))
+        return {"name": f"fineweb10B_{variant}", "tokenizer_name": f"sp_bpe_{vocab}", "vocab_size": vocab, "stats": stats}
+
+    if manifest:
+        variants = listed + listed_without_files
+        (export / "manifest.json").write_text(json.dumps({
+            "version": "10B",
+            "shard_size": HUB_SHARD_SIZE,
+            "datasets": [entry(v) for v in variants],
+            "tokenizers": [
+                {"name": f"sp_bpe_{v[2:]}", "model_path": f"tokenizers/fineweb_{v[2:]}_bpe.model",
+                 "vocab_path": f"tokenizers/fineweb_{v[2:]}_bpe.vocab"}
+                for v in variants
+            ],
+        }))
+    return export
 
 
 @pytest.fixture
 def hub(tmp_path, tiny):
-    """A repo root holding datasets/manifest.json, datasets/datasets/fineweb10B_sp384/*.bin and
-    datasets/tokenizers/*, in the layout of the published export."""
+    """The challenge's repo with sp384 (and sp8192 listed in its manifest, without files)."""
     _, built = tiny
     root = tmp_path / "hub"
-    export = root / "datasets"
-    shards = export / "datasets" / f"fineweb10B_sp{VOCAB}"
-    shards.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    write_shard(shards / "fineweb_val_000000.bin", rng.integers(0, VOCAB, HUB_VAL_TOKENS))
-    for index, size in enumerate([1000, 1000, 400]):
-        write_shard(shards / f"fineweb_train_{index:06d}.bin", rng.integers(0, VOCAB, size))
-    (export / "tokenizers").mkdir()
-    for suffix in (".model", ".vocab"):
-        (export / "tokenizers" / f"fineweb_{VOCAB}_bpe{suffix}").write_bytes(built.tokenizer_path.with_suffix(suffix).read_bytes())
-    (export / "docs_selected.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
-    (export / "docs_selected.source_manifest.json").write_text(json.dumps({"num_docs": 1}))
-
-    def entry(variant: str, vocab: int) -> dict:
-        stats = {"files_val": 1, "files_train": 3, "tokens_val": HUB_VAL_TOKENS, "tokens_train": HUB_TRAIN_TOKENS}
-        return {"name": f"fineweb10B_{variant}", "tokenizer_name": f"sp_bpe_{vocab}", "vocab_size": vocab, "stats": stats}
-
-    manifest = {
-        "version": "10B",
-        "shard_size": HUB_SHARD_SIZE,
-        "datasets": [entry(f"sp{VOCAB}", VOCAB), entry("sp8192", 8192)],
-        "tokenizers": [
-            {
-                "name": f"sp_bpe_{vocab}",
-                "model_path": f"tokenizers/fineweb_{vocab}_bpe.model",
-                "vocab_path": f"tokenizers/fineweb_{vocab}_bpe.vocab",
-            }
-            for vocab in (VOCAB, 8192)
-        ],
-    }
-    (export / "manifest.json").write_text(json.dumps(manifest))
+    write_export(root / CHALLENGE_REPO, built.tokenizer_path, listed=(f"sp{VOCAB}",), listed_without_files=("sp8192",))
     return root
 
 
@@ -537,17 +663,19 @@ def local_files(out_root: Path) -> dict[str, bytes]:
 def test_download_fresh(hub, tmp_path):
     out = tmp_path / "data"
     result = download(hub_config(hub, out))
-    export = hub / "datasets"
+    export = hub / CHALLENGE_REPO / "datasets"
+    shards = f"fineweb10B_sp{VOCAB}"
     expected = {
-        "datasets/manifest.json": export / "manifest.json",
-        f"datasets/fineweb10B_sp{VOCAB}/fineweb_val_000000.bin": export / f"datasets/fineweb10B_sp{VOCAB}/fineweb_val_000000.bin",
-        f"datasets/fineweb10B_sp{VOCAB}/fineweb_train_000000.bin": export / f"datasets/fineweb10B_sp{VOCAB}/fineweb_train_000000.bin",
-        f"datasets/fineweb10B_sp{VOCAB}/fineweb_train_000001.bin": export / f"datasets/fineweb10B_sp{VOCAB}/fineweb_train_000001.bin",
+        f"datasets/manifests/{CHALLENGE_REPO}/datasets/manifest.json": export / "manifest.json",
+        f"datasets/{shards}/fineweb_val_000000.bin": export / f"datasets/{shards}/fineweb_val_000000.bin",
+        f"datasets/{shards}/fineweb_train_000000.bin": export / f"datasets/{shards}/fineweb_train_000000.bin",
+        f"datasets/{shards}/fineweb_train_000001.bin": export / f"datasets/{shards}/fineweb_train_000001.bin",
         f"tokenizers/fineweb_{VOCAB}_bpe.model": export / f"tokenizers/fineweb_{VOCAB}_bpe.model",
         f"tokenizers/fineweb_{VOCAB}_bpe.vocab": export / f"tokenizers/fineweb_{VOCAB}_bpe.vocab",
     }
     assert local_files(out) == {rel: path.read_bytes() for rel, path in expected.items()}  # and nothing else
-    assert result.dataset_dir == out / "datasets" / f"fineweb10B_sp{VOCAB}"
+    assert (result.repo_id, result.remote_root, result.found_in) == (CHALLENGE_REPO, "datasets", "manifest")
+    assert result.dataset_dir == out / "datasets" / shards
     assert result.tokenizer_path == out / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
     assert result.vocab_size == VOCAB
     assert len(result.fetched) == 5 and result.already_complete == []
@@ -582,12 +710,12 @@ def test_download_resumes_and_refetches_damaged_files(hub, tmp_path):
     ]
     assert (other.stat().st_ino, other.stat().st_mtime_ns) == (other_stat.st_ino, other_stat.st_mtime_ns)
     for path in shard_paths(dataset, "val") + shard_paths(dataset, "train"):
-        assert path.read_bytes() == (hub / "datasets" / "datasets" / dataset.name / path.name).read_bytes()
+        assert path.read_bytes() == (hub / CHALLENGE_REPO / "datasets" / "datasets" / dataset.name / path.name).read_bytes()
     assert no_temp_leftovers(out)
 
 
 def test_download_checks_token_counts_against_the_manifest(hub, tmp_path):
-    remote = hub / "datasets" / "datasets" / f"fineweb10B_sp{VOCAB}" / "fineweb_train_000000.bin"
+    remote = hub / CHALLENGE_REPO / "datasets" / "datasets" / f"fineweb10B_sp{VOCAB}" / "fineweb_train_000000.bin"
     write_shard(remote, np.zeros(999, dtype=np.uint16))  # well-formed, but the manifest implies 1000 tokens
     out = tmp_path / "data"
     with pytest.raises(DownloadError, match="fineweb_train_000000.bin is not valid: .*999 tokens, the manifest implies 1000"):
@@ -599,17 +727,142 @@ def test_download_checks_token_counts_against_the_manifest(hub, tmp_path):
 def test_download_with_docs_and_errors(hub, tmp_path):
     out = tmp_path / "data"
     download(hub_config(hub, out, train_shards=0, with_docs=True))
-    assert (out / "datasets" / "docs_selected.jsonl").read_bytes() == (hub / "datasets" / "docs_selected.jsonl").read_bytes()
+    assert (out / "datasets" / "docs_selected.jsonl").read_bytes() == (hub / CHALLENGE_REPO / "datasets" / "docs_selected.jsonl").read_bytes()
     assert shard_paths(out / "datasets" / f"fineweb10B_sp{VOCAB}", "train") == []
 
-    with pytest.raises(DownloadError, match=f"variant 'sp999' is not in the manifest; it lists: sp{VOCAB}, sp8192"):
-        download(hub_config(hub, out, variant="sp999"))
     with pytest.raises(DownloadError, match="has 3 training shards, --train-shards asks for 4"):
         download(hub_config(hub, out, train_shards=4))
+    # Listed in the manifest, but the repo lacks its files.
     with pytest.raises(DownloadError, match=r"fineweb10B_sp8192/fineweb_val_000000.bin is not in the mirror"):
+        download(hub_config(hub, out, variant="sp8192", repo_id=CHALLENGE_REPO))
+    # sp8192 is published elsewhere: this mirror holds no copy of that repo.
+    with pytest.raises(DownloadError, match=f"has no copy of {RECORDS_REPO} .*it holds: {CHALLENGE_REPO} "):
         download(hub_config(hub, out, variant="sp8192"))
-    with pytest.raises(DownloadError, match="manifest.json is not in the mirror"):
+    with pytest.raises(DownloadError, match="variant 'sp384' is not in .*folder other_root/.*no manifest.json, and its files hold no variant"):
         download(hub_config(hub, tmp_path / "elsewhere", remote_root="other_root"))
+
+
+def test_download_missing_variant_names_what_exists(hub, tmp_path):
+    with pytest.raises(DownloadError) as err:
+        download(hub_config(hub, tmp_path / "data", variant="sp999"))
+    message = str(err.value)
+    assert f"variant 'sp999' is not in mirror {hub / CHALLENGE_REPO} (folder datasets/)" in message
+    assert f"its manifest lists sp{VOCAB}, sp8192, and its files hold sp{VOCAB}" in message
+    assert f"sp1024 in {CHALLENGE_REPO}; sp4096, sp8192 in {RECORDS_REPO}" in message
+    assert not (tmp_path / "data" / "datasets" / "fineweb10B_sp999").exists()
+
+
+@pytest.mark.parametrize("variant", ["byte260", "sp8192_lossless_caps_caseops_v1_reserved", "SP1024"])
+def test_download_refuses_variants_the_trainer_cannot_score(hub, tmp_path, variant):
+    with pytest.raises(DownloadError, match=f"--variant {variant}: train_gpt.py counts bytes from SentencePiece pieces"):
+        download(hub_config(hub, tmp_path / "data", variant=variant, repo_id=CHALLENGE_REPO))
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.fixture
+def two_repos(tmp_path, tiny):
+    """The challenge's repo (sp1024 in its manifest) and the records' repo, whose manifest lists
+    sp8192 only while its files hold sp4096 too (each export run wrote a manifest of its own variants)."""
+    _, built = tiny
+    root = tmp_path / "hub"
+    write_export(root / CHALLENGE_REPO, built.tokenizer_path, listed=("sp1024",))
+    write_export(root / RECORDS_REPO, built.tokenizer_path, listed=("sp8192",), unlisted=("sp4096",))
+    return root
+
+
+@pytest.mark.parametrize("variant, repo, found_in, expected_tokens", [
+    ("sp1024", CHALLENGE_REPO, "manifest", True),
+    ("sp8192", RECORDS_REPO, "manifest", True),
+    ("sp4096", RECORDS_REPO, "file listing", False),
+])
+def test_download_reads_each_variant_from_the_repo_that_publishes_it(two_repos, tmp_path, variant, repo, found_in,
+                                                                     expected_tokens):
+    result = download(hub_config(two_repos, tmp_path / "data", variant=variant, train_shards=3))
+    assert (result.repo_id, result.found_in) == (repo, found_in)
+    remote = two_repos / repo / "datasets"
+    dataset = tmp_path / "data" / "datasets" / f"fineweb10B_{variant}"
+    assert sorted(p.name for p in dataset.iterdir()) == ["fineweb_train_000000.bin", "fineweb_train_000001.bin",
+                                                         "fineweb_train_000002.bin", "fineweb_val_000000.bin"]
+    for path in dataset.iterdir():
+        assert path.read_bytes() == (remote / "datasets" / dataset.name / path.name).read_bytes()
+    vocab = variant.removeprefix("sp")
+    assert result.tokenizer_path == tmp_path / "data" / "tokenizers" / f"fineweb_{vocab}_bpe.model"
+    assert result.tokenizer_path.with_suffix(".vocab").read_bytes() == (remote / f"tokenizers/fineweb_{vocab}_bpe.vocab").read_bytes()
+    # Shard sizes are checked against the manifest when it lists the variant; a listing gives none.
+    config = hub_config(two_repos, tmp_path / "again", variant=variant, train_shards=3)
+    found = downloader.find_variant(downloader.MirrorFetcher(two_repos, repo), config, repo, "datasets")
+    planned, _, _ = downloader.plan_downloads(found, config, "datasets")
+    shards = [item for item in planned if item.local_path.suffix == ".bin"]
+    assert [item.expected_tokens for item in shards] == (
+        [HUB_VAL_TOKENS, *HUB_TRAIN_SHARDS] if expected_tokens else [None] * 4)
+
+
+def test_download_repo_and_root_overrides(two_repos, tmp_path, monkeypatch, capsys):
+    write_export(two_repos / "someone/export", two_repos / RECORDS_REPO / "datasets/tokenizers/fineweb_8192_bpe.model",
+                 listed=("sp8192",), root="v2")
+    out = tmp_path / "data"
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "someone/export")
+    monkeypatch.setenv("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "v2")
+    assert downloader.main(["--variant", "sp8192", "1", "--mirror", str(two_repos), "--out-root", str(out),
+                            "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "source: someone/export folder v2/ (files from its manifest)" in printed
+    assert (out / "datasets/manifests/someone/export/v2/manifest.json").is_file()
+    # The flags win over the environment.
+    assert downloader.main(["--variant", "sp8192", "0", "--mirror", str(two_repos), "--out-root", str(out),
+                            "--repo-id", RECORDS_REPO, "--remote-root", "datasets"]) == 0
+    assert f"source: {RECORDS_REPO} folder datasets/" in capsys.readouterr().out
+    with pytest.raises(DownloadError, match="repo id 'nobody' is not of the form owner/name"):
+        download(hub_config(two_repos, out, variant="sp8192", repo_id="nobody"))
+    with pytest.raises(DownloadError, match=r"remote root '\.\./up' is not a plain folder path"):
+        download(hub_config(two_repos, out, variant="sp8192", remote_root="../up"))
+
+
+def test_download_fetches_a_stale_manifest_again(two_repos, tmp_path):
+    out = tmp_path / "data"
+    cache = out / "datasets" / "manifests" / RECORDS_REPO / "datasets" / "manifest.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"datasets": [], "tokenizers": []}))  # fetched before sp8192 was published
+    result = download(hub_config(two_repos, out, variant="sp8192", train_shards=0))
+    assert result.found_in == "manifest"
+    assert cache.read_bytes() == (two_repos / RECORDS_REPO / "datasets" / "manifest.json").read_bytes()
+
+
+def test_download_listing_errors(two_repos, tmp_path):
+    shards = two_repos / RECORDS_REPO / "datasets" / "datasets" / "fineweb10B_sp4096"
+    (shards / "fineweb_train_000001.bin").unlink()
+    with pytest.raises(DownloadError, match="lists 2 train shards but not fineweb_train_000001.bin"):
+        download(hub_config(two_repos, tmp_path / "data", variant="sp4096"))
+    (shards / "fineweb_train_000002.bin").unlink()
+    (two_repos / RECORDS_REPO / "datasets" / "tokenizers" / "fineweb_4096_bpe.model").unlink()
+    with pytest.raises(DownloadError, match="no tokenizer datasets/tokenizers/fineweb_4096_bpe.model beside it "
+                                            r"\(the repo's tokenizers: datasets/tokenizers/fineweb_8192_bpe.model\)"):
+        download(hub_config(two_repos, tmp_path / "data", variant="sp4096", train_shards=1))
+
+
+def test_download_refuses_unsafe_names_in_a_manifest(hub, tmp_path):
+    manifest_path = hub / CHALLENGE_REPO / "datasets" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["datasets"][0]["name"] = f"../../outside_sp{VOCAB}"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DownloadError, match="unsafe dataset folder '../../outside_sp384'"):
+        download(hub_config(hub, tmp_path / "data"))
+    manifest["datasets"][0]["name"] = f"fineweb10B_sp{VOCAB}"
+    manifest["tokenizers"][0]["model_path"] = "tokenizers/../../../outside.model"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DownloadError, match="unsafe tokenizer path"):
+        download(hub_config(hub, tmp_path / "data"))
+    assert not list(tmp_path.rglob("outside*"))
+
+
+def test_download_leaves_a_built_dataset_alone(two_repos, tmp_path):
+    out = tmp_path / "data"
+    built = out / "datasets" / "fineweb10B_sp8192"
+    built.mkdir(parents=True)
+    (built / "manifest.json").write_text("{}")
+    with pytest.raises(DownloadError, match="holds a dataset built by build_dataset.py"):
+        download(hub_config(two_repos, out, variant="sp8192"))
+    assert [p.name for p in built.iterdir()] == ["manifest.json"]
 
 
 def test_download_cli_with_mirror(hub, tmp_path, capsys):
@@ -621,12 +874,14 @@ def test_download_cli_with_mirror(hub, tmp_path, capsys):
     assert shard_paths(out / "datasets" / f"fineweb10B_sp{VOCAB}", "train")[-1].name == "fineweb_train_000000.bin"
 
 
-def test_download_offline_gives_one_clear_message(tmp_path):
+@pytest.mark.parametrize("variant, repo", [("sp1024", CHALLENGE_REPO), ("sp8192", RECORDS_REPO)])
+def test_download_offline_gives_one_clear_message(tmp_path, variant, repo):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
     env.pop("MATCHED_FINEWEB_REPO_ID", None)
     env.pop("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", None)
     proc = subprocess.run(
-        [sys.executable, str(DATA_DIR / "cached_challenge_fineweb.py"), "--out-root", str(tmp_path / "data")],
+        [sys.executable, str(DATA_DIR / "cached_challenge_fineweb.py"), "--variant", variant,
+         "--out-root", str(tmp_path / "data")],
         capture_output=True,
         text=True,
         env=env,
@@ -636,5 +891,5 @@ def test_download_offline_gives_one_clear_message(tmp_path):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert errors == [errors[0]] and errors[0].startswith("error: ")
-    assert "willdepueoai/parameter-golf" in errors[0] and "HF_HUB_OFFLINE" in errors[0] and "--mirror" in errors[0]
+    assert repo in errors[0] and "HF_HUB_OFFLINE" in errors[0] and "--mirror" in errors[0]
     assert not list((tmp_path / "data").rglob("*.bin"))

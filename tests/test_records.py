@@ -1,7 +1,9 @@
-"""Tests of records/: submission folders, refusals, the significance test, sweeps and plots.
+"""Tests of records/: submission folders, refusals, the significance test, sweeps, plots and
+packed code.
 
 Built on real tiny CPU runs of train_gpt.py made once per session: three seeds of a 20-step
-run and two seeds of a 5-step run, all in one logs folder. Broken runs are edited copies.
+run and two seeds of a 5-step run, all in one logs folder, and two of those seeds run again
+from the packed file. Broken runs are edited copies.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -19,6 +22,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from conftest import run_script, tiny_env
 from records_tinyrun import REPO, TINY_SETTINGS, run_trainers
 
 sys.path.insert(0, str(REPO / "records"))
@@ -44,13 +48,17 @@ class TinyRuns:
         return [self.run(f"seed{s}") for s in SEEDS]
 
 
+def tiny_settings(tiny_data: dict) -> dict[str, str]:
+    return {**TINY_SETTINGS, "DATA_PATH": tiny_data["data_path"],
+            "TOKENIZER_PATH": tiny_data["tokenizer_path"], "VOCAB_SIZE": str(tiny_data["vocab_size"])}
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory, tiny_data) -> TinyRuns:
     root = tmp_path_factory.mktemp("tiny_runs")
     code = root / "train_gpt.py"
     shutil.copyfile(REPO / "train_gpt.py", code)
-    settings = {**TINY_SETTINGS, "DATA_PATH": tiny_data["data_path"],
-                "TOKENIZER_PATH": tiny_data["tokenizer_path"], "VOCAB_SIZE": str(tiny_data["vocab_size"])}
+    settings = tiny_settings(tiny_data)
     runs = {f"seed{s}": {**settings, "SEED": str(s)} for s in SEEDS}
     runs |= {f"short{s}": {**settings, "SEED": str(s), "ITERATIONS": "5"} for s in (1, 2)}
     run_trainers(root, runs, code)
@@ -403,3 +411,183 @@ def test_plot_writes_a_png(tiny, tmp_path):
                                                       "short2", "running"}
     seed1 = next(c for c in curves if c.label.startswith("seed1 "))
     assert seed1.steps == [10, 20]  # step 0 left out
+
+
+# ---------------------------------------------------------------------------------------
+# Packed code
+# ---------------------------------------------------------------------------------------
+
+PACKED_SEEDS = (1, 2)
+
+
+@pytest.fixture(scope="session")
+def packed(tmp_path_factory, tiny, tiny_data) -> TinyRuns:
+    """The tiny runs' train_gpt.py packed, and seeds 1 and 2 of the 20-step run made from it."""
+    root = tmp_path_factory.mktemp("packed_runs")
+    code = root / "train_gpt.py"
+    assert make_submission.main(["pack", str(tiny.code), "-o", str(code)]) == 0
+    runs = {f"seed{s}": {**tiny_settings(tiny_data), "SEED": str(s)} for s in PACKED_SEEDS}
+    run_trainers(root, runs, code)
+    return TinyRuns(root=root, logs=root / "logs", code=code)
+
+
+def test_packing_round_trips_and_saves_bytes(tiny, packed, capsys):
+    source, data = tiny.code.read_bytes(), packed.code.read_bytes()
+    assert rt.unpack_code(data) == source
+    assert rt.unpack_code(source) is None  # a plain source is not a packed one
+    assert len(data) < 0.4 * len(source)
+    data.decode("ascii")  # a text file: logs and reviews show it as it is
+    # The command line: the same bytes again, and unpack prints the source.
+    again = packed.root / "again.py"
+    assert make_submission.main(["pack", str(tiny.code), "-o", str(again)]) == 0
+    assert again.read_bytes() == data
+    assert f"; {len(source) - len(data):,} bytes saved)" in capsys.readouterr().out
+    assert make_submission.main(["unpack", str(packed.code), "-o", str(packed.root / "source.py")]) == 0
+    assert (packed.root / "source.py").read_bytes() == source
+    assert make_submission.main(["pack", str(packed.code), "-o", str(packed.root / "twice.py")]) == 1
+    assert "is already packed" in capsys.readouterr().err
+    assert not (packed.root / "twice.py").exists()
+    assert make_submission.main(["pack", str(packed.root / "source.py"), "-o", str(packed.root / "source.py")]) == 1
+    assert "is the source itself" in capsys.readouterr().err
+    assert (packed.root / "source.py").read_bytes() == source
+
+
+def test_runs_from_the_packed_file_score_as_the_plain_ones(tiny, packed):
+    data = packed.code.read_bytes()
+    for s in PACKED_SEEDS:
+        plain, run = rt.load_run(tiny.run(f"seed{s}")), rt.load_run(packed.run(f"seed{s}"))
+        for key in ("val_loss", "val_bpb", "prequant_val_loss", "roundtrip_val_bpb", "sliding_val_bpb",
+                    "bytes_model", "steps", "val_tokens", "scored_tokens"):
+            assert run.summary[key] == plain.summary[key], key
+        assert [h["val_bpb"] for h in run.summary["val_history"]] == \
+            [h["val_bpb"] for h in plain.summary["val_history"]]
+        # The code that ran is the packed file: logged whole, counted at its size.
+        assert run.source == data
+        assert run.log_path.read_bytes().startswith(
+            f"code_begin path:train_gpt.py bytes:{len(data)} sha256:{rt.sha256_hex(data)}\n".encode() + data)
+        assert run.summary["bytes_code"] == len(data) == packed.code.stat().st_size
+        assert run.summary["bytes_total"] == plain.summary["bytes_model"] + len(data)
+        assert f"Code size: {len(data)} bytes" in rt.split_log(run.log_path)[1]
+
+
+def test_submit_ships_the_packed_file(tiny, packed, tmp_path):
+    folder = submit(packed, [packed.run(f"seed{s}") for s in PACKED_SEEDS], tmp_path / "track")
+    assert (folder / "train_gpt.py").read_bytes() == packed.code.read_bytes()
+    meta = json.loads((folder / "submission.json").read_text())
+    assert meta["bytes_code"] == packed.code.stat().st_size
+    assert meta["code_packed"] == {"bytes_source": len(tiny.code.read_bytes()),
+                                   "source_sha256": rt.sha256_hex(tiny.code.read_bytes())}
+    readme = (folder / "README.md").read_text()
+    assert "It is lzma-packed" in readme and "make_submission.py unpack train_gpt.py" in readme
+    # The usual check: the file shipped is the file that ran, packed or plain.
+    message = refusal([packed.run("seed1")], tiny.code, tmp_path / "other")
+    assert f"{tiny.code} is not the file that ran" in message
+    message = refusal([tiny.run("seed1")], packed.code, tmp_path / "other")
+    assert f"{packed.code} is not the file that ran" in message
+
+
+def test_edited_packed_files_are_refused(packed, tmp_path):
+    data = packed.code.read_bytes()
+    head, tail = rt.PACKED_HEAD, rt.PACKED_TAIL
+    payload = data[len(head):-len(tail)]
+    cases = {
+        "appended": (data + b"import os\n", "does not end with the packer's stub"),
+        "tail edited": (data.replace(b'"exec"', b'"eval"'), "does not end with the packer's stub"),
+        "outside base85": (head + payload[:100] + b'"+__import__("os").name+"' + payload[100:] + tail,
+                           "characters outside base85"),
+        "payload damaged": (head + payload[:200] + (b"A" if payload[200:201] != b"A" else b"B")
+                            + payload[201:] + tail, "the packed payload is damaged"),
+        "payload cut": (head + payload[:-50] + tail, "damaged|truncated"),
+    }
+    for label, (edited, message) in cases.items():
+        path = tmp_path / f"{label.replace(' ', '_')}.py"
+        path.write_bytes(edited)
+        with pytest.raises(rt.RecordError, match=message) as err:
+            rt.unpack_code(edited, str(path))
+        assert str(path) in str(err.value), label
+        assert make_submission.main(["unpack", str(path)]) == 1
+
+
+PACKED_IMPORT_PROBE = r"""
+import json, os, sys
+import numpy, sentencepiece, zstandard, torch, torch.distributed as dist, torch.nn.functional, torch.nn.parallel
+
+events = {"compile": [], "exec": [], "open": [], "socket": []}
+def audit(event, args):
+    if event == "compile" and args[1] == "<unpacked train_gpt.py>":
+        events["compile"].append(args[0] if isinstance(args[0], str) else args[0].decode("utf-8"))
+    elif event == "exec":
+        events["exec"].append(args[0].co_filename)
+    elif event == "open" and isinstance(args[0], str):
+        events["open"].append(os.path.abspath(args[0]))
+    elif event.startswith("socket."):
+        events["socket"].append(event)
+sys.addaudithook(audit)
+
+class RecordingEnviron(dict):
+    reads = []
+    def __getitem__(self, key): self.reads.append(key); return super().__getitem__(key)
+    def get(self, key, default=None): self.reads.append(key); return super().get(key, default)
+    def __contains__(self, key): self.reads.append(key); return super().__contains__(key)
+    def __iter__(self): self.reads.append("<iter>"); return super().__iter__()
+
+real_environ = os.environ
+os.environ = RecordingEnviron(real_environ)
+sys.path.insert(0, sys.argv[1])
+import train_gpt
+reads, os.environ = os.environ.reads, real_environ
+print(json.dumps({"reads": reads, "dist": dist.is_initialized(), "cuda": torch.cuda.is_initialized(),
+                  "names": sorted(n for n in vars(train_gpt) if not n.startswith("_")), **events}))
+"""
+
+
+def test_the_packed_file_executes_only_its_own_source(tiny, packed, tmp_path):
+    """Imported in isolation (python -I, an empty working folder), the packed file compiles and
+    executes exactly the source it embeds, opens no project file, touches no network, reads no
+    setting and starts nothing, like the plain file."""
+    alone, workdir = tmp_path / "alone", tmp_path / "cwd"
+    alone.mkdir()
+    workdir.mkdir()
+    shutil.copyfile(packed.code, alone / "train_gpt.py")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONDONTWRITEBYTECODE": "1",
+           "OMP_NUM_THREADS": "1", "MODEL_DIM": "abc", "WORLD_SIZE": "2", "RANK": "1", "DEVICE": "cuda",
+           "LOG_DIR": str(tmp_path / "logs")}
+    proc = subprocess.run([sys.executable, "-I", "-c", PACKED_IMPORT_PROBE, str(alone)], env=env, cwd=workdir,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    source = tiny.code.read_text(encoding="utf-8")
+    assert report["compile"] == [source]  # the embedded source, compiled once
+    assert report["exec"].count("<unpacked train_gpt.py>") == 1
+    assert report["reads"] == [] and not report["dist"] and not report["cuda"]
+    assert report["socket"] == []
+    in_project = [p for p in report["open"] if p.startswith(str(REPO)) and not p.startswith(sys.prefix)]
+    assert in_project == []
+    assert str(alone / "train_gpt.py") in report["open"]
+    # The module holds what the plain file defines (and the stub's four names).
+    plain = [n for n in compile_names(source)]
+    assert sorted(set(report["names"]) - {"base64", "linecache", "lzma", "s", "n"}) == sorted(plain)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone", "cwd"] and not any(workdir.iterdir())
+
+
+def compile_names(source: str) -> list[str]:
+    """Public module-level names of a source: its imports, functions, classes and assignments."""
+    import ast
+    names = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return sorted(n for n in names if not n.startswith("_"))
+
+
+def test_two_processes_run_from_the_packed_file(packed, tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="packed_ddp", ITERATIONS="4")
+    run_script(env, nproc=2, script=packed.code)
+    run = rt.load_run(tmp_path / "logs" / "packed_ddp")
+    assert run.summary["world_size"] == 2
+    assert run.source == packed.code.read_bytes() and run.summary["bytes_code"] == packed.code.stat().st_size
