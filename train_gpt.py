@@ -66,7 +66,8 @@ class Hyperparameters:
     seed: int = _knob(1337, "seed for initialization")
     log_dir: str = _knob("logs", "folder for {RUN_ID}.txt and {RUN_ID}.json")
     artifact_dir: str = _knob("artifacts", "folder for the raw checkpoint and the compressed artifact")
-    init_checkpoint: str = _knob("", "weights to start from: raw or resume checkpoint, or artifact (ITERATIONS=0: re-export)")
+    init_checkpoint: str = _knob("", "weights to start from: raw or resume checkpoint, or artifact "
+                                 "(ITERATIONS=0: re-export)")
     resume_from: str = _knob("", "resume checkpoint (*_ckpt.pt) to continue a stopped run from, settings as that run")
     checkpoint_every_seconds: float = _knob(0.0, "write a resume checkpoint every N seconds of training (0 = off)")
     check_tokenizer: bool = _knob(True, "refuse a tokenizer other than the one DATA_PATH/manifest.json names")
@@ -146,8 +147,8 @@ class Hyperparameters:
                     "adam_eps"]
         non_negative = ["iterations", "warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every",
                         "eval_seq_len", "eval_stride", "eval_batch_seqs", "grad_accum_steps",
-                        "max_wallclock_seconds", "checkpoint_every_seconds", "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr",
-                        "scalar_lr", "grad_clip_norm", "muon_momentum_warmup_steps",
+                        "max_wallclock_seconds", "checkpoint_every_seconds", "embed_lr", "head_lr",
+                        "tied_embed_lr", "matrix_lr", "scalar_lr", "grad_clip_norm", "muon_momentum_warmup_steps",
                         "tied_embed_init_std"]
         for name in positive:
             if getattr(self, name) <= 0:
@@ -842,8 +843,7 @@ def read_artifact(path: Path) -> dict:
         keys = ("q", "scale") if isinstance(e, dict) and e.get("kind") in ("int6", "int8") else ("data",)
         if not (isinstance(e, dict) and e.get("kind") in ARTIFACT_KINDS
                 and all(isinstance(e.get(k), Tensor) for k in keys)):
-            raise ArtifactError(f"{path}: artifact entry {name!r} is malformed (kind {e.get('kind') if isinstance(e, dict) else type(e).__name__!r}); "
-                                "re-export it from the raw checkpoint")
+            raise ArtifactError(f"{path}: artifact entry {name!r} is malformed; re-export it from the raw checkpoint")
     return payload
 
 
