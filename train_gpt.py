@@ -59,6 +59,7 @@ def _knob(default, doc: str):
 class Hyperparameters:
     """Every setting; the environment variable is the field name upper-cased."""
 
+    preset: str = _knob("", "a group of defaults: pr65, pr102, pr114 (the seed runs), frontier (see README)")
     # Data and bookkeeping
     data_path: str = _knob("./data/datasets/fineweb10B_sp1024", "folder with fineweb_{train,val}_*.bin shards")
     tokenizer_path: str = _knob("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model of the shards")
@@ -100,6 +101,16 @@ class Hyperparameters:
     qk_gain_init: float = _knob(1.5, "initial per-head gain on normalized queries")
     tied_embed_init_std: float = _knob(0.005, "init std of the tied embedding")
     smear_gate: bool = _knob(True, "blend each token's embedding with the previous token's")
+    xsa_last_n: int = _knob(0, "exclusive self-attention on the last N layers (0 = off)")
+    rope_dims: int = _knob(0, "rotate only the first N dims of each head (0 = all)")
+    ln_scale: bool = _knob(False, "scale the norm outputs of layer i by 1/sqrt(i+1)")
+    mlp_act: str = _knob("relu2", "MLP activation: relu2 or leaky_relu2")
+    leaky_slope: float = _knob(0.5, "negative slope of leaky_relu2")
+    skip_gates: bool = _knob(False, "sigmoid gates on the U-Net skips")
+    attn_gate: bool = _knob(False, "per-head sigmoid gate on the attention output, read from the block input")
+    bigram_buckets: int = _knob(0, "BigramHash: buckets of hash(previous, current token) (0 = off)")
+    bigram_dim: int = _knob(128, "BigramHash: width of its table, projected to MODEL_DIM")
+    ortho_init: bool = _knob(False, "orthogonal init of block matrices; output projections scaled 1/sqrt(2L)")
     # Optimizers
     embed_lr: float = _knob(0.6, "Adam LR of an untied embedding")
     head_lr: float = _knob(0.008, "Adam LR of an untied output head")
@@ -132,6 +143,11 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, env) -> "Hyperparameters":
+        """Settings from environment variables; PRESET supplies defaults that an explicit variable overrides."""
+        preset = env.get("PRESET", "").strip()
+        if preset not in PRESETS:
+            raise ValueError(f"PRESET={preset!r} is not one of: {', '.join(p for p in PRESETS if p)}")
+        env = {**PRESETS[preset], **env}
         values = {}
         for f in dataclasses.fields(cls):
             name = f.name.upper()
@@ -175,7 +191,16 @@ class Hyperparameters:
             raise ValueError(f"QUANT_CLIP_PERCENTILE={self.quant_clip_percentile} must be in (0, 100]")
         if not 1 <= self.zstd_level <= 22:
             raise ValueError(f"ZSTD_LEVEL={self.zstd_level} must be in 1..22")
+        head_dim = self.model_dim // self.num_heads
+        if not 0 <= self.xsa_last_n <= self.num_layers:
+            raise ValueError(f"XSA_LAST_N={self.xsa_last_n} must be in 0..NUM_LAYERS={self.num_layers}")
+        if self.rope_dims < 0 or self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise ValueError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head size {head_dim}")
+        if self.bigram_buckets == 1 or self.bigram_buckets < 0 or self.bigram_dim <= 0:
+            raise ValueError(f"BIGRAM_BUCKETS={self.bigram_buckets} must be 0 (off) or at least 2, and "
+                             f"BIGRAM_DIM={self.bigram_dim} positive")
         for name, allowed in [("embed_quant", ("fp16", "int8")), ("device", ("auto", "cuda", "cpu")),
+                              ("mlp_act", ("relu2", "leaky_relu2")), ("preset", tuple(PRESETS)),
                               ("compile", ("auto", "0", "1")), ("sdpa_backend", ("auto",) + SDPA_BACKENDS),
                               ("host_sync", ("auto", "gloo", "device"))]:
             if getattr(self, name) not in allowed:
@@ -191,6 +216,24 @@ class Hyperparameters:
     def overrides(self) -> dict:
         defaults = Hyperparameters().as_env()
         return {k: v for k, v in self.as_env().items() if defaults[k] != v}
+
+
+# Each seed run's published configuration, and the best stack this script supports (README: "Presets").
+_SEED_RUN = dict(MLP_MULT="3", MATRIX_LR="0.02", SCALAR_LR="0.02", TIED_EMBED_LR="0.03", MUON_MOMENTUM="0.99",
+                 MUON_MOMENTUM_WARMUP_START="0.92", MUON_MOMENTUM_WARMUP_STEPS="1500", WARMDOWN_ITERS="3000",
+                 TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", EVAL_STRIDE="64")
+PRESETS = {
+    "": {},
+    "pr65": {**_SEED_RUN, "QAT": "1", "EMBED_QUANT": "int8", "SMEAR_GATE": "0", "GRAD_CLIP_NORM": "0.0"},
+    "pr102": {**_SEED_RUN, "QAT": "0", "EMBED_QUANT": "fp16", "SMEAR_GATE": "1", "GRAD_CLIP_NORM": "1.0"},
+    "pr114": {**_SEED_RUN, "QAT": "0", "EMBED_QUANT": "fp16", "SMEAR_GATE": "0", "GRAD_CLIP_NORM": "0.3",
+              "TRAIN_SEQ_LEN": "2048", "TRAIN_BATCH_TOKENS": "786432", "EVAL_STRIDE": "256",
+              "FP16_KEEP": "blocks.7.attn.c_k.weight,blocks.8.attn.c_k.weight"},
+    "frontier": dict(  # the 1.0611 record's values, for every technique that exists here
+        NUM_LAYERS="11", XSA_LAST_N="11", ROPE_DIMS="16", LN_SCALE="1", MLP_ACT="leaky_relu2", QK_GAIN_INIT="5.0",
+        SKIP_GATES="1", ATTN_GATE="1", SMEAR_GATE="1", TRAIN_SEQ_LEN="2048", TRAIN_BATCH_TOKENS="786432",
+        MATRIX_LR="0.026", EVAL_STRIDE="64"),
+}
 
 
 def _parse_value(name: str, raw: str, kind: type):
@@ -472,7 +515,8 @@ def fake_quantize(w: Tensor, max_level: int, clip_percentile: float) -> Tensor:
 # Model
 # -----------------------------------------------------------------------------
 
-CONTROL_PARAM_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "smear")
+CONTROL_PARAM_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates", "smear",
+                       "attn_gate")
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -496,10 +540,9 @@ class CastedLinear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float):
+    def __init__(self, dims: int, base: float):  # dims: how many of each head's dims rotate
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim),
-                             persistent=False)
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2).float() / dims), persistent=False)
 
     def forward(self, seq_len: int, device) -> tuple[Tensor, Tensor]:
         t = torch.arange(seq_len, device=device, dtype=torch.float32)
@@ -508,13 +551,17 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    """Rotate dims (i, i + half) by the position's angles for i < half = cos.size(-1); later dims pass through."""
+    half = cos.size(-1)
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    rotated = (x1 * cos + x2 * sin, x2 * cos - x1 * sin)
+    return torch.cat(rotated if 2 * half == x.size(-1) else (*rotated, x[..., 2 * half:]), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, h: Hyperparameters):
+    """GQA attention with RoPE (partial with ROPE_DIMS), XSA on the last XSA_LAST_N layers, optional head gate."""
+
+    def __init__(self, h: Hyperparameters, layer_idx: int):
         super().__init__()
         self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
         self.head_dim = h.model_dim // h.num_heads
@@ -524,7 +571,9 @@ class CausalSelfAttention(nn.Module):
         self.c_v = CastedLinear(h.model_dim, kv_dim)
         self.proj = CastedLinear(h.model_dim, h.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        self.rotary = Rotary(self.head_dim, h.rope_base)
+        self.rotary = Rotary(h.rope_dims or self.head_dim, h.rope_base)
+        self.xsa = layer_idx >= h.num_layers - h.xsa_last_n
+        self.attn_gate = nn.Parameter(torch.zeros(h.num_heads, h.model_dim)) if h.attn_gate else None
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
@@ -536,7 +585,13 @@ class CausalSelfAttention(nn.Module):
         q = (apply_rotary(rms_norm(q.float()), cos, sin) * self.q_gain[None, :, None, None]).to(v.dtype)
         k = apply_rotary(rms_norm(k.float()), cos, sin).to(v.dtype)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
+                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
+        if self.xsa:  # remove from each head's output its component along the token's own value vector
+            yg = y.view(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, T, self.head_dim)
+            vn = F.normalize(v, dim=-1)[:, :, None]  # (B, KVH, 1, T, D): shared by the heads of its group
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, self.num_heads, T, self.head_dim)
+        if self.attn_gate is not None:  # 2 sigmoid(0) = 1: transparent at init
+            y = y * 2 * torch.sigmoid(F.linear(x, self.attn_gate.to(x.dtype))).transpose(1, 2)[..., None]
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -545,25 +600,32 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = CastedLinear(h.model_dim, h.mlp_mult * h.model_dim)
         self.proj = CastedLinear(h.mlp_mult * h.model_dim, h.model_dim, zero_init=True)
+        self.leaky_slope = h.leaky_slope if h.mlp_act == "leaky_relu2" else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(torch.relu(self.fc(x)).square())
+        x = self.fc(x)
+        x = torch.relu(x) if self.leaky_slope is None else F.leaky_relu(x, self.leaky_slope)
+        return self.proj(x.square())
 
 
 class Block(nn.Module):
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, h: Hyperparameters, layer_idx: int):
         super().__init__()
-        self.attn = CausalSelfAttention(h)
+        self.attn = CausalSelfAttention(h, layer_idx)
         self.mlp = MLP(h)
         self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
+        self.ln_scale = 1.0 / math.sqrt(layer_idx + 1) if h.ln_scale else None
+
+    def norm(self, x: Tensor) -> Tensor:
+        return rms_norm(x) if self.ln_scale is None else rms_norm(x) * self.ln_scale
 
     def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0  # blend the residual stream with the embedding stream
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
 
 
 class SmearGate(nn.Module):
@@ -582,6 +644,30 @@ class SmearGate(nn.Module):
         return x + blend[..., None].to(x.dtype) * g * (x_prev - x)
 
 
+class BigramHash(nn.Module):
+    """An embedding of hash(previous, current token), projected to the model width, added to the token's.
+
+    Position 0 and every BOS take the last bucket, a bucket of their own: no pair spans two documents.
+    """
+
+    def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
+        super().__init__()
+        self.embed = nn.Embedding(buckets, dim)
+        nn.init.zeros_(self.embed.weight)  # contributes nothing until trained; the projection carries the gradient
+        self.proj = CastedLinear(dim, model_dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+        self.bos_id = bos_id
+
+    def indices(self, ids: Tensor) -> Tensor:
+        own = self.embed.num_embeddings - 1
+        pair = torch.bitwise_xor(36313 * ids[:, 1:], 27191 * ids[:, :-1]) % own  # (B, T-1), int64: no overflow
+        pair = torch.where(ids[:, 1:] == self.bos_id, own, pair)
+        return torch.cat((torch.full_like(ids[:, :1], own), pair), dim=1)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.proj(self.embed(self.indices(ids))) * self.scale
+
+
 class GPT(nn.Module):
     def __init__(self, h: Hyperparameters, bos_id: int = BOS_ID):
         super().__init__()
@@ -592,8 +678,16 @@ class GPT(nn.Module):
         self.num_encoder_layers = h.num_layers // 2
         self.num_skips = min(self.num_encoder_layers, h.num_layers - self.num_encoder_layers)
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, h.model_dim))
-        self.blocks = nn.ModuleList(Block(h) for _ in range(h.num_layers))
+        self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, h.model_dim)) if h.skip_gates else None
+        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
         self.lm_head = None if h.tie_embeddings else CastedLinear(h.model_dim, h.vocab_size, zero_init=True)
+        self.bigram = BigramHash(h.bigram_buckets, h.bigram_dim, h.model_dim, bos_id) if h.bigram_buckets else None
+        if h.ortho_init:
+            for name, module in self.blocks.named_modules():
+                if isinstance(module, CastedLinear):
+                    nn.init.orthogonal_(module.weight)
+                    if name.endswith(".proj"):  # residual branches: their sum keeps a steady scale with depth
+                        module.weight.data.mul_(1.0 / math.sqrt(2 * h.num_layers))
 
     def configure_qat(self, enabled: bool, clip_percentile: float, fp16_keep: list[str]) -> None:
         """Fake-quantize exactly the tensors the export stores as int6."""
@@ -604,13 +698,18 @@ class GPT(nn.Module):
 
     def hidden(self, input_ids: Tensor) -> Tensor:
         x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)
         if self.smear is not None:
             x = self.smear(x, input_ids)
         x = x0 = rms_norm(x)
         skips = []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder_layers and skips:  # U-Net: decoder layer i takes encoder layer L-1-i
-                x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
+                j = i - self.num_encoder_layers
+                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
+                x = x + skip if self.skip_gates is None else torch.lerp(skip, x, torch.sigmoid(
+                    self.skip_gates[j].to(x.dtype)))
             x = block(x, x0)
             if i < self.num_encoder_layers:
                 skips.append(x)
@@ -701,23 +800,31 @@ class Muon(torch.optim.Optimizer):
                 offset += p.numel()
 
 
+def optimizer_group(name: str, p: Tensor) -> str:
+    """embed (token and bigram tables), head (an untied output head), matrix (Muon), or scalar (Adam)."""
+    if name in ("tok_emb.weight", "bigram.embed.weight"):
+        return "embed"
+    if name == "lm_head.weight":
+        return "head"
+    return "matrix" if p.ndim == 2 and not any(c in name for c in CONTROL_PARAM_NAMES) else "scalar"
+
+
 def build_optimizers(h: Hyperparameters, model: GPT, zeropower, fused: bool) -> list[torch.optim.Optimizer]:
-    """The baseline's groups: Muon for block matrices; Adam for the embedding, the head, and vectors/scalars."""
-    block_named = [(n, p) for n, p in model.named_parameters() if n.startswith("blocks.")]
-    matrices = [p for n, p in block_named if p.ndim == 2 and not any(c in n for c in CONTROL_PARAM_NAMES)]
-    scalars = [p for n, p in block_named if p.ndim < 2 or any(c in n for c in CONTROL_PARAM_NAMES)]
-    scalars += [model.skip_weights] + ([model.smear.gate] if model.smear is not None else [])
+    """The baseline's groups: Muon for the matrices; Adam for the embeddings, the head, and vectors/scalars."""
+    groups = {"embed": [], "head": [], "matrix": [], "scalar": []}
+    for name, p in model.named_parameters():
+        groups[optimizer_group(name, p)].append(p)
+    matrices, scalars = groups["matrix"], groups["scalar"]
     adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)
     embed_lr = h.tied_embed_lr if h.tie_embeddings else h.embed_lr
     optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.Adam([{"params": [model.tok_emb.weight], "lr": embed_lr, "base_lr": embed_lr}], **adam),
+        torch.optim.Adam([{"params": groups["embed"], "lr": embed_lr, "base_lr": embed_lr}], **adam),
         Muon([{"params": matrices, "base_lr": h.matrix_lr}], lr=h.matrix_lr, momentum=h.muon_momentum,
              backend_steps=h.muon_backend_steps, zeropower=zeropower),
         torch.optim.Adam([{"params": scalars, "lr": h.scalar_lr, "base_lr": h.scalar_lr}], **adam),
     ]
-    if model.lm_head is not None:
-        optimizers.append(torch.optim.Adam(
-            [{"params": [model.lm_head.weight], "lr": h.head_lr, "base_lr": h.head_lr}], **adam))
+    if groups["head"]:
+        optimizers.append(torch.optim.Adam([{"params": groups["head"], "lr": h.head_lr, "base_lr": h.head_lr}], **adam))
     return optimizers
 
 
@@ -760,14 +867,15 @@ class ArtifactError(ValueError):
 
 
 def export_kind(name: str, tensor: Tensor, embed_quant: str, fp16_keep: list[str]) -> str:
-    """How a tensor is stored: int6 (block matrices), int8 or fp16 (embedding / head), fp16 (kept), float."""
+    """How a tensor is stored: int6 (the matrices QAT sees), int8 or fp16 (embeddings, head, attention gates),
+    fp16 (kept), float (vectors and scalars)."""
     if any(fnmatch.fnmatchcase(name, pattern) for pattern in fp16_keep):
         return "fp16"
     if name == "tok_emb.weight":
         return embed_quant
-    if name == "lm_head.weight":
+    if name in ("lm_head.weight", "bigram.embed.weight") or "attn_gate" in name:  # no fake-quant in training
         return "int8"
-    if name.startswith("blocks.") and tensor.ndim == 2 and not any(c in name for c in CONTROL_PARAM_NAMES):
+    if name.startswith(("blocks.", "bigram.")) and tensor.ndim == 2 and not any(c in name for c in CONTROL_PARAM_NAMES):
         return "int6"
     return "float"
 
@@ -1492,7 +1600,7 @@ def run_phases(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str
         log(f"setting {name}:{value}", console=False)
     log("overrides: " + " ".join(f"{k}={v}" for k, v in h.overrides().items()))
     grad_accum_steps, val_tokens = inputs.grad_accum_steps, inputs.val_tokens.to(rt.device)
-    log(f"run_id:{files.run_id} world_size:{rt.world_size} grad_accum_steps:{grad_accum_steps} device:{rt.device} "
+    log(f"run_id:{files.run_id} preset:{h.preset or 'none'} world_size:{rt.world_size} grad_accum_steps:{grad_accum_steps} device:{rt.device} "
         f"compile:{int(rt.use_compile)} attention:{rt.attention} host_sync:{rt.host_sync} {versions()}")
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
@@ -1624,7 +1732,7 @@ def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs
             log_eval_projection(log, rate, rt.world_size)
     score = sliding or roundtrip
     summary = {
-        "run_id": files.run_id, "seed": h.seed, "val_bpb": score.val_bpb, "val_loss": score.val_loss,
+        "run_id": files.run_id, "preset": h.preset, "seed": h.seed, "val_bpb": score.val_bpb, "val_loss": score.val_loss,
         "prequant_val_bpb": prequant.val_bpb, "prequant_val_loss": prequant.val_loss,
         "roundtrip_val_bpb": roundtrip.val_bpb, "roundtrip_val_loss": roundtrip.val_loss,
         "sliding_val_bpb": sliding.val_bpb if sliding else None,

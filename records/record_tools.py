@@ -869,13 +869,13 @@ def sweep_table(root: str | os.PathLike, markdown: bool = False) -> str:
         raise RecordError(f"{root}: no run summaries of finished runs (*.json written by train_gpt.py) under it"
                           + "".join(f"\n  failed: {p} ({why})" for p, why in failed))
     runs = sorted((s for _, s in summaries), key=lambda s: s["val_bpb"])
-    keys = sorted({k for s in runs for k in s["hyperparameters"]} - {"RUN_ID"})
+    keys = sorted({k for s in runs for k in s["hyperparameters"]} - {"RUN_ID", "PRESET"})
     differing = [k for k in keys
                  if len({json.dumps(s["hyperparameters"].get(k, "<unset>")) for s in runs}) > 1]
     show_code = len({s["code_sha256"] for s in runs}) > 1
-    headers = ["run_id", *(["code"] if show_code else []), *differing,
+    headers = ["run_id", "preset", *(["code"] if show_code else []), *differing,
                "val_bpb", "bytes_total", "fits", "steps", "step_avg_ms"]
-    rows = [[str(s["run_id"]), *([s["code_sha256"][:8]] if show_code else []),
+    rows = [[str(s["run_id"]), s["hyperparameters"].get("PRESET") or "-", *([s["code_sha256"][:8]] if show_code else []),
              *(_cell(s["hyperparameters"].get(k)) for k in differing),
              f"{s['val_bpb']:.4f}", f"{s['bytes_total']:,}", "yes" if s["fits"] else "NO",
              str(s["steps"]), f"{s['step_avg_ms']:.2f}"] for s in runs]

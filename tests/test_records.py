@@ -383,14 +383,14 @@ def test_sweep_table_shows_what_differs_best_first(tiny, tmp_path):
     table = rt.sweep_table(logs)
     lines = table.splitlines()
     header = lines[0].split()
-    assert header == ["run_id", "ITERATIONS", "SEED", "val_bpb", "bytes_total", "fits", "steps",
+    assert header == ["run_id", "preset", "ITERATIONS", "SEED", "val_bpb", "bytes_total", "fits", "steps",
                       "step_avg_ms"]
     rows = [line.split() for line in lines[2:7]]
     summaries = {p.stem: json.loads(p.read_text()) for p in logs.glob("*.json")}
     assert [r[0] for r in rows] == sorted(summaries, key=lambda k: summaries[k]["val_bpb"])
     for row in rows:
         s = summaries[row[0]]
-        assert row[1:] == [str(s["hyperparameters"]["ITERATIONS"]), str(s["seed"]),
+        assert row[1:] == ["-", str(s["hyperparameters"]["ITERATIONS"]), str(s["seed"]),
                            f"{s['val_bpb']:.4f}", f"{s['bytes_total']:,}", "yes", str(s["steps"]),
                            f"{s['step_avg_ms']:.2f}"]
     assert f"not finished (no summary): {logs / 'running.txt'}" in table
