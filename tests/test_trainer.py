@@ -132,7 +132,7 @@ def reference_attention(attn: tg.CausalSelfAttention, x: torch.Tensor, rope_base
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 def test_attention_equals_hand_attention_with_repeated_kv_heads(num_kv_heads):
     h = small_h(num_heads=4, num_kv_heads=num_kv_heads, model_dim=32)
-    attn = tg.CausalSelfAttention(h).eval()
+    attn = tg.CausalSelfAttention(h, layer_idx=0).eval()
     randomize_(attn, seed=4)
     with torch.no_grad():
         attn.q_gain.copy_(torch.tensor([1.0, 2.0, 3.0, 1.5]))  # peaked attention, a demanding comparison
