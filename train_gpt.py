@@ -125,11 +125,21 @@ class Hyperparameters:
     beta2: float = _knob(0.95, "Adam beta2")
     adam_eps: float = _knob(1e-8, "Adam epsilon")
     grad_clip_norm: float = _knob(1.0, "clip the global gradient norm (0 = off)")
+    muon_wd: float = _knob(0.0, "decoupled weight decay of the Muon matrices: p <- p (1 - lr wd)")
+    embed_wd: float = _knob(0.0, "decoupled weight decay of the embedding tables")
+    adam_wd: float = _knob(0.0, "decoupled weight decay of the other Adam parameters (vectors, scalars, head)")
+    muon_row_norm: bool = _knob(False, "MuonEq-R: normalize the rows of each update before Newton-Schulz")
+    muon_ns: str = _knob("quintic", "Newton-Schulz coefficients: quintic (one tuple) or polar (Polar Express)")
+    ema_decay: float = _knob(0.0, "EMA of the weights, used for the final evaluation and export (0 = off)")
+    min_lr: float = _knob(0.0, "the warmdown ends at MIN_LR x the base LR")
+    warmdown_frac: float = _knob(0.0, "warmdown over this fraction of the wall-clock cap or ITERATIONS (0 = "
+                                 "WARMDOWN_ITERS)")
     # Quantization and the artifact
     qat: bool = _knob(True, "fake-quantize block matrices to int6 in the training forward (STE)")
+    late_qat_threshold: float = _knob(0.0, "QAT only once the LR multiplier drops below this (0 = the whole run)")
     embed_quant: str = _knob("fp16", "token embedding in the artifact: fp16 or int8")
     fp16_keep: str = _knob("", "comma-separated name patterns (fnmatch) kept in fp16, e.g. blocks.8.attn.c_k.weight")
-    quant_clip_percentile: float = _knob(99.99984, "per-row clip at this percentile of |w|")
+    quant_clip_percentile: float = _knob(99.99984, "per-row clip at this percentile of abs(w)")
     zstd_level: int = _knob(22, "zstd compression level of the artifact")
     # Devices
     device: str = _knob("auto", "auto, cuda or cpu")
@@ -165,16 +175,19 @@ class Hyperparameters:
                         "eval_seq_len", "eval_stride", "eval_batch_seqs", "grad_accum_steps",
                         "max_wallclock_seconds", "checkpoint_every_seconds", "embed_lr", "head_lr",
                         "tied_embed_lr", "matrix_lr", "scalar_lr", "grad_clip_norm", "muon_momentum_warmup_steps",
-                        "tied_embed_init_std"]
+                        "tied_embed_init_std", "muon_wd", "embed_wd", "adam_wd"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)} must be positive")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)} must not be negative")
-        for name in ["beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"]:
+        for name in ["beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ema_decay"]:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)} must be in [0, 1)")
+        for name in ["min_lr", "warmdown_frac", "late_qat_threshold"]:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name.upper()}={getattr(self, name)} must be in [0, 1]")
         if self.model_dim % self.num_heads:
             raise ValueError(f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -200,7 +213,7 @@ class Hyperparameters:
             raise ValueError(f"BIGRAM_BUCKETS={self.bigram_buckets} must be 0 (off) or at least 2, and "
                              f"BIGRAM_DIM={self.bigram_dim} positive")
         for name, allowed in [("embed_quant", ("fp16", "int8")), ("device", ("auto", "cuda", "cpu")),
-                              ("mlp_act", ("relu2", "leaky_relu2")), ("preset", tuple(PRESETS)),
+                              ("mlp_act", ("relu2", "leaky_relu2")), ("muon_ns", tuple(NEWTON_SCHULZ)), ("preset", tuple(PRESETS)),
                               ("compile", ("auto", "0", "1")), ("sdpa_backend", ("auto",) + SDPA_BACKENDS),
                               ("host_sync", ("auto", "gloo", "device"))]:
             if getattr(self, name) not in allowed:
@@ -232,7 +245,9 @@ PRESETS = {
     "frontier": dict(  # the 1.0611 record's values, for every technique that exists here
         NUM_LAYERS="11", XSA_LAST_N="11", ROPE_DIMS="16", LN_SCALE="1", MLP_ACT="leaky_relu2", QK_GAIN_INIT="5.0",
         SKIP_GATES="1", ATTN_GATE="1", SMEAR_GATE="1", TRAIN_SEQ_LEN="2048", TRAIN_BATCH_TOKENS="786432",
-        MATRIX_LR="0.026", EVAL_STRIDE="64"),
+        MATRIX_LR="0.026", EVAL_STRIDE="64", MUON_MOMENTUM="0.97", BETA2="0.99", GRAD_CLIP_NORM="0.3",
+        MUON_WD="0.095", EMBED_WD="0.085", ADAM_WD="0.02", EMA_DECAY="0.9965", WARMDOWN_FRAC="0.85", MIN_LR="0.1",
+        MUON_ROW_NORM="1", MUON_NS="polar", LATE_QAT_THRESHOLD="0.15"),
 }
 
 
@@ -505,10 +520,10 @@ def dequantize_per_row(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def fake_quantize(w: Tensor, max_level: int, clip_percentile: float) -> Tensor:
-    """Forward: the exported (dequantized) weight. Backward: identity (straight-through estimator)."""
+def fake_quantize(w: Tensor, max_level: int, clip_percentile: float, on: Tensor | float = 1.0) -> Tensor:
+    """Forward: the exported (dequantized) weight where on = 1, w itself where on = 0. Backward: identity (STE)."""
     q, scale = quantize_per_row(w.detach(), max_level, clip_percentile)
-    return w + (dequantize_per_row(q, scale).to(w.dtype) - w).detach()
+    return w + on * (dequantize_per_row(q, scale).to(w.dtype) - w).detach()
 
 
 # -----------------------------------------------------------------------------
@@ -529,13 +544,15 @@ class CastedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.qat_clip_percentile = 0.0  # > 0 turns on int6 fake-quant (set by GPT.configure_qat)
+        # 1/0 at run time: a tensor, so late QAT switches with no recompile and cannot be constant-folded
+        self.register_buffer("qat_on", torch.ones(()), persistent=False)
         if zero_init:
             nn.init.zeros_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if self.training and self.qat_clip_percentile > 0:
-            w = fake_quantize(w, INT6_MAX, self.qat_clip_percentile)
+            w = fake_quantize(w, INT6_MAX, self.qat_clip_percentile, self.qat_on)
         return F.linear(x, w.to(x.dtype))
 
 
@@ -696,6 +713,11 @@ class GPT(nn.Module):
                 int6 = export_kind(f"{name}.weight", module.weight, "fp16", fp16_keep) == "int6"
                 module.qat_clip_percentile = clip_percentile if enabled and int6 else 0.0
 
+    def set_qat_active(self, active: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, CastedLinear):
+                module.qat_on.fill_(float(active))
+
     def hidden(self, input_ids: Tensor) -> Tensor:
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
@@ -745,15 +767,28 @@ def model_flops_per_token(h: Hyperparameters, model: GPT) -> float:
 # -----------------------------------------------------------------------------
 
 
-def zeropower_via_newtonschulz5(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+NEWTON_SCHULZ = {
+    "quintic": ((3.4445, -4.7750, 2.0315),),  # one tuple for every iteration (Muon's original)
+    # Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932): one minimax-optimal tuple per
+    # iteration, the list the challenge's records use (PR #1344); later iterations repeat the last tuple.
+    "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+}
+
+
+def zeropower_via_newtonschulz5(g: Tensor, steps: int, eps: float = 1e-7,
+                                coefficients: tuple = NEWTON_SCHULZ["quintic"]) -> Tensor:
     """Approximately orthogonalize g (singular values pushed into a band around 1) with a quintic iteration."""
-    a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16()
     x = x / (x.norm() + eps)
     transposed = g.size(0) > g.size(1)
     if transposed:
         x = x.T
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = coefficients[min(i, len(coefficients) - 1)]
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if transposed else x
@@ -767,9 +802,11 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True,
-                 zeropower=zeropower_via_newtonschulz5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
-        self.zeropower = zeropower
+                 zeropower=zeropower_via_newtonschulz5, weight_decay: float = 0.0, row_norm: bool = False,
+                 ns: str = "quintic"):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
+                                      weight_decay=weight_decay))
+        self.zeropower, self.row_norm, self.coefficients = zeropower, row_norm, NEWTON_SCHULZ[ns]
 
     @torch.no_grad()
     def step(self):
@@ -788,7 +825,9 @@ class Muon(torch.optim.Optimizer):
                     buf = state["momentum_buffer"]
                     buf.mul_(group["momentum"]).add_(p.grad)
                     g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                    g = self.zeropower(g, steps=group["backend_steps"])
+                    if self.row_norm:  # MuonEq-R: every row of the update gets the same norm
+                        g = g / g.float().norm(dim=1, keepdim=True).clamp_min(1e-7).to(g.dtype)
+                    g = self.zeropower(g, steps=group["backend_steps"], coefficients=self.coefficients)
                     g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5  # equal RMS for tall and wide matrices
                     flat[offset:offset + p.numel()] = g.reshape(-1)
                 offset += p.numel()
@@ -796,6 +835,8 @@ class Muon(torch.optim.Optimizer):
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             offset = 0
             for p in params:
+                if group["weight_decay"]:  # decoupled, with the scheduled LR
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
                 p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
 
@@ -815,37 +856,66 @@ def build_optimizers(h: Hyperparameters, model: GPT, zeropower, fused: bool) -> 
     for name, p in model.named_parameters():
         groups[optimizer_group(name, p)].append(p)
     matrices, scalars = groups["matrix"], groups["scalar"]
-    adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)
+    adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)  # AdamW: decoupled weight decay
     embed_lr = h.tied_embed_lr if h.tie_embeddings else h.embed_lr
     optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.Adam([{"params": groups["embed"], "lr": embed_lr, "base_lr": embed_lr}], **adam),
+        torch.optim.AdamW([{"params": groups["embed"], "lr": embed_lr, "base_lr": embed_lr}], **adam,
+                          weight_decay=h.embed_wd),
         Muon([{"params": matrices, "base_lr": h.matrix_lr}], lr=h.matrix_lr, momentum=h.muon_momentum,
-             backend_steps=h.muon_backend_steps, zeropower=zeropower),
-        torch.optim.Adam([{"params": scalars, "lr": h.scalar_lr, "base_lr": h.scalar_lr}], **adam),
+             backend_steps=h.muon_backend_steps, zeropower=zeropower, weight_decay=h.muon_wd,
+             row_norm=h.muon_row_norm, ns=h.muon_ns),
+        torch.optim.AdamW([{"params": scalars, "lr": h.scalar_lr, "base_lr": h.scalar_lr}], **adam,
+                          weight_decay=h.adam_wd),
     ]
     if groups["head"]:
-        optimizers.append(torch.optim.Adam([{"params": groups["head"], "lr": h.head_lr, "base_lr": h.head_lr}], **adam))
+        optimizers.append(torch.optim.AdamW([{"params": groups["head"], "lr": h.head_lr, "base_lr": h.head_lr}],
+                                            **adam, weight_decay=h.adam_wd))
     return optimizers
 
 
-def lr_multiplier(step: int, elapsed_ms: float, *, iterations: int, warmdown_iters: int,
-                  max_wallclock_ms: float | None) -> float:
-    """LR scale: 1, then a linear warmdown to 0 over the last WARMDOWN_ITERS steps.
+class EMA:
+    """An fp32 exponential moving average of every parameter, updated on the device each step (no host sync)."""
 
-    Under a wall-clock cap the warmdown starts when the remaining time equals WARMDOWN_ITERS steps at the
-    average step time so far, so the LR reaches 0 when the cap does.
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.names = decay, [n for n, _ in model.named_parameters()]
+        self.params = list(model.parameters())
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.shadow))
+
+    @torch.no_grad()
+    def load(self, state: dict[str, Tensor]) -> None:
+        for name, t in zip(self.names, self.shadow):
+            t.copy_(state[name])
+
+
+def lr_multiplier(step: int, elapsed_ms: float, *, iterations: int, warmdown_iters: int,
+                  max_wallclock_ms: float | None, warmdown_frac: float = 0.0, min_lr: float = 0.0) -> float:
+    """LR scale: 1, then a linear warmdown to MIN_LR over the end of training.
+
+    WARMDOWN_FRAC > 0: the warmdown spans that fraction of the wall-clock cap (of ITERATIONS without one).
+    Else it spans the last WARMDOWN_ITERS steps; under a wall-clock cap it starts when the remaining time
+    equals WARMDOWN_ITERS steps at the average step time so far, so the LR reaches MIN_LR when the cap does.
     """
-    if warmdown_iters <= 0:
+    if warmdown_frac > 0:
+        total, done = (iterations, step) if max_wallclock_ms is None else (max_wallclock_ms, elapsed_ms)
+        remaining, span = max(total - done, 0.0), warmdown_frac * total
+        frac = remaining / span if remaining < span else 1.0
+    elif warmdown_iters <= 0:
         return 1.0
-    if max_wallclock_ms is None:
+    elif max_wallclock_ms is None:
         warmdown_start = max(iterations - warmdown_iters, 0)
-        if warmdown_start <= step < iterations:
-            return max((iterations - step) / warmdown_iters, 0.0)
-        return 1.0
-    step_ms = elapsed_ms / max(step, 1)
-    warmdown_ms = warmdown_iters * step_ms
-    remaining_ms = max(max_wallclock_ms - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+        frac = max((iterations - step) / warmdown_iters, 0.0) if warmdown_start <= step < iterations else 1.0
+    else:
+        warmdown_ms = warmdown_iters * (elapsed_ms / max(step, 1))  # at the average step time so far
+        remaining_ms = max(max_wallclock_ms - elapsed_ms, 0.0)
+        frac = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+    return min_lr + (1.0 - min_lr) * frac
 
 
 def muon_momentum_at(step: int, *, start: float, end: float, warmup_steps: int) -> float:
@@ -1279,7 +1349,7 @@ class TrainState:
 
 
 def write_checkpoint(path: Path, *, base_model: GPT, optimizers, state: TrainState, h: Hyperparameters,
-                     rt: Runtime) -> None:
+                     rt: Runtime, ema: EMA | None) -> None:
     """A resume checkpoint (every rank calls this): weights, all optimizer state, position, clock and RNG."""
     opt_states = [opt.state_dict() for opt in optimizers]
     if rt.distributed:  # Muon keeps each matrix's momentum only on the rank that orthogonalizes it
@@ -1293,13 +1363,14 @@ def write_checkpoint(path: Path, *, base_model: GPT, optimizers, state: TrainSta
             "format": CHECKPOINT_FORMAT, "model": base_model.state_dict(), "optimizers": opt_states,
             "step": state.step, "train_time_ms": state.train_time_ms, "loader_position": list(state.loader_position),
             "val_history": state.val_history, "rng": torch.get_rng_state(), "world_size": rt.world_size,
+            "ema": ema.state_dict() if ema is not None else None,
             "hyperparameters": {k: str(v) for k, v in h.as_env().items()}}))
     rt.barrier()
 
 
 def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model: GPT, model, optimizers,
           val_tokens: Tensor, luts: ByteLuts, log: Logger, eval_model, state: TrainState, files,
-          signals: StopSignals) -> None:
+          signals: StopSignals, ema: EMA | None) -> None:
     """Train from `state` until ITERATIONS or the wall-clock cap; `state` always says how far it got."""
     train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
 
@@ -1317,7 +1388,8 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
         return dict(model=model, loader=loader, optimizers=optimizers, base_model=base_model, h=h, rt=rt,
                     grad_accum_steps=grad_accum_steps,
                     lr_scale=lr_multiplier(step, elapsed_ms, iterations=h.iterations,
-                                           warmdown_iters=h.warmdown_iters, max_wallclock_ms=max_wallclock_ms),
+                                           warmdown_iters=h.warmdown_iters, max_wallclock_ms=max_wallclock_ms,
+                                           warmdown_frac=h.warmdown_frac, min_lr=h.min_lr),
                     momentum=muon_momentum_at(step, start=h.muon_momentum_warmup_start, end=h.muon_momentum,
                                               warmup_steps=h.muon_momentum_warmup_steps))
 
@@ -1338,6 +1410,8 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
 
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
     start_step, stop_after_step = state.step, None
+    late_qat = h.qat and h.late_qat_threshold > 0  # off until the LR multiplier first drops below the threshold
+    base_model.set_qat_active(not late_qat)
     rt.sync()
     t0 = last_checkpoint = time.perf_counter()
 
@@ -1368,7 +1442,14 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
                 f"train_time:{state.train_time_ms:.0f}ms step_avg:{state.train_time_ms / max(step, 1):.2f}ms")
             rt.sync()
             t0 = time.perf_counter()
-        loss = train_step(**step_kwargs(step, clock_ms()))
+        kwargs = step_kwargs(step, clock_ms())
+        if late_qat and kwargs["lr_scale"] < h.late_qat_threshold:
+            late_qat = False
+            base_model.set_qat_active(True)
+            log(f"late_qat_on step:{step} lr_scale:{kwargs['lr_scale']:.4f}")
+        loss = train_step(**kwargs)
+        if ema is not None:
+            ema.update()
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
         state.step, state.loader_position = step + 1, loader.position
         approx_ms = clock_ms()
@@ -1395,7 +1476,7 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
         if checkpoint_due:
             state.train_time_ms, t_ckpt = clock_ms(), time.perf_counter()
             write_checkpoint(files.checkpoint, base_model=base_model, optimizers=optimizers, state=state, h=h,
-                             rt=rt)
+                             rt=rt, ema=ema)
             log(f"checkpoint:{files.checkpoint} step:{state.step} "
                 f"time:{1000 * (time.perf_counter() - t_ckpt):.0f}ms (not counted as training)")
             t0 = last_checkpoint = time.perf_counter()
@@ -1527,15 +1608,21 @@ def versions() -> str:
     return " ".join(parts)
 
 
+def export_weights(base_model: GPT, ema: EMA | None) -> dict[str, Tensor]:
+    """The weights the artifact is made from (and a raw checkpoint keeps): the EMA's when it is on."""
+    return ema.state_dict() if ema is not None else base_model.state_dict()
+
+
 def save_stopped_run(e: BaseException, *, files: RunFiles, base_model: GPT, optimizers, state: TrainState,
-                     h: Hyperparameters, rt: Runtime, log: Logger) -> None:
+                     h: Hyperparameters, rt: Runtime, log: Logger, ema: EMA | None) -> None:
     """Training ended early: rank 0 keeps the weights; a stop signal (every rank alive) also gets a resume
     checkpoint. A failure while saving is logged and does not hide the original error."""
     try:
         if isinstance(e, StopRequested):
-            write_checkpoint(files.checkpoint, base_model=base_model, optimizers=optimizers, state=state, h=h, rt=rt)
+            write_checkpoint(files.checkpoint, base_model=base_model, optimizers=optimizers, state=state, h=h, rt=rt,
+                             ema=ema)
         if rt.master:
-            atomic_write_bytes(files.raw, torch_save_bytes(base_model.state_dict()))
+            atomic_write_bytes(files.raw, torch_save_bytes(export_weights(base_model, ema)))
     except Exception as save_error:
         log(f"error: could not save the weights ({type(save_error).__name__}: {save_error})")
         return
@@ -1625,11 +1712,14 @@ def run_phases(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str
     model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                 broadcast_buffers=False) if rt.distributed else compiled
     optimizers = build_optimizers(h, base_model, zeropower, fused=rt.device.type == "cuda")
+    ema = EMA(base_model, h.ema_decay) if h.ema_decay > 0 else None
     if inputs.resume is not None:
         ckpt = inputs.resume
         base_model.load_state_dict(ckpt["model"], strict=True)
         for opt, opt_state in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(opt_state)
+        if ema is not None:
+            ema.load(ckpt["ema"] or ckpt["model"])
         torch.set_rng_state(ckpt["rng"])
         state.step, state.train_time_ms = ckpt["step"], ckpt["train_time_ms"]
         state.loader_position, state.val_history = tuple(ckpt["loader_position"]), list(ckpt["val_history"])
@@ -1643,14 +1733,14 @@ def run_phases(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str
         try:
             train(h=h, rt=rt, grad_accum_steps=grad_accum_steps, base_model=base_model, model=model,
                   optimizers=optimizers, val_tokens=val_tokens, luts=luts, log=log, eval_model=compiled,
-                  state=state, files=files, signals=signals)
+                  state=state, files=files, signals=signals, ema=ema)
         except BaseException as e:
             if state.started:
                 save_stopped_run(e, files=files, base_model=base_model, optimizers=optimizers, state=state, h=h,
-                                 rt=rt, log=log)
+                                 rt=rt, log=log, ema=ema)
             raise
-        if rt.master:  # the weights first: they stay on disk whatever happens next
-            atomic_write_bytes(files.raw, torch_save_bytes(base_model.state_dict()))
+        if rt.master:  # the weights first (those the artifact is made from): they stay whatever happens next
+            atomic_write_bytes(files.raw, torch_save_bytes(export_weights(base_model, ema)))
     if signals.signum:
         raise StopRequested(signals.signum)
     train_tokens = sum(read_shard_header(p) for p in shard_files(os.path.join(h.data_path, "fineweb_train_*.bin")))
@@ -1666,14 +1756,20 @@ def run_phases(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str
         log(f"throughput_run_complete run_id:{files.run_id} steps:{state.step} (FINAL_EVAL=0: no evaluation, "
             "no artifact)")
         return None
-    return finish(h, rt, code, files, inputs, log, state, base_model, compiled, compile_fn, val_tokens, luts)
+    return finish(h, rt, code, files, inputs, log, state, base_model, compiled, compile_fn, val_tokens, luts, ema)
 
 
 def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs: Inputs, log: Logger,
-           state: TrainState, base_model: GPT, compiled, compile_fn, val_tokens: Tensor, luts: ByteLuts) -> dict:
+           state: TrainState, base_model: GPT, compiled, compile_fn, val_tokens: Tensor, luts: ByteLuts,
+           ema: EMA | None) -> dict:
     """The final evaluations, the artifact and its round trip, the summary."""
     eval_batch = windows_per_batch(h, rt.world_size, inputs.grad_accum_steps, h.train_seq_len)
     rt.sync()
+    if ema is not None:  # score the trained weights, then continue with the average the artifact is made from
+        raw = evaluate(compiled, val_tokens, luts, seq_len=h.train_seq_len, stride=0, batch_seqs=eval_batch,
+                       rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
+        log(f"final_prequant_raw_exact val_loss:{raw.val_loss:.8f} val_bpb:{raw.val_bpb:.8f}")
+        base_model.load_state_dict(ema.state_dict())
     prequant = evaluate(compiled, val_tokens, luts, seq_len=h.train_seq_len, stride=0, batch_seqs=eval_batch,
                         rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
     if not math.isfinite(prequant.val_loss):
