@@ -111,6 +111,11 @@ class Hyperparameters:
     bigram_buckets: int = _knob(0, "BigramHash: buckets of hash(previous, current token) (0 = off)")
     bigram_dim: int = _knob(128, "BigramHash: width of its table, projected to MODEL_DIM")
     ortho_init: bool = _knob(False, "orthogonal init of block matrices; output projections scaled 1/sqrt(2L)")
+    num_loops: int = _knob(0, "depth recurrence: layers LOOP_START..LOOP_END run this many extra times (0 = off)")
+    loop_start: int = _knob(0, "first layer of the repeated range")
+    loop_end: int = _knob(0, "last layer of the repeated range (inclusive)")
+    enable_looping_at: float = _knob(0.0, "the loops start after this fraction of the wall-clock cap (or ITERATIONS)")
+    parallel_residual_start: int = _knob(0, "from this layer on, attention and MLP on two mixed lanes (0 = off)")
     # Optimizers
     embed_lr: float = _knob(0.6, "Adam LR of an untied embedding")
     head_lr: float = _knob(0.008, "Adam LR of an untied output head")
@@ -185,7 +190,7 @@ class Hyperparameters:
         for name in ["beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ema_decay"]:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)} must be in [0, 1)")
-        for name in ["min_lr", "warmdown_frac", "late_qat_threshold"]:
+        for name in ["min_lr", "warmdown_frac", "late_qat_threshold", "enable_looping_at"]:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)} must be in [0, 1]")
         if self.model_dim % self.num_heads:
@@ -209,6 +214,13 @@ class Hyperparameters:
             raise ValueError(f"XSA_LAST_N={self.xsa_last_n} must be in 0..NUM_LAYERS={self.num_layers}")
         if self.rope_dims < 0 or self.rope_dims % 2 or self.rope_dims > head_dim:
             raise ValueError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head size {head_dim}")
+        if self.num_loops < 0 or (self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers):
+            raise ValueError(f"NUM_LOOPS={self.num_loops} needs 0 <= LOOP_START={self.loop_start} <= LOOP_END="
+                             f"{self.loop_end} < NUM_LAYERS={self.num_layers}")
+        if self.parallel_residual_start and not (self.num_layers // 2 <= self.parallel_residual_start < self.num_layers
+                                                 and (not self.num_loops or self.parallel_residual_start > self.loop_end)):
+            raise ValueError(f"PARALLEL_RESIDUAL_START={self.parallel_residual_start} must be a decoder layer "
+                             f"(NUM_LAYERS//2..NUM_LAYERS-1) after the looped ones (LOOP_END={self.loop_end})")
         if self.bigram_buckets == 1 or self.bigram_buckets < 0 or self.bigram_dim <= 0:
             raise ValueError(f"BIGRAM_BUCKETS={self.bigram_buckets} must be 0 (off) or at least 2, and "
                              f"BIGRAM_DIM={self.bigram_dim} positive")
@@ -247,7 +259,8 @@ PRESETS = {
         SKIP_GATES="1", ATTN_GATE="1", SMEAR_GATE="1", TRAIN_SEQ_LEN="2048", TRAIN_BATCH_TOKENS="786432",
         MATRIX_LR="0.026", EVAL_STRIDE="64", MUON_MOMENTUM="0.97", BETA2="0.99", GRAD_CLIP_NORM="0.3",
         MUON_WD="0.095", EMBED_WD="0.085", ADAM_WD="0.02", EMA_DECAY="0.9965", WARMDOWN_FRAC="0.85", MIN_LR="0.1",
-        MUON_ROW_NORM="1", MUON_NS="polar", LATE_QAT_THRESHOLD="0.15"),
+        MUON_ROW_NORM="1", MUON_NS="polar", LATE_QAT_THRESHOLD="0.15", NUM_LOOPS="2", LOOP_START="3",
+        LOOP_END="5", ENABLE_LOOPING_AT="0.35", PARALLEL_RESIDUAL_START="8"),
 }
 
 
@@ -531,7 +544,7 @@ def fake_quantize(w: Tensor, max_level: int, clip_percentile: float, on: Tensor 
 # -----------------------------------------------------------------------------
 
 CONTROL_PARAM_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates", "smear",
-                       "attn_gate")
+                       "attn_gate", "lane_")
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -644,6 +657,15 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x))
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
 
+    def parallel(self, lanes: tuple[Tensor, Tensor], x0: Tensor, resid: Tensor, post: Tensor) -> tuple[Tensor, Tensor]:
+        """Two lanes: attention reads lane 0 (blended with x0), the MLP lane 1, side by side; lane k keeps
+        resid[k] of itself and gets post[0, k] of the attention output and post[1, k] of the MLP's."""
+        mix = self.resid_mix.to(x0.dtype)
+        a = self.attn_scale.to(x0.dtype) * self.attn(self.norm(mix[0] * lanes[0] + mix[1] * x0))
+        m = self.mlp_scale.to(x0.dtype) * self.mlp(self.norm(lanes[1]))
+        resid, post = resid.to(x0.dtype), post.to(x0.dtype)
+        return tuple(resid[k] * lanes[k] + post[0, k] * a + post[1, k] * m for k in range(2))
+
 
 class SmearGate(nn.Module):
     """x[t] <- (1-g) x[t] + g x[t-1] per channel, g = sigmoid(gate); no blend at a BOS or at position 0."""
@@ -685,6 +707,15 @@ class BigramHash(nn.Module):
         return self.proj(self.embed(self.indices(ids))) * self.scale
 
 
+def virtual_layers(h: Hyperparameters, looping: bool) -> tuple[list[int], list[int]]:
+    """(encoder, decoder): the physical layer each virtual layer runs. With the loops on, layers LOOP_START..
+    LOOP_END run 1 + NUM_LOOPS times in a row; the first half of the virtual layers is the encoder."""
+    order = list(range(h.num_layers))
+    if looping and h.num_loops:
+        order[h.loop_start:h.loop_end + 1] = list(range(h.loop_start, h.loop_end + 1)) * (h.num_loops + 1)
+    return order[:len(order) // 2], order[len(order) // 2:]
+
+
 class GPT(nn.Module):
     def __init__(self, h: Hyperparameters, bos_id: int = BOS_ID):
         super().__init__()
@@ -693,7 +724,13 @@ class GPT(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         self.smear = SmearGate(h.model_dim, bos_id) if h.smear_gate else None
         self.num_encoder_layers = h.num_layers // 2
-        self.num_skips = min(self.num_encoder_layers, h.num_layers - self.num_encoder_layers)
+        self.layer_order = {looping: virtual_layers(h, looping) for looping in (False, True)}
+        self.looping = False  # run the repeated layers (a Python flag: each value has its own compiled graph)
+        self.num_skips = min(map(len, self.layer_order[h.num_loops > 0]))
+        self.parallel_start = h.parallel_residual_start
+        if self.parallel_start:
+            self.lane_resid = nn.Parameter(torch.ones(h.num_layers - self.parallel_start, 2))
+            self.lane_post = nn.Parameter(torch.ones(h.num_layers - self.parallel_start, 2, 2))
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, h.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, h.model_dim)) if h.skip_gates else None
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
@@ -725,17 +762,26 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x, input_ids)
         x = x0 = rms_norm(x)
+        encoder, decoder = self.layer_order[self.looping]  # physical layer of each virtual layer
         skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder_layers and skips:  # U-Net: decoder layer i takes encoder layer L-1-i
-                j = i - self.num_encoder_layers
-                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
-                x = x + skip if self.skip_gates is None else torch.lerp(skip, x, torch.sigmoid(
+        for i in encoder:
+            x = self.blocks[i](x, x0)
+            skips.append(x)
+        lanes = None  # from PARALLEL_RESIDUAL_START on: (attention lane, MLP lane); a skip joins lane 0
+        for j, i in enumerate(decoder):  # U-Net: the j-th decoder layer takes the j-th last encoder output
+            parallel = self.parallel_start and i >= self.parallel_start
+            lanes = (x, x) if parallel and lanes is None else lanes
+            if skips:
+                skip, into = self.skip_weights[j].to(x.dtype) * skips.pop(), x if lanes is None else lanes[0]
+                into = into + skip if self.skip_gates is None else torch.lerp(skip, into, torch.sigmoid(
                     self.skip_gates[j].to(x.dtype)))
-            x = block(x, x0)
-            if i < self.num_encoder_layers:
-                skips.append(x)
-        return rms_norm(x)
+                x, lanes = (into, None) if lanes is None else (x, (into, lanes[1]))
+            if parallel:
+                k = i - self.parallel_start
+                lanes = self.blocks[i].parallel(lanes, x0, self.lane_resid[k], self.lane_post[k])
+            else:
+                x = self.blocks[i](x, x0)
+        return rms_norm(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
 
     def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, *,
                 score_last: int = 0, reduction: str = "mean") -> Tensor:
@@ -1399,8 +1445,10 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
         model_state = copy.deepcopy(base_model.state_dict())
         opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         t_warm = time.perf_counter()
-        for _ in range(h.warmup_steps):
+        for i in range(h.warmup_steps):
+            base_model.looping = h.num_loops > 0 and 2 * i >= h.warmup_steps  # compile both layer orders now
             train_step(**step_kwargs(state.step, state.train_time_ms))
+        base_model.looping = False
         rt.sync()
         base_model.load_state_dict(model_state)
         for opt, opt_state in zip(optimizers, opt_states):
@@ -1412,6 +1460,17 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
     start_step, stop_after_step = state.step, None
     late_qat = h.qat and h.late_qat_threshold > 0  # off until the LR multiplier first drops below the threshold
     base_model.set_qat_active(not late_qat)
+    looped_from = None  # (step, train_time_ms) when the loops switched on
+
+    def loops_due(ms: float) -> bool:
+        progress = ms / max_wallclock_ms if max_wallclock_ms else state.step / max(h.iterations, 1)
+        return h.num_loops > 0 and not base_model.looping and progress >= h.enable_looping_at
+
+    def start_looping() -> None:
+        nonlocal looped_from
+        base_model.looping, looped_from = True, (state.step, clock_ms())
+        log(f"looping_on step:{state.step} virtual_layers:{sum(base_model.layer_order[True], [])} "
+            f"graphs:{compile_stats()[0]}")
     rt.sync()
     t0 = last_checkpoint = time.perf_counter()
 
@@ -1419,6 +1478,8 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
         return state.train_time_ms + 1000.0 * (time.perf_counter() - t0)
 
     state.started = True
+    if loops_due(state.train_time_ms):  # a resumed run past the switch
+        start_looping()
     while True:
         step = state.step
         if step >= h.iterations or (stop_after_step is not None and step >= stop_after_step):
@@ -1427,6 +1488,10 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
             if step < h.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{state.train_time_ms:.0f}ms "
                     f"step:{step}/{h.iterations}")
+            if looped_from and 0 < looped_from[0] < step:  # what the loops cost per step
+                before, after = looped_from[1] / looped_from[0], (state.train_time_ms - looped_from[1]) / (
+                    step - looped_from[0])
+                log(f"looping step_avg_before:{before:.2f}ms step_avg_after:{after:.2f}ms ratio:{after / before:.3f}")
             break
         if h.val_loss_every > 0 and step % h.val_loss_every == 0 and (step > start_step or step == 0):
             rt.sync()
@@ -1465,11 +1530,13 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
             mfu = f" mfu:{100 * flops_per_step * state.step / seconds / (peak * rt.world_size):.1f}%" if peak else ""
             log(f"step:{state.step}/{h.iterations} train_loss:{loss_value.item():.4f} train_time:{approx_ms:.0f}ms "
                 f"step_avg:{approx_ms / state.step:.2f}ms tok_s:{tok_s:.0f}{mfu}")
-        # One host-side agreement per step: wall-clock cap, a stop signal on any rank, a checkpoint due.
-        reached_cap, stop, checkpoint_due = rt.agree(
+        # One host-side agreement per step: wall-clock cap, a stop signal on any rank, a checkpoint due, the loops.
+        reached_cap, stop, checkpoint_due, loop_now = rt.agree(
             int(max_wallclock_ms is not None and approx_ms >= max_wallclock_ms), signals.signum,
             int(h.checkpoint_every_seconds > 0
-                and time.perf_counter() - last_checkpoint >= h.checkpoint_every_seconds))
+                and time.perf_counter() - last_checkpoint >= h.checkpoint_every_seconds), int(loops_due(approx_ms)))
+        if loop_now:
+            start_looping()
         if stop:
             state.train_time_ms = clock_ms()
             raise StopRequested(stop)
@@ -1744,7 +1811,7 @@ def run_phases(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str
     if signals.signum:
         raise StopRequested(signals.signum)
     train_tokens = sum(read_shard_header(p) for p in shard_files(os.path.join(h.data_path, "fineweb_train_*.bin")))
-    log(f"training_done steps:{state.step} train_time:{state.train_time_ms:.0f}ms "
+    log(f"training_done steps:{state.step} train_time:{state.train_time_ms:.0f}ms graphs:{compile_stats()[0]} "
         f"wall_time:{1000 * (time.perf_counter() - t_train):.0f}ms raw_checkpoint:{files.raw} "
         f"data_epochs:{state.step * h.train_batch_tokens / max(train_tokens, 1):.3f}")
     if rt.device.type == "cuda":
@@ -1764,6 +1831,7 @@ def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs
            ema: EMA | None) -> dict:
     """The final evaluations, the artifact and its round trip, the summary."""
     eval_batch = windows_per_batch(h, rt.world_size, inputs.grad_accum_steps, h.train_seq_len)
+    base_model.looping = h.num_loops > 0  # the final model runs its loops, whenever they switched on
     rt.sync()
     if ema is not None:  # score the trained weights, then continue with the average the artifact is made from
         raw = evaluate(compiled, val_tokens, luts, seq_len=h.train_seq_len, stride=0, batch_seqs=eval_batch,
@@ -1800,6 +1868,7 @@ def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs
     # Round trip: a fresh model from the file on disk, scored on the whole validation split.
     eval_model = build_model(h, rt.device, inputs.sp.bos_id())
     eval_model.load_state_dict(dequantize_state_dict(read_artifact(files.artifact)), strict=True)
+    eval_model.looping = h.num_loops > 0
     eval_fn = compile_fn(eval_model)
     rt.sync()
     roundtrip = evaluate(eval_fn, val_tokens, luts, seq_len=h.train_seq_len, stride=0, batch_seqs=eval_batch,

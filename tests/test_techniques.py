@@ -239,12 +239,14 @@ def test_a_run_with_a_preset_and_every_switch_logs_and_summarizes_it(tiny_data, 
     sys.path.insert(0, sys_path)
     import record_tools
 
-    env = tiny_env(tiny_data, tmp_path, PRESET="frontier", NUM_LAYERS=4, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=1024,
-                   XSA_LAST_N=2, BIGRAM_BUCKETS=64, BIGRAM_DIM=16, ORTHO_INIT=1, ITERATIONS=3, EVAL_STRIDE=32)
+    env = tiny_env(tiny_data, tmp_path, PRESET="frontier", NUM_LAYERS=6, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=1024,
+                   XSA_LAST_N=2, BIGRAM_BUCKETS=64, BIGRAM_DIM=16, ORTHO_INIT=1, ITERATIONS=3, EVAL_STRIDE=32,
+                   LOOP_START=1, LOOP_END=2, PARALLEL_RESIDUAL_START=4)
     proc = run_script(env)
     assert re.search(r"^run_id:tiny preset:frontier ", proc.stdout, re.M)
     summary = json.loads((tmp_path / "logs" / "tiny.json").read_text())
     assert summary["preset"] == "frontier" and summary["hyperparameters"]["ROPE_DIMS"] == 16
-    assert summary["hyperparameters"]["NUM_LAYERS"] == 4  # explicit wins
+    assert summary["hyperparameters"]["NUM_LAYERS"] == 6  # explicit wins
+    assert "looping_on step:2 virtual_layers:[0, 1, 2, 1, 2, 1, 2, 3, 4, 5]" in proc.stdout  # 2/3 >= 0.35
     table = record_tools.sweep_table(tmp_path / "logs")
     assert table.splitlines()[0].split()[:2] == ["run_id", "preset"] and "frontier" in table.splitlines()[2]
