@@ -19,6 +19,7 @@ import glob
 import hashlib
 import io
 import json
+import lzma
 import math
 import os
 import platform
@@ -142,7 +143,17 @@ class Hyperparameters:
     # Quantization and the artifact
     qat: bool = _knob(True, "fake-quantize block matrices to int6 in the training forward (STE)")
     late_qat_threshold: float = _knob(0.0, "QAT only once the LR multiplier drops below this (0 = the whole run)")
-    embed_quant: str = _knob("fp16", "token embedding in the artifact: fp16 or int8")
+    embed_quant: str = _knob("fp16", "token embedding in the artifact: fp16, int8, int7 or int6")
+    mlp_bits: int = _knob(6, "bits of the MLP matrices in the artifact (5-8; QAT uses the same)")
+    attn_bits: int = _knob(6, "bits of the attention (and bigram) matrices in the artifact (5-8)")
+    quant_method: str = _knob("rtn", "rtn (round to nearest) or gptq (Hessian-aware, calibrated on training data)")
+    gptq_calib_tokens: int = _knob(524_288, "GPTQ: training tokens (all ranks) that calibrate the Hessians")
+    gptq_reserve_seconds: float = _knob(10.0, "GPTQ: seconds of MAX_WALLCLOCK_SECONDS kept for calibration")
+    clip: str = _knob("percentile", "per-row clip: percentile (QUANT_CLIP_PERCENTILE), sdclip (k std) or search")
+    sdclip_k_mlp: float = _knob(11.5, "SDClip: clip the MLP matrices at k standard deviations of the row")
+    sdclip_k_attn: float = _knob(13.0, "SDClip: k of the attention and bigram matrices")
+    sdclip_k_embed: float = _knob(20.0, "SDClip: k of the embedding tables and the head")
+    compressor: str = _knob("zstd", "compression of the artifact: zstd (ZSTD_LEVEL) or lzma")
     fp16_keep: str = _knob("", "comma-separated name patterns (fnmatch) kept in fp16, e.g. blocks.8.attn.c_k.weight")
     quant_clip_percentile: float = _knob(99.99984, "per-row clip at this percentile of abs(w)")
     zstd_level: int = _knob(22, "zstd compression level of the artifact")
@@ -175,12 +186,12 @@ class Hyperparameters:
     def validate(self) -> None:
         positive = ["vocab_size", "num_layers", "num_kv_heads", "model_dim", "num_heads", "mlp_mult",
                     "train_seq_len", "train_batch_tokens", "val_batch_size", "muon_backend_steps", "rope_base",
-                    "adam_eps"]
+                    "adam_eps", "gptq_calib_tokens", "sdclip_k_mlp", "sdclip_k_attn", "sdclip_k_embed"]
         non_negative = ["iterations", "warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every",
                         "eval_seq_len", "eval_stride", "eval_batch_seqs", "grad_accum_steps",
                         "max_wallclock_seconds", "checkpoint_every_seconds", "embed_lr", "head_lr",
                         "tied_embed_lr", "matrix_lr", "scalar_lr", "grad_clip_norm", "muon_momentum_warmup_steps",
-                        "tied_embed_init_std", "muon_wd", "embed_wd", "adam_wd"]
+                        "tied_embed_init_std", "muon_wd", "embed_wd", "adam_wd", "gptq_reserve_seconds"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)} must be positive")
@@ -198,7 +209,10 @@ class Hyperparameters:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}")
         if (self.model_dim // self.num_heads) % 2:
-            raise ValueError(f"MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even (RoPE rotates pairs)")
+            raise ValueError(f"MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even (RoPE turns pairs)")
+        if self.quant_method == "gptq" and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
+            raise ValueError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
+                             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         if self.run_id in (".", "..") or "/" in self.run_id or "\\" in self.run_id:
             raise ValueError(f"RUN_ID={self.run_id!r} must be a plain name: it names files in LOG_DIR and ARTIFACT_DIR")
         if self.vocab_size > 65536:
@@ -217,15 +231,22 @@ class Hyperparameters:
         if self.num_loops < 0 or (self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers):
             raise ValueError(f"NUM_LOOPS={self.num_loops} needs 0 <= LOOP_START={self.loop_start} <= LOOP_END="
                              f"{self.loop_end} < NUM_LAYERS={self.num_layers}")
-        if self.parallel_residual_start and not (self.num_layers // 2 <= self.parallel_residual_start < self.num_layers
-                                                 and (not self.num_loops or self.parallel_residual_start > self.loop_end)):
+        start = self.parallel_residual_start
+        if start and not (self.num_layers // 2 <= start < self.num_layers
+                          and (not self.num_loops or start > self.loop_end)):
             raise ValueError(f"PARALLEL_RESIDUAL_START={self.parallel_residual_start} must be a decoder layer "
                              f"(NUM_LAYERS//2..NUM_LAYERS-1) after the looped ones (LOOP_END={self.loop_end})")
         if self.bigram_buckets == 1 or self.bigram_buckets < 0 or self.bigram_dim <= 0:
             raise ValueError(f"BIGRAM_BUCKETS={self.bigram_buckets} must be 0 (off) or at least 2, and "
                              f"BIGRAM_DIM={self.bigram_dim} positive")
-        for name, allowed in [("embed_quant", ("fp16", "int8")), ("device", ("auto", "cuda", "cpu")),
-                              ("mlp_act", ("relu2", "leaky_relu2")), ("muon_ns", tuple(NEWTON_SCHULZ)), ("preset", tuple(PRESETS)),
+        for name in ["mlp_bits", "attn_bits"]:
+            if not 5 <= getattr(self, name) <= 8:
+                raise ValueError(f"{name.upper()}={getattr(self, name)} must be in 5..8")
+        for name, allowed in [("embed_quant", ("fp16", "int8", "int7", "int6")), ("device", ("auto", "cuda", "cpu")),
+                              ("quant_method", ("rtn", "gptq")), ("clip", ("percentile", "sdclip", "search")),
+                              ("compressor", ("zstd", "lzma")),
+                              ("mlp_act", ("relu2", "leaky_relu2")), ("muon_ns", tuple(NEWTON_SCHULZ)),
+                              ("preset", tuple(PRESETS)),
                               ("compile", ("auto", "0", "1")), ("sdpa_backend", ("auto",) + SDPA_BACKENDS),
                               ("host_sync", ("auto", "gloo", "device"))]:
             if getattr(self, name) not in allowed:
@@ -497,8 +518,6 @@ def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
 # Quantization: one function for the training forward (STE) and the export
 # -----------------------------------------------------------------------------
 
-INT6_MAX = 31  # int6 levels -31..31
-INT8_MAX = 127
 FP16_MAX = 65504.0
 MIN_SCALE = 2.0**-24  # smallest fp16 subnormal: keeps the scale representable, swallows nothing
 
@@ -514,17 +533,41 @@ def round_to_fp16_grid(x: Tensor) -> Tensor:
     return torch.round(x / ulp) * ulp
 
 
-def quantize_per_row(w: Tensor, max_level: int, clip_percentile: float) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row quantization of a 2-D tensor: integer levels (int8) and fp16 scales (rows,).
+SEARCH_CLIP_FRACTIONS = tuple(1.0 - 0.05 * i for i in range(11))  # CLIP=search tries these fractions of the max
 
-    Each row is clipped at the nearest-rank percentile of |w| (at 100 and for short rows: the row max).
-    """
-    w = w.float()
+
+def level_of(kind: str) -> int:
+    """The largest level of an intN kind: levels run -L..L, L = 2^(N-1) - 1 (int6: 31)."""
+    return 2 ** (int(kind[3:]) - 1) - 1
+
+
+def row_scales(w: Tensor, max_level: int, clip_param: float, method: str = "percentile") -> Tensor:
+    """Per-row scales (fp32 values on the fp16 grid) of a 2-D fp32 tensor, from each row's clip: the nearest-rank
+    percentile clip_param of |w| (at 100 and for short rows: the row max); clip_param standard deviations
+    (sdclip); or the fraction of the row max whose rounding error is smallest (search)."""
     absw = w.abs()
     n = w.shape[1]
-    k = math.ceil(round(clip_percentile * n / 100.0, 9))  # round: 99.9/100*1000 is 999.0000000000001 in floats
-    clip = absw.amax(dim=1) if k >= n else absw.kthvalue(max(k, 1), dim=1).values
+    k = math.ceil(round(clip_param * n / 100.0, 9))  # round: 99.9/100*1000 is 999.0000000000001 in floats
+    if method == "sdclip":
+        clip = clip_param * w.std(dim=1)
+    elif method == "search" or k >= n:
+        clip = absw.amax(dim=1)
+    else:
+        clip = absw.kthvalue(max(k, 1), dim=1).values
     scale = round_to_fp16_grid((clip / max_level).clamp_min(MIN_SCALE))
+    if method == "search":
+        best_error = torch.full_like(scale, math.inf)
+        for fraction in SEARCH_CLIP_FRACTIONS:
+            s = round_to_fp16_grid((clip * fraction / max_level).clamp_min(MIN_SCALE))
+            error = (torch.clamp(torch.round(w / s[:, None]), -max_level, max_level) * s[:, None] - w).square().sum(1)
+            scale, best_error = torch.where(error < best_error, s, scale), torch.minimum(error, best_error)
+    return scale
+
+
+def quantize_per_row(w: Tensor, max_level: int, clip_param: float, method: str = "percentile") -> tuple[Tensor, Tensor]:
+    """Symmetric per-row quantization of a 2-D tensor: integer levels (int8) and fp16 scales (rows,)."""
+    w = w.float()
+    scale = row_scales(w, max_level, clip_param, method)
     q = torch.clamp(torch.round(w / scale[:, None]), -max_level, max_level).to(torch.int8)
     return q, scale.to(torch.float16)
 
@@ -533,9 +576,36 @@ def dequantize_per_row(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def fake_quantize(w: Tensor, max_level: int, clip_percentile: float, on: Tensor | float = 1.0) -> Tensor:
+def gptq_quantize(w: Tensor, hessian: Tensor, max_level: int, scale: Tensor, block: int = 128,
+                  damp: float = 0.01) -> Tensor:
+    """GPTQ (Frantar et al. 2022, arXiv:2210.17323): the levels of w (out, in) on the rows' grids, chosen column
+    by column in decreasing order of the Hessian's diagonal (act order), each column's rounding error fed
+    forward to the later columns through the upper Cholesky factor of the damped inverse Hessian, in blocks.
+    H = I gives round-to-nearest exactly."""
+    w, s = w.float().clone(), scale.float().to(w.device)
+    hessian = hessian.float().to(w.device).clone()
+    dead = hessian.diagonal() == 0  # inputs never seen: nothing to preserve
+    hessian[dead, dead], w[:, dead] = 1.0, 0.0
+    perm = torch.argsort(hessian.diagonal(), descending=True)
+    w, hessian = w[:, perm], hessian[perm][:, perm]
+    hessian.diagonal().add_(damp * hessian.diagonal().mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    q = torch.zeros_like(w)
+    for i1 in range(0, w.shape[1], block):
+        i2 = min(i1 + block, w.shape[1])
+        errors = torch.zeros_like(w[:, i1:i2])
+        for i in range(i1, i2):
+            q[:, i] = torch.clamp(torch.round(w[:, i] / s), -max_level, max_level)
+            errors[:, i - i1] = (w[:, i] - q[:, i] * s) / u[i, i]
+            w[:, i:i2] -= errors[:, i - i1, None] * u[i, i:i2]
+        w[:, i2:] -= errors @ u[i1:i2, i2:]
+    return q[:, torch.argsort(perm)].to(torch.int8)
+
+
+def fake_quantize(w: Tensor, max_level: int, clip_param: float, method: str = "percentile",
+                  on: Tensor | float = 1.0) -> Tensor:
     """Forward: the exported (dequantized) weight where on = 1, w itself where on = 0. Backward: identity (STE)."""
-    q, scale = quantize_per_row(w.detach(), max_level, clip_percentile)
+    q, scale = quantize_per_row(w.detach(), max_level, clip_param, method)
     return w + on * (dequantize_per_row(q, scale).to(w.dtype) - w).detach()
 
 
@@ -552,11 +622,11 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weight, computed in the activation dtype; optionally fake-quantized to int6 when training."""
+    """fp32 master weight, computed in the activation dtype; optionally fake-quantized when training."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
-        self.qat_clip_percentile = 0.0  # > 0 turns on int6 fake-quant (set by GPT.configure_qat)
+        self.qat = None  # (max_level, clip_param, clip method) of the export when fake-quantized (configure_qat)
         # 1/0 at run time: a tensor, so late QAT switches with no recompile and cannot be constant-folded
         self.register_buffer("qat_on", torch.ones(()), persistent=False)
         if zero_init:
@@ -564,8 +634,8 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if self.training and self.qat_clip_percentile > 0:
-            w = fake_quantize(w, INT6_MAX, self.qat_clip_percentile, self.qat_on)
+        if self.training and self.qat is not None:
+            w = fake_quantize(w, *self.qat, on=self.qat_on)
         return F.linear(x, w.to(x.dtype))
 
 
@@ -743,12 +813,13 @@ class GPT(nn.Module):
                     if name.endswith(".proj"):  # residual branches: their sum keeps a steady scale with depth
                         module.weight.data.mul_(1.0 / math.sqrt(2 * h.num_layers))
 
-    def configure_qat(self, enabled: bool, clip_percentile: float, fp16_keep: list[str]) -> None:
-        """Fake-quantize exactly the tensors the export stores as int6."""
+    def configure_qat(self, h: Hyperparameters) -> None:
+        """Fake-quantize (QAT on) exactly the matrices the export stores as intN, on the export's grid."""
         for name, module in self.named_modules():
             if isinstance(module, CastedLinear):
-                int6 = export_kind(f"{name}.weight", module.weight, "fp16", fp16_keep) == "int6"
-                module.qat_clip_percentile = clip_percentile if enabled and int6 else 0.0
+                kind = export_kind(f"{name}.weight", module.weight, h)
+                quantized = h.qat and kind.startswith("int") and name != "lm_head"
+                module.qat = (level_of(kind), *clip_rule(f"{name}.weight", h)) if quantized else None
 
     def set_qat_active(self, active: bool) -> None:
         for module in self.modules():
@@ -975,48 +1046,58 @@ def muon_momentum_at(step: int, *, start: float, end: float, warmup_steps: int) 
 
 ARTIFACT_MAGIC = b"PGOLF-Q\x00"  # 8 bytes before the zstd frame
 ARTIFACT_FORMAT_VERSION = 1
-ARTIFACT_KINDS = ("int6", "int8", "fp16", "float")
+ARTIFACT_KINDS = ("int5", "int6", "int7", "int8", "fp16", "float")
 
 
 class ArtifactError(ValueError):
     pass
 
 
-def export_kind(name: str, tensor: Tensor, embed_quant: str, fp16_keep: list[str]) -> str:
-    """How a tensor is stored: int6 (the matrices QAT sees), int8 or fp16 (embeddings, head, attention gates),
-    fp16 (kept), float (vectors and scalars)."""
-    if any(fnmatch.fnmatchcase(name, pattern) for pattern in fp16_keep):
+def export_kind(name: str, tensor: Tensor, h: Hyperparameters) -> str:
+    """How a tensor is stored: intN (the matrices QAT sees: MLP_BITS / ATTN_BITS), EMBED_QUANT (the token
+    embedding), int8 (head, bigram table, attention gates), fp16 (FP16_KEEP), float (vectors and scalars)."""
+    if any(fnmatch.fnmatchcase(name, p.strip()) for p in h.fp16_keep.split(",") if p.strip()):
         return "fp16"
     if name == "tok_emb.weight":
-        return embed_quant
+        return h.embed_quant
     if name in ("lm_head.weight", "bigram.embed.weight") or "attn_gate" in name:  # no fake-quant in training
         return "int8"
     if name.startswith(("blocks.", "bigram.")) and tensor.ndim == 2 and not any(c in name for c in CONTROL_PARAM_NAMES):
-        return "int6"
+        return f"int{h.mlp_bits if '.mlp.' in name else h.attn_bits}"
     return "float"
 
 
-def quantize_state_dict(state: dict[str, Tensor], h: Hyperparameters) -> dict:
-    keep = [p for p in h.fp16_keep.split(",") if p.strip()]
+def clip_rule(name: str, h: Hyperparameters) -> tuple[float, str]:
+    """(clip_param, method) of a tensor's per-row clip: CLIP, with SDClip's k by the tensor's group."""
+    if h.clip != "sdclip":
+        return h.quant_clip_percentile, h.clip
+    k = h.sdclip_k_mlp if ".mlp." in name else h.sdclip_k_embed if "emb" in name or "head" in name else h.sdclip_k_attn
+    return k, "sdclip"
+
+
+def quantize_state_dict(state: dict[str, Tensor], h: Hyperparameters, hessians: dict | None = None) -> dict:
+    """The artifact's payload: every tensor in its export kind; GPTQ for the matrices that have a Hessian."""
     entries = {}
     for name, t in state.items():
-        t = t.detach().cpu()
-        kind = export_kind(name, t, h.embed_quant, keep)
-        if kind in ("int6", "int8"):
-            q, scale = quantize_per_row(t, INT6_MAX if kind == "int6" else INT8_MAX, h.quant_clip_percentile)
-            entries[name] = {"kind": kind, "q": q, "scale": scale}
-        elif kind == "fp16":
-            entries[name] = {"kind": kind, "data": t.to(torch.float16)}
+        kind = export_kind(name, t, h)
+        if kind.startswith("int"):
+            max_level, (clip_param, method) = level_of(kind), clip_rule(name, h)
+            if hessians and name in hessians:
+                scale = row_scales(t.detach().float(), max_level, clip_param, method)
+                q, scale = gptq_quantize(t.detach(), hessians[name], max_level, scale), scale.to(torch.float16)
+            else:
+                q, scale = quantize_per_row(t.detach(), max_level, clip_param, method)
+            entries[name] = {"kind": kind, "q": q.cpu(), "scale": scale.cpu()}
         else:
-            entries[name] = {"kind": kind, "data": t.float().clone()}
-    return {"format": "pgolf-int6", "version": ARTIFACT_FORMAT_VERSION, "tensors": entries}
+            data = t.detach().cpu()
+            entries[name] = {"kind": kind, "data": data.half() if kind == "fp16" else data.float().clone()}
+    return {"format": "pgolf-int6", "version": ARTIFACT_FORMAT_VERSION, "tensors": entries,
+            "made_with": {"quant_method": h.quant_method, "clip": h.clip, "compressor": h.compressor}}
 
 
 def dequantize_state_dict(payload: dict) -> dict[str, Tensor]:
-    out = {}
-    for name, e in payload["tensors"].items():
-        out[name] = dequantize_per_row(e["q"], e["scale"]) if e["kind"] in ("int6", "int8") else e["data"].float()
-    return out
+    return {name: dequantize_per_row(e["q"], e["scale"]) if "q" in e else e["data"].float()
+            for name, e in payload["tensors"].items()}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -1038,9 +1119,14 @@ def torch_save_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def artifact_bytes(payload: dict, zstd_level: int) -> bytes:
-    compressor = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
-    return ARTIFACT_MAGIC + compressor.compress(torch_save_bytes(payload))
+XZ_MAGIC = b"\xfd7zXZ\x00"  # an lzma (xz) stream; anything else after ARTIFACT_MAGIC is a zstd frame
+
+
+def artifact_bytes(payload: dict, zstd_level: int, compressor: str = "zstd") -> bytes:
+    raw = torch_save_bytes(payload)
+    if compressor == "lzma":
+        return ARTIFACT_MAGIC + lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
+    return ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
 
 
 def read_artifact(path: Path) -> dict:
@@ -1048,9 +1134,10 @@ def read_artifact(path: Path) -> dict:
     blob = Path(path).read_bytes()
     if not blob.startswith(ARTIFACT_MAGIC):
         raise ArtifactError(f"{path}: not an artifact of this script (bad magic)")
+    body = blob[len(ARTIFACT_MAGIC):]
     try:
-        raw = zstandard.ZstdDecompressor().decompress(blob[len(ARTIFACT_MAGIC):])
-    except (zstandard.ZstdError, MemoryError) as e:  # a damaged header can declare an absurd content size
+        raw = lzma.decompress(body) if body.startswith(XZ_MAGIC) else zstandard.ZstdDecompressor().decompress(body)
+    except (zstandard.ZstdError, lzma.LZMAError, MemoryError) as e:  # a damaged header can declare an absurd size
         raise ArtifactError(f"{path}: truncated or corrupt artifact ({str(e) or type(e).__name__}); "
                             "re-export it from the raw checkpoint") from None
     try:
@@ -1064,7 +1151,7 @@ def read_artifact(path: Path) -> dict:
                             f"version {ARTIFACT_FORMAT_VERSION}")
     tensors = payload.get("tensors")
     for name, e in (tensors.items() if isinstance(tensors, dict) else [("tensors", None)]):
-        keys = ("q", "scale") if isinstance(e, dict) and e.get("kind") in ("int6", "int8") else ("data",)
+        keys = ("q", "scale") if isinstance(e, dict) and str(e.get("kind")).startswith("int") else ("data",)
         if not (isinstance(e, dict) and e.get("kind") in ARTIFACT_KINDS
                 and all(isinstance(e.get(k), Tensor) for k in keys)):
             raise ArtifactError(f"{path}: artifact entry {name!r} is malformed; re-export it from the raw checkpoint")
@@ -1425,7 +1512,8 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
                                       tuple(state.loader_position))
 
     loader = new_loader()
-    max_wallclock_ms = 1000.0 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else None
+    reserve_s = h.gptq_reserve_seconds if h.quant_method == "gptq" else 0.0  # GPTQ's time is training time
+    max_wallclock_ms = 1000.0 * (h.max_wallclock_seconds - reserve_s) if h.max_wallclock_seconds > 0 else None
     flops_per_step = model_flops_per_token(h, base_model) * h.train_batch_tokens
     peak = device_peak_flops(rt.device)
     eval_batch = windows_per_batch(h, rt.world_size, grad_accum_steps, h.train_seq_len)
@@ -1663,7 +1751,7 @@ def preflight(h: Hyperparameters, rt: Runtime, files: RunFiles) -> Inputs:
 
 def build_model(h: Hyperparameters, device: torch.device, bos_id: int = BOS_ID) -> GPT:
     model = GPT(h, bos_id).to(device)
-    model.configure_qat(h.qat, h.quant_clip_percentile, [p for p in h.fp16_keep.split(",") if p.strip()])
+    model.configure_qat(h)
     return model
 
 
@@ -1673,6 +1761,39 @@ def versions() -> str:
     if torch.cuda.is_available():
         parts += [f"cuda:{torch.version.cuda}", f"gpu:{torch.cuda.get_device_name()}"]
     return " ".join(parts)
+
+
+def collect_hessians(model: GPT, h: Hyperparameters, rt: Runtime, grad_accum_steps: int) -> dict[str, Tensor]:
+    """GPTQ's H = sum of x^T x over the inputs of every matrix the export stores as intN, from training batches
+    only (calibration never reads the validation split), summed over the ranks. The tied embedding's inputs
+    as the output head are the final hidden states."""
+    hessians: dict[str, Tensor] = {}
+
+    def add(name: str, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        hessians[name] = hessians[name] + x.T @ x if name in hessians else x.T @ x
+
+    hooks = [m.register_forward_pre_hook(lambda _, args, key=f"{n}.weight": add(key, args[0]))
+             for n, m in model.named_modules()
+             if isinstance(m, CastedLinear) and export_kind(f"{n}.weight", m.weight, h).startswith("int")]
+    loader = DistributedTokenLoader(os.path.join(h.data_path, "fineweb_train_*.bin"), rt.rank, rt.world_size,
+                                    rt.device, h.vocab_size)
+    local_tokens, was_training = h.train_batch_tokens // (rt.world_size * grad_accum_steps), model.training
+    tied = model.lm_head is None and export_kind("tok_emb.weight", model.tok_emb.weight, h).startswith("int")
+    model.eval()
+    try:
+        with torch.no_grad(), rt.autocast():
+            for _ in range(max(1, math.ceil(h.gptq_calib_tokens / (local_tokens * rt.world_size)))):
+                hidden = model.hidden(loader.next_batch(local_tokens, h.train_seq_len)[0])
+                if tied:
+                    add("tok_emb.weight", hidden)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    for hessian in hessians.values() if rt.distributed else ():
+        dist.all_reduce(hessian)
+    return hessians
 
 
 def export_weights(base_model: GPT, ema: EMA | None) -> dict[str, Tensor]:
@@ -1702,10 +1823,9 @@ def save_stopped_run(e: BaseException, *, files: RunFiles, base_model: GPT, opti
 
 def check_exportable(state: dict[str, Tensor], h: Hyperparameters) -> None:
     """A broken model is never shipped: every weight finite and within the range its export format holds."""
-    keep = [p for p in h.fp16_keep.split(",") if p.strip()]
     for name, t in state.items():
-        kind = export_kind(name, t, h.embed_quant, keep)
-        limit = FP16_MAX * {"int6": INT6_MAX, "int8": INT8_MAX, "float": math.inf}.get(kind, 1)  # fp16 scales
+        kind = export_kind(name, t, h)
+        limit = math.inf if kind == "float" else FP16_MAX * (level_of(kind) if kind.startswith("int") else 1)
         if not torch.isfinite(t).all():
             raise BrokenModel(f"weight {name} has non-finite values: training diverged (lower the learning rates "
                               f"or set GRAD_CLIP_NORM); the raw weights are kept")
@@ -1754,7 +1874,8 @@ def run_phases(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str
         log(f"setting {name}:{value}", console=False)
     log("overrides: " + " ".join(f"{k}={v}" for k, v in h.overrides().items()))
     grad_accum_steps, val_tokens = inputs.grad_accum_steps, inputs.val_tokens.to(rt.device)
-    log(f"run_id:{files.run_id} preset:{h.preset or 'none'} world_size:{rt.world_size} grad_accum_steps:{grad_accum_steps} device:{rt.device} "
+    log(f"run_id:{files.run_id} preset:{h.preset or 'none'} world_size:{rt.world_size} "
+        f"grad_accum_steps:{grad_accum_steps} device:{rt.device} "
         f"compile:{int(rt.use_compile)} attention:{rt.attention} host_sync:{rt.host_sync} {versions()}")
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
@@ -1848,18 +1969,28 @@ def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs
     log(f"step:{state.step}/{h.iterations} val_loss:{prequant.val_loss:.4f} val_bpb:{prequant.val_bpb:.4f} "
         f"train_time:{state.train_time_ms:.0f}ms step_avg:{state.train_time_ms / max(state.step, 1):.2f}ms")
     check_exportable(base_model.state_dict(), h)
+    t_export, hessians = time.perf_counter(), None
+    if h.quant_method == "gptq":  # calibration and quantization count as training: GPTQ_RESERVE_SECONDS
+        hessians = collect_hessians(base_model, h, rt, inputs.grad_accum_steps)
+        log(f"gptq_calibration tokens:{h.gptq_calib_tokens} time:{1000 * (time.perf_counter() - t_export):.0f}ms")
     if rt.master:
-        t_export = time.perf_counter()
-        atomic_write_bytes(files.artifact, artifact_bytes(quantize_state_dict(base_model.state_dict(), h),
-                                                          h.zstd_level))
+        payload = quantize_state_dict(base_model.state_dict(), h, hessians)
+        quantized_s = time.perf_counter() - t_export
+        atomic_write_bytes(files.artifact, artifact_bytes(payload, h.zstd_level, h.compressor))
         log(f"artifact:{files.artifact} export_time:{1000 * (time.perf_counter() - t_export):.0f}ms")
+        if hessians is not None:
+            over = quantized_s > h.gptq_reserve_seconds
+            log(f"gptq calibration+quantization:{1000 * quantized_s:.0f}ms reserved:{1000 * h.gptq_reserve_seconds:.0f}"
+                "ms" + (" WARNING: over the reserve, raise GPTQ_RESERVE_SECONDS" if over else ""))
     rt.barrier()
     bytes_model, bytes_code = files.artifact.stat().st_size, len(code)
     bytes_total = bytes_model + bytes_code
     fits = bytes_total <= SIZE_LIMIT_BYTES
-    log(f"Serialized model int6+zstd-{h.zstd_level}: {bytes_model} bytes")
+    label = ("int6" if h.mlp_bits == h.attn_bits == 6 else f"int{h.mlp_bits}/{h.attn_bits}") + (
+        f"+zstd-{h.zstd_level}" if h.compressor == "zstd" else "+lzma")
+    log(f"Serialized model {label}: {bytes_model} bytes")
     log(f"Code size: {bytes_code} bytes")
-    log(f"Total submission size int6+zstd-{h.zstd_level}: {bytes_total} bytes")
+    log(f"Total submission size {label}: {bytes_total} bytes")
     log(f"fits_16mb:{str(fits).lower()} margin:{SIZE_LIMIT_BYTES - bytes_total}")
     if not fits:
         log(f"WARNING: the submission is {bytes_total - SIZE_LIMIT_BYTES} bytes OVER the {SIZE_LIMIT_BYTES}-byte "
@@ -1897,7 +2028,8 @@ def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs
             log_eval_projection(log, rate, rt.world_size)
     score = sliding or roundtrip
     summary = {
-        "run_id": files.run_id, "preset": h.preset, "seed": h.seed, "val_bpb": score.val_bpb, "val_loss": score.val_loss,
+        "run_id": files.run_id, "preset": h.preset, "seed": h.seed, "val_bpb": score.val_bpb,
+        "val_loss": score.val_loss,
         "prequant_val_bpb": prequant.val_bpb, "prequant_val_loss": prequant.val_loss,
         "roundtrip_val_bpb": roundtrip.val_bpb, "roundtrip_val_loss": roundtrip.val_loss,
         "sliding_val_bpb": sliding.val_bpb if sliding else None,

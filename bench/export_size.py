@@ -42,8 +42,8 @@ def densify(model: tg.GPT, h: tg.Hyperparameters, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            kind = tg.export_kind(name, p, h.embed_quant, [])
-            if kind == "int6":
+            kind = tg.export_kind(name, p, h)
+            if kind.startswith("int") and name != EMBED_NAME:
                 std = 1.0 / p.shape[1] ** 0.5 / 3**0.5  # nn.Linear's U(-1/sqrt(in), 1/sqrt(in)) has this RMS
                 p.copy_(torch.randn(p.shape, generator=g) * std)
             elif name == EMBED_NAME:

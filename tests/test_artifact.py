@@ -138,7 +138,7 @@ def log_events(path: Path) -> str:
 # -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("max_level", [tg.INT6_MAX, tg.INT8_MAX])
+@pytest.mark.parametrize("max_level", [tg.level_of("int6"), tg.level_of("int8")])
 @pytest.mark.parametrize("percentile,n", [(100.0, 200), (99.9, 1000), (95.0, 64), (50.0, 37), (99.99984, 96)])
 def test_quantize_matches_slow_reference(max_level, percentile, n):
     w = rows_with_outliers(6, n, seed=n)
@@ -172,11 +172,11 @@ def test_quantize_matches_slow_reference(max_level, percentile, n):
 def test_percentile_rank_is_exact_for_decimal_percentiles():
     """The 99.9th percentile of 1000 values is the 999th (floats give 999.0000000000001, whose ceil is 1000)."""
     w = torch.arange(1, 1001, dtype=torch.float32)[None] / 1000
-    _, scale = tg.quantize_per_row(w, tg.INT6_MAX, 99.9)
+    _, scale = tg.quantize_per_row(w, tg.level_of("int6"), 99.9)
     assert scale.item() == np.float16(np.float32(0.999) / np.float32(31))
     for percentile, n in [(7.0, 100), (57.0, 100), (99.5, 200), (12.5, 64)]:
         row = torch.arange(1, n + 1, dtype=torch.float32)[None]
-        _, scale = tg.quantize_per_row(row, tg.INT6_MAX, percentile)
+        _, scale = tg.quantize_per_row(row, tg.level_of("int6"), percentile)
         assert scale.item() == np.float16(np.float32(nearest_rank(percentile, n)) / np.float32(31))
 
 
@@ -185,7 +185,7 @@ def test_small_weight_rows_keep_their_relative_precision():
     normal = torch.randn(64, 512, generator=g) * 0.02
     small = torch.randn(64, 512, generator=g) * 0.002
     percentile = tg.Hyperparameters().quant_clip_percentile
-    q, scale = tg.quantize_per_row(torch.cat([normal, small]), tg.INT6_MAX, percentile)
+    q, scale = tg.quantize_per_row(torch.cat([normal, small]), tg.level_of("int6"), percentile)
     deq = tg.dequantize_per_row(q, scale)
 
     def rel_rms(a, b):
@@ -204,7 +204,7 @@ def test_zero_row_and_tiny_row():
     w = torch.zeros(3, 16)
     w[1, 3] = 1e-7  # far below any fp16 normal number
     w[2] = torch.linspace(-1e-3, 1e-3, 16)
-    q, scale = tg.quantize_per_row(w, tg.INT6_MAX, 100.0)
+    q, scale = tg.quantize_per_row(w, tg.level_of("int6"), 100.0)
     deq = tg.dequantize_per_row(q, scale)
     assert torch.isfinite(scale.float()).all() and (scale.float() > 0).all()
     assert torch.equal(deq[0], torch.zeros(16))
@@ -246,7 +246,7 @@ def test_artifact_round_trip_from_disk(tmp_path, embed_quant):
     assert torch.equal(from_disk[KEEP], state[KEEP].half().float())
     assert not torch.equal(from_disk[KEEP], state[KEEP])
     for name in int6 | {"lm_head.weight"} | ({"tok_emb.weight"} if embed_quant == "int8" else set()):
-        max_level = tg.INT6_MAX if name in int6 else tg.INT8_MAX
+        max_level = tg.level_of("int6") if name in int6 else tg.level_of("int8")
         e = payload["tensors"][name]
         ref_q, ref_scale, _ = slow_quantize(state[name].numpy(), max_level, h.quant_clip_percentile)
         assert e["q"].dtype == torch.int8 and e["scale"].dtype == torch.float16
@@ -394,8 +394,8 @@ def test_failed_write_leaves_nothing_under_the_final_name(tmp_path, monkeypatch)
 
 def test_fake_quantize_is_straight_through():
     w = (torch.randn(24, 40) * 0.05).requires_grad_()
-    out = tg.fake_quantize(w, tg.INT6_MAX, 95.0)
-    q, scale = tg.quantize_per_row(w.detach(), tg.INT6_MAX, 95.0)
+    out = tg.fake_quantize(w, tg.level_of("int6"), 95.0)
+    q, scale = tg.quantize_per_row(w.detach(), tg.level_of("int6"), 95.0)
     assert torch.equal(out.detach(), tg.dequantize_per_row(q, scale))
     upstream = torch.randn(24, 40)
     out.backward(upstream)
@@ -405,11 +405,11 @@ def test_fake_quantize_is_straight_through():
 def hand_quantized(model: tg.GPT, percentile: float) -> tg.GPT:
     """A copy with QAT off whose int6 weights were replaced by quantize -> dequantize."""
     ref = copy.deepcopy(model)
-    ref.configure_qat(False, percentile, [])
+    ref.configure_qat(tg.Hyperparameters(qat=False))
     with torch.no_grad():
         for name in expected_int6_names(len(ref.blocks)):
             p = ref.get_parameter(name)
-            p.copy_(tg.dequantize_per_row(*tg.quantize_per_row(p, tg.INT6_MAX, percentile)))
+            p.copy_(tg.dequantize_per_row(*tg.quantize_per_row(p, tg.level_of("int6"), percentile)))
     return ref
 
 
@@ -418,7 +418,7 @@ def test_qat_runs_in_the_compiled_training_forward_only():
     h = tiny_hparams(quant_clip_percentile=percentile)
     assert h.qat  # on by default
     model = randomized_model(h)
-    qat_on = {n for n, m in model.named_modules() if isinstance(m, tg.CastedLinear) and m.qat_clip_percentile > 0}
+    qat_on = {n for n, m in model.named_modules() if isinstance(m, tg.CastedLinear) and m.qat is not None}
     assert {f"{n}.weight" for n in qat_on} == expected_int6_names(h.num_layers)  # exactly what ships as int6
     ref = hand_quantized(model, percentile).eval()
     plain = copy.deepcopy(model).eval()
@@ -455,15 +455,15 @@ def test_compiled_fake_quantize_is_the_export_grid(percentile):
     training forward would quantize on a different grid than the artifact."""
     g = torch.Generator().manual_seed(7)
     w = torch.randn(96, 160, generator=g) * torch.logspace(-4, -1, 96)[:, None]  # scales across fp16 ranges
-    q, scale = tg.quantize_per_row(w, tg.INT6_MAX, percentile)
+    q, scale = tg.quantize_per_row(w, tg.level_of("int6"), percentile)
     exported = tg.dequantize_per_row(q, scale)
     torch._dynamo.reset()
     try:
-        compiled = torch.compile(lambda x: tg.fake_quantize(x, tg.INT6_MAX, percentile), fullgraph=True)(w)
+        compiled = torch.compile(lambda x: tg.fake_quantize(x, tg.level_of("int6"), percentile), fullgraph=True)(w)
     finally:
         torch._dynamo.reset()
     assert torch.equal(compiled, exported)
-    assert torch.equal(tg.fake_quantize(w, tg.INT6_MAX, percentile), exported)
+    assert torch.equal(tg.fake_quantize(w, tg.level_of("int6"), percentile), exported)
 
 
 def test_qat_gradients_flow_straight_through_the_compiled_model():
@@ -488,7 +488,7 @@ def test_qat_gradients_flow_straight_through_the_compiled_model():
         ref_grad = ref.get_parameter(name).grad
         assert torch.allclose(p.grad, ref_grad, rtol=1e-4, atol=1e-6), name
     plain = randomized_model(h, seed=3)  # the same weights, QAT off: other gradients
-    plain.configure_qat(False, 100.0, [])
+    plain.configure_qat(tg.Hyperparameters(qat=False))
     plain(ids[:, :-1], ids[:, 1:]).backward()
     name = "blocks.0.mlp.fc.weight"
     assert not torch.allclose(model.get_parameter(name).grad, plain.get_parameter(name).grad, rtol=1e-3, atol=1e-6)

@@ -85,7 +85,7 @@ def test_parallel_lanes_against_a_slow_reference():
     torch.testing.assert_close(model.hidden(ids), tg.rms_norm((lane0 + lane1) / 2))
     groups = {n: tg.optimizer_group(n, p) for n, p in model.named_parameters() if "lane_" in n}
     assert groups == {"lane_resid": "scalar", "lane_post": "scalar"}
-    assert all(tg.export_kind(n, p, "fp16", []) == "float" for n, p in model.named_parameters() if "lane_" in n)
+    assert all(tg.export_kind(n, p, tg.Hyperparameters()) == "float" for n, p in model.named_parameters() if "lane_" in n)
 
 
 def test_causality_with_loops_and_lanes():

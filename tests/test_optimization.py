@@ -166,7 +166,7 @@ def test_late_qat_switches_the_compiled_forward_without_a_recompile():
     plain.load_state_dict(model.state_dict())
     on_grid = tg.build_model(small_h(qat=False), CPU)  # the int6 matrices on the export's grid
     exported = tg.dequantize_state_dict(tg.quantize_state_dict(model.state_dict(), h))
-    on_grid.load_state_dict({k: exported[k] if tg.export_kind(k, v, "fp16", []) == "int6" else v
+    on_grid.load_state_dict({k: exported[k] if tg.export_kind(k, v, tg.Hyperparameters()) == "int6" else v
                              for k, v in model.state_dict().items()})
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
     compiled = torch.compile(model, fullgraph=True, dynamic=False)

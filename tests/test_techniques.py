@@ -178,10 +178,10 @@ def test_every_parameter_has_one_optimizer_group_and_int6_means_fake_quantized()
     for name, group in expect.items():
         assert tg.optimizer_group(name, names[name]) == group, name
     fake_quantized = {f"{n}.weight" for n, m in model.named_modules()
-                      if isinstance(m, tg.CastedLinear) and m.qat_clip_percentile > 0}
-    int6 = {n for n, p in model.state_dict().items() if tg.export_kind(n, p, h.embed_quant, []) == "int6"}
+                      if isinstance(m, tg.CastedLinear) and m.qat is not None}
+    int6 = {n for n, p in model.state_dict().items() if tg.export_kind(n, p, h) == "int6"}
     assert int6 == fake_quantized and "bigram.proj.weight" in int6
-    assert tg.export_kind("blocks.2.attn.attn_gate", names["blocks.2.attn.attn_gate"], "fp16", []) == "int8"
+    assert tg.export_kind("blocks.2.attn.attn_gate", names["blocks.2.attn.attn_gate"], h) == "int8"
 
 
 def test_bad_technique_settings_are_refused():

@@ -1,0 +1,179 @@
+"""GPTQ, SDClip and clip search, bits per group, lzma: each against a slow reference or round-tripped."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import lzma
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import run_script, tiny_env
+
+CPU = torch.device("cpu")
+
+
+def rtn(w: torch.Tensor, max_level: int, scale: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale[:, None].float()), -max_level, max_level).to(torch.int8)
+
+
+def weighted_error(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor) -> float:
+    d = (w - q.float() * scale.float()[:, None]).double()
+    return float(torch.einsum("ri,ij,rj->", d, hessian.double(), d))
+
+
+@pytest.mark.parametrize("shape, bits", [((16, 40), 6), ((33, 130), 5), ((8, 300), 8)])
+def test_gptq_with_an_identity_hessian_is_round_to_nearest(shape, bits):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    level = tg.level_of(f"int{bits}")
+    scale = tg.row_scales(w, level, 100.0)
+    assert torch.equal(tg.gptq_quantize(w, torch.eye(shape[1]), level, scale), rtn(w, level, scale))
+    assert torch.equal(tg.quantize_per_row(w, level, 100.0)[0], rtn(w, level, scale))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gptq_never_does_worse_than_rounding_on_its_own_objective(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = 96
+    mixing = torch.randn(n, n, generator=gen) * torch.logspace(-1, 0.5, n)  # correlated inputs
+    x = torch.randn(2048, n, generator=gen) @ mixing
+    hessian = x.T @ x
+    w = torch.randn(24, n, generator=gen) * 0.05
+    level = tg.level_of("int5")
+    scale = tg.row_scales(w, level, 100.0)
+    gptq = weighted_error(w, tg.gptq_quantize(w, hessian, level, scale, block=32), scale, hessian)
+    plain = weighted_error(w, rtn(w, level, scale), scale, hessian)
+    assert gptq < plain
+
+
+def test_sdclip_clips_at_k_standard_deviations_of_the_row():
+    w = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)) * torch.arange(1, 7)[:, None]
+    q, scale = tg.quantize_per_row(w, 31, 2.5, "sdclip")
+    for r in range(6):
+        row = w[r].double().numpy()
+        clip = 2.5 * np.std(row, ddof=1)
+        expected_scale = np.float16(np.float32(clip) / np.float32(31))
+        assert scale[r].item() == pytest.approx(float(expected_scale), rel=1e-3)
+        levels = np.clip(np.round(row / float(scale[r])), -31, 31)
+        assert np.array_equal(q[r].numpy(), levels), r
+
+
+def test_clip_search_takes_each_rows_best_candidate():
+    w = torch.randn(5, 64, generator=torch.Generator().manual_seed(2)) * 0.02
+    w[:, 0] = torch.tensor([0.5, 0.05, 0.2, 0.03, 0.3])  # outliers: clipping them can pay
+    q, scale = tg.quantize_per_row(w, 7, 0.0, "search")
+    for r in range(5):
+        best = None
+        for fraction in tg.SEARCH_CLIP_FRACTIONS:  # slow reference: every candidate, in order, first best wins
+            s = float(np.float16(max(float(w[r].abs().max()) * fraction / 7, 2**-24)))
+            levels = np.clip(np.round(w[r].numpy() / np.float32(s)), -7, 7)
+            error = float(((levels * s - w[r].numpy()) ** 2).sum())
+            if best is None or error < best[0] * (1 - 1e-6):
+                best = (error, s, levels)
+        assert scale[r].item() == pytest.approx(best[1], rel=1e-3)
+        assert np.array_equal(q[r].numpy(), best[2])
+    assert (scale.float() < w.abs().amax(1) / 7).any()  # some row really clipped
+
+
+def tiny_h(**overrides) -> tg.Hyperparameters:
+    settings = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
+    settings.update(overrides)
+    return tg.Hyperparameters(**settings)
+
+
+@pytest.mark.parametrize("mlp_bits, attn_bits, embed, compressor", [
+    (5, 6, "fp16", "zstd"), (6, 7, "int8", "lzma"), (8, 5, "int7", "zstd"), (7, 8, "int6", "lzma")])
+def test_every_bit_width_and_compressor_round_trips(tmp_path, mlp_bits, attn_bits, embed, compressor):
+    h = tiny_h(mlp_bits=mlp_bits, attn_bits=attn_bits, embed_quant=embed, compressor=compressor)
+    torch.manual_seed(0)
+    model = tg.build_model(h, CPU)
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    payload = tg.quantize_state_dict(state, h)
+    kinds = {n: e["kind"] for n, e in payload["tensors"].items()}
+    assert kinds["blocks.0.mlp.fc.weight"] == f"int{mlp_bits}" and kinds["blocks.1.attn.c_q.weight"] == f"int{attn_bits}"
+    assert kinds["tok_emb.weight"] == embed
+    for name, e in payload["tensors"].items():
+        if "q" in e:
+            assert e["q"].abs().max() <= tg.level_of(e["kind"])
+    blob = tg.artifact_bytes(payload, 3, compressor)
+    assert blob[len(tg.ARTIFACT_MAGIC):].startswith(tg.XZ_MAGIC) == (compressor == "lzma")
+    path = tmp_path / "a.ptz"
+    path.write_bytes(blob)
+    back = tg.read_artifact(path)  # reading needs no settings
+    assert back["made_with"]["compressor"] == compressor
+    for name, t in tg.dequantize_state_dict(back).items():
+        assert torch.equal(t, tg.dequantize_state_dict(payload)[name]), name
+    qat = {n: m.qat[0] for n, m in model.named_modules() if isinstance(m, tg.CastedLinear) and m.qat}
+    assert qat["blocks.0.mlp.proj"] == tg.level_of(f"int{mlp_bits}")  # QAT on the export's grid
+    assert qat["blocks.0.attn.c_k"] == tg.level_of(f"int{attn_bits}")
+
+
+def test_a_hostile_lzma_payload_is_still_refused(tmp_path):
+    class RunsCode:
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "code_ran"),))
+
+    h = tiny_h()
+    payload = tg.quantize_state_dict(tg.build_model(h, CPU).state_dict(), h)
+    payload["extra"] = RunsCode()
+    path = tmp_path / "hostile.ptz"
+    path.write_bytes(tg.artifact_bytes(payload, 3, "lzma"))
+    with pytest.raises(tg.ArtifactError, match="unreadable"):
+        tg.read_artifact(path)
+    assert not (tmp_path / "code_ran").exists()
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(tg.ArtifactError, match="truncated or corrupt"):
+        tg.read_artifact(path)
+
+
+def test_calibration_reads_only_training_shards_and_sums_x_xt(tiny_data, monkeypatch):
+    h = tg.Hyperparameters.from_env(tiny_env(tiny_data, Path("/nonexistent"), EMBED_QUANT="int8",
+                                             GPTQ_CALIB_TOKENS=2048))
+    torch.manual_seed(0)
+    model = tg.build_model(h, CPU)
+    opened = []
+    real_fromfile = np.fromfile
+
+    def fromfile(path, *args, **kwargs):
+        opened.append(str(path))
+        if "fineweb_val" in str(path):
+            raise AssertionError(f"calibration opened a validation shard: {path}")
+        return real_fromfile(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "fromfile", fromfile)
+    inputs = []
+    hook = model.blocks[1].mlp.proj.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach()))
+    rt = tg.Runtime(0, 0, 1, CPU, False, None)
+    hessians = tg.collect_hessians(model, h, rt, grad_accum_steps=8)
+    hook.remove()
+    assert opened and all("fineweb_train" in p for p in opened)
+    int_matrices = {n for n, p in model.state_dict().items()
+                    if tg.export_kind(n, p, h).startswith("int") and n not in ("bigram.embed.weight",)}
+    assert set(hessians) == int_matrices  # every intN matrix, and the tied embedding as the head
+    x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs]).double()
+    assert x.shape[0] == 2048
+    torch.testing.assert_close(hessians["blocks.1.mlp.proj.weight"].double(), x.T @ x, rtol=1e-5, atol=1e-4)
+
+
+def test_a_gptq_run_ships_a_scored_artifact_inside_the_wall_clock(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, QUANT_METHOD="gptq", CLIP="sdclip", MLP_BITS=5, EMBED_QUANT="int7",
+                   COMPRESSOR="lzma", GPTQ_CALIB_TOKENS=4096, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3,
+                   GPTQ_RESERVE_SECONDS=2)
+    proc = run_script(env)
+    log = proc.stdout
+    assert re.search(r"^gptq_calibration tokens:4096 time:\d+ms$", log, re.M)
+    assert re.search(r"^gptq calibration\+quantization:\d+ms reserved:2000ms", log, re.M)
+    assert re.search(r"^Total submission size int5/6\+lzma: \d+ bytes$", log, re.M)
+    summary = json.loads((tmp_path / "logs" / "tiny.json").read_text())
+    assert summary["train_time_ms"] < 1000 + 3 * summary["step_avg_ms"]  # stopped at 3 s - 2 s reserved
+    assert abs(summary["roundtrip_val_bpb"] - summary["prequant_val_bpb"]) < 0.05
+    with pytest.raises(ValueError, match="GPTQ_RESERVE_SECONDS=10.0 leaves no training time"):
+        tg.Hyperparameters.from_env({"QUANT_METHOD": "gptq", "MAX_WALLCLOCK_SECONDS": "5"})
