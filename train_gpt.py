@@ -1045,7 +1045,7 @@ def muon_momentum_at(step: int, *, start: float, end: float, warmup_steps: int) 
 # -----------------------------------------------------------------------------
 
 ARTIFACT_MAGIC = b"PGOLF-Q\x00"  # 8 bytes before the zstd frame
-ARTIFACT_FORMAT_VERSION = 1
+ARTIFACT_FORMAT_VERSION = 2  # 2: the tensors packed into a few long runs (pack_payload)
 ARTIFACT_KINDS = ("int5", "int6", "int7", "int8", "fp16", "float")
 
 
@@ -1122,8 +1122,55 @@ def torch_save_bytes(obj) -> bytes:
 XZ_MAGIC = b"\xfd7zXZ\x00"  # an lzma (xz) stream; anything else after ARTIFACT_MAGIC is a zstd frame
 
 
+def pack_payload(payload: dict) -> dict:
+    """The payload as an index plus one run per kind of content (levels grouped by kind, scales, fp32 data, fp16
+    data as a low-byte plane then a high-byte plane): long runs of alike bytes compress far better than one
+    record per tensor (7 % smaller with SDClip on the dense stand-in; README)."""
+    tensors = payload["tensors"]
+    names = sorted(tensors, key=lambda n: tensors[n]["kind"])
+
+    def run(key: str, kinds: tuple, dtype) -> Tensor:
+        parts = [tensors[n][key].flatten() for n in names if tensors[n]["kind"] in kinds]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+
+    ints = tuple(k for k in ARTIFACT_KINDS if k.startswith("int"))
+    fp16 = run("data", ("fp16",), torch.float16)
+    return {**{k: v for k, v in payload.items() if k != "tensors"}, "q": run("q", ints, torch.int8),
+            "scale": run("scale", ints, torch.float16), "float": run("data", ("float",), torch.float32),
+            "fp16_planes": fp16.view(torch.uint8).view(-1, 2).T.contiguous(),
+            "index": [[n, tensors[n]["kind"], list((tensors[n].get("q", tensors[n].get("data"))).shape)]
+                      for n in names]}
+
+
+def unpack_payload(packed: dict) -> dict[str, dict]:
+    """The tensors back from pack_payload's runs; any inconsistency raises ValueError."""
+    runs = {k: packed[k] for k in ("q", "scale", "float")}
+    runs["fp16"] = packed["fp16_planes"].T.contiguous().view(torch.float16).flatten()
+    dtypes = {"q": torch.int8, "scale": torch.float16, "float": torch.float32, "fp16": torch.float16}
+    if any(not isinstance(t, Tensor) or t.dtype != dtypes[k] for k, t in runs.items()):
+        raise ValueError("a run has the wrong type")
+    taken, tensors = dict.fromkeys(runs, 0), {}
+
+    def take(key: str, shape: list) -> Tensor:
+        n = math.prod(shape)
+        part = runs[key].flatten()[taken[key]:taken[key] + n]
+        if part.numel() != n:
+            raise ValueError(f"the {key} run ends early")
+        taken[key] += n
+        return part.view(shape)
+
+    for name, kind, shape in packed["index"]:
+        if kind not in ARTIFACT_KINDS or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"entry {name!r} is malformed")
+        tensors[name] = ({"kind": kind, "q": take("q", shape), "scale": take("scale", shape[:1])}
+                         if kind.startswith("int") else {"kind": kind, "data": take(kind, shape)})
+    if any(taken[k] != runs[k].numel() for k in runs):
+        raise ValueError("the runs hold more than the index names")
+    return tensors
+
+
 def artifact_bytes(payload: dict, zstd_level: int, compressor: str = "zstd") -> bytes:
-    raw = torch_save_bytes(payload)
+    raw = torch_save_bytes(pack_payload(payload))
     if compressor == "lzma":
         return ARTIFACT_MAGIC + lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
     return ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
@@ -1149,12 +1196,11 @@ def read_artifact(path: Path) -> dict:
     if payload.get("version") != ARTIFACT_FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {payload.get('version')}, this script reads "
                             f"version {ARTIFACT_FORMAT_VERSION}")
-    tensors = payload.get("tensors")
-    for name, e in (tensors.items() if isinstance(tensors, dict) else [("tensors", None)]):
-        keys = ("q", "scale") if isinstance(e, dict) and str(e.get("kind")).startswith("int") else ("data",)
-        if not (isinstance(e, dict) and e.get("kind") in ARTIFACT_KINDS
-                and all(isinstance(e.get(k), Tensor) for k in keys)):
-            raise ArtifactError(f"{path}: artifact entry {name!r} is malformed; re-export it from the raw checkpoint")
+    try:
+        payload["tensors"] = unpack_payload(payload)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise ArtifactError(f"{path}: malformed artifact payload ({type(e).__name__}: {e}); re-export it from the "
+                            "raw checkpoint") from None
     return payload
 
 

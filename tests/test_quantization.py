@@ -177,3 +177,33 @@ def test_a_gptq_run_ships_a_scored_artifact_inside_the_wall_clock(tiny_data, tmp
     assert abs(summary["roundtrip_val_bpb"] - summary["prequant_val_bpb"]) < 0.05
     with pytest.raises(ValueError, match="GPTQ_RESERVE_SECONDS=10.0 leaves no training time"):
         tg.Hyperparameters.from_env({"QUANT_METHOD": "gptq", "MAX_WALLCLOCK_SECONDS": "5"})
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda p: p.update(q=p["q"][:-1]), "the q run ends early"),
+    (lambda p: p.update(float=torch.cat([p["float"], torch.zeros(3)])), "hold more than the index names"),
+    (lambda p: p.update(scale=p["scale"].float()), "wrong type"),
+    (lambda p: p["index"][0].__setitem__(1, "int9"), "is malformed"),
+    (lambda p: p.pop("index"), "KeyError"),
+])
+def test_a_packed_payload_that_does_not_add_up_is_refused(tmp_path, tamper, message):
+    h = tiny_h(embed_quant="fp16")
+    packed = tg.pack_payload(tg.quantize_state_dict(tg.build_model(h, CPU).state_dict(), h))
+    tamper(packed)
+    path = tmp_path / "bad.ptz"
+    path.write_bytes(tg.ARTIFACT_MAGIC + lzma.compress(tg.torch_save_bytes(packed)))
+    with pytest.raises(tg.ArtifactError, match=f"malformed artifact payload .*{re.escape(message)}"):
+        tg.read_artifact(path)
+
+
+def test_packing_groups_alike_bytes_and_round_trips():
+    h = tiny_h(embed_quant="fp16", mlp_bits=5)
+    payload = tg.quantize_state_dict(tg.build_model(h, CPU).state_dict(), h)
+    packed = tg.pack_payload(payload)
+    kinds = [kind for _, kind, _ in packed["index"]]
+    assert kinds == sorted(kinds)  # levels of one kind lie together
+    assert packed["fp16_planes"].shape == (2, payload["tensors"]["tok_emb.weight"]["data"].numel())
+    back = tg.unpack_payload(packed)
+    for name, e in payload["tensors"].items():
+        for key, t in e.items():
+            assert (t == back[name][key]) if key == "kind" else torch.equal(t, back[name][key]), (name, key)
