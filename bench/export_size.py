@@ -4,6 +4,7 @@
     MLP_MULT=2 ZSTD_LEVEL=19 python bench/export_size.py   # any setting of train_gpt.py applies
     VOCAB_SIZE=8192 MLP_MULT=4 python bench/export_size.py --embed-quant all   # which embedding format fits?
     python bench/export_size.py --code packed/train_gpt.py   # count the packed file's bytes as the code
+    python bench/export_size.py --table       # bytes of the dense stand-in for each method x clip x bits x compressor
 
 Two weight sets are exported. "init" is the model as built (the output projections start at zero, so it
 compresses far better than a trained model). "dense" replaces every block matrix by a Gaussian of the
@@ -50,11 +51,11 @@ def densify(model: tg.GPT, h: tg.Hyperparameters, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * h.tied_embed_init_std)
 
 
-def export(state: dict, h: tg.Hyperparameters) -> dict:
+def export(state: dict, h: tg.Hyperparameters, hessians: dict | None = None) -> dict:
     t0 = time.perf_counter()
-    payload = tg.quantize_state_dict(state, h)
+    payload = tg.quantize_state_dict(state, h, hessians)
     t1 = time.perf_counter()
-    blob = tg.artifact_bytes(payload, h.zstd_level)
+    blob = tg.artifact_bytes(payload, h.zstd_level, h.compressor)
     t2 = time.perf_counter()
     raw = len(tg.torch_save_bytes(payload))
     return {"quantize_ms": 1000 * (t1 - t0), "compress_ms": 1000 * (t2 - t1), "bytes_model": len(blob),
@@ -87,6 +88,42 @@ def verdict(label: str, totals: dict[str, int], rest_total: int, embed_values: i
             f"{bits:.2f} bits a value after compression")
 
 
+TABLE_ROWS = [(method, clip) for method, clip in (("rtn", "percentile"), ("rtn", "sdclip"), ("rtn", "search"),
+                                                   ("gptq", "sdclip"))]
+
+
+def calibration_hessians(model: tg.GPT, h: tg.Hyperparameters, data_path: Path) -> dict:
+    """GPTQ's Hessians of the stand-in on real text: the offline dataset's training shards."""
+    tokenizer = data_path.parent.parent / "tokenizers" / f"{data_path.name.split('_sp')[0]}_{h.vocab_size}_bpe.model"
+    hc = dataclasses.replace(h, data_path=str(data_path), tokenizer_path=str(tokenizer))
+    return tg.collect_hessians(model, hc, tg.Runtime(0, 0, 1, torch.device("cpu"), False, None), grad_accum_steps=8)
+
+
+def table(model: tg.GPT, h: tg.Hyperparameters, bytes_code: int, data_path: Path) -> None:
+    """Markdown rows: bytes of the dense stand-in for each method x clip x MLP bits x compressor."""
+    state = model.state_dict()
+    hessians = None
+    if data_path.is_dir():
+        t0 = time.perf_counter()
+        hessians = calibration_hessians(model, h, data_path)
+        print(f"gptq calibration on {data_path.name}: {h.gptq_calib_tokens} tokens, "
+              f"{time.perf_counter() - t0:.1f}s", flush=True)
+    print("| method | clip | MLP bits | compressor | quantize s | compress s | model bytes | total bytes | fits |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for method, clip in TABLE_ROWS:
+        if method == "gptq" and hessians is None:
+            print(f"| gptq | {clip} | - | - | - | - | no calibration data at {data_path} | - | - |")
+            continue
+        for bits in (6, 5):
+            for compressor in ("zstd", "lzma"):
+                hh = dataclasses.replace(h, quant_method=method, clip=clip, mlp_bits=bits, compressor=compressor)
+                r = export(state, hh, hessians if method == "gptq" else None)
+                total = r["bytes_model"] + bytes_code
+                print(f"| {method} | {clip} | {bits} | {compressor} | {r['quantize_ms'] / 1000:.1f} | "
+                      f"{r['compress_ms'] / 1000:.1f} | {r['bytes_model']:,} | {total:,} | "
+                      f"{'yes' if total <= tg.SIZE_LIMIT_BYTES else 'NO'} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1337)
@@ -94,6 +131,10 @@ def main() -> None:
                         "(every format train_gpt.py accepts); default: the EMBED_QUANT setting")
     parser.add_argument("--code", type=Path, default=ROOT / "train_gpt.py",
                         help="the file whose size counts as the code (default: train_gpt.py)")
+    parser.add_argument("--table", action="store_true", help="the dense stand-in only, for each quantization "
+                        "method x clip x MLP bits x compressor (GPTQ calibrates on --data-path)")
+    parser.add_argument("--data-path", type=Path, default=ROOT / "data" / "datasets" / "pydocs_sp1024",
+                        help="training shards that calibrate GPTQ for --table (default: the offline dataset)")
     args = parser.parse_args()
     try:
         h = tg.Hyperparameters.from_env(os.environ)
@@ -120,6 +161,10 @@ def main() -> None:
           f"params:{n_params} embed_values:{embed_values} zstd_level:{h.zstd_level} seed:{args.seed} "
           f"torch_threads:{torch.get_num_threads()} overrides:{h.overrides() or '-'} code:{args.code.name} "
           f"bytes_code:{bytes_code} embed_quant_accepted:{','.join(accepted)}")
+    if args.table:
+        densify(model, h, args.seed)
+        table(model, h, bytes_code, args.data_path)
+        return
     verdicts = []
     for label in ("init", "dense"):
         if label == "dense":
