@@ -892,38 +892,44 @@ def compile_stats() -> tuple[int, float]:
             float(sum(utils.compilation_time_metrics.get("_compile.compile_inner", []))))
 
 
+def window_batch(tokens: Tensor, batch: list, batch_seqs: int, w: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Exactly batch_seqs windows (start, scored), a short batch padded with windows that score nothing:
+    inputs (B, w), the targets of the last n positions (B, n), and the mask of those each window scores."""
+    batch = batch + [(0, 0)] * (batch_seqs - len(batch))
+    starts = torch.tensor([start for start, _ in batch], device=tokens.device)
+    scored = torch.tensor([k for _, k in batch], device=tokens.device)
+    seqs = tokens[starts[:, None] + torch.arange(w + 1, device=tokens.device)].long()  # (B, w + 1)
+    mask = torch.arange(n, device=tokens.device)[None, :] >= (n - scored)[:, None]  # (B, n)
+    return seqs[:, :-1], seqs[:, w - n + 1:], mask
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLuts, *, seq_len: int, stride: int, batch_seqs: int,
-             rank: int = 0, world_size: int = 1, autocast=contextlib.nullcontext) -> EvalResult:
-    """Mean cross-entropy (nats) and bits per byte over all targets of `tokens` (a 1-D tensor on the device).
+             rank: int = 0, world_size: int = 1, autocast=contextlib.nullcontext,
+             windows: list[tuple[int, int]] | None = None) -> EvalResult:
+    """Mean cross-entropy (nats) and bits per byte over all targets of `tokens` (a 1-D tensor on the device),
+    or over those of `windows`, a part of the plan (plan_windows(tokens.numel() - 1, seq_len, stride)).
 
     Always in eval mode (no fake-quant, whatever mode the model was in; the mode is restored). The windows
     are split into contiguous ranges per rank and run in batches of exactly `batch_seqs` windows, each
     scoring the last `s` positions (s = the stride; the split's first window alone scores all w): a short
-    batch is padded with copies of its last window, and positions a window does not score (padding, and
+    batch is padded with windows that score nothing, and positions a window does not score (padding, and
     the last window's overlap with the one before) are masked out of the sums. So an evaluation calls the
     model with at most two shapes, and a compiled model builds at most two graphs.
     """
     t0, (graphs0, compile0) = time.perf_counter(), compile_stats()
-    windows = plan_windows(tokens.numel() - 1, seq_len, stride)
+    windows = plan_windows(tokens.numel() - 1, seq_len, stride) if windows is None else windows
     mine = windows[len(windows) * rank // world_size:len(windows) * (rank + 1) // world_size]
     w = min(seq_len, tokens.numel() - 1)
     s = stride if 0 < stride < w else w
     batch_seqs = max(batch_seqs, 1)
     sums = torch.zeros(3, device=tokens.device, dtype=torch.float64)  # loss, targets, bytes
-    offsets = torch.arange(w + 1, device=tokens.device)
     was_training = model.training
     model.eval()
     try:
         for n, group in ((w, [m for m in mine if m[1] > s]), (s, [m for m in mine if m[1] <= s])):
             for b in range(0, len(group), batch_seqs):
-                batch = group[b:b + batch_seqs]
-                batch = batch + [(batch[-1][0], 0)] * (batch_seqs - len(batch))  # padding scores nothing
-                starts = torch.tensor([start for start, _ in batch], device=tokens.device)
-                scored = torch.tensor([k for _, k in batch], device=tokens.device)
-                seqs = tokens[starts[:, None] + offsets].long()  # (B, w + 1)
-                x, y = seqs[:, :-1], seqs[:, w - n + 1:]  # (B, w), (B, n)
-                mask = torch.arange(n, device=tokens.device)[None, :] >= (n - scored)[:, None]  # (B, n)
+                x, y, mask = window_batch(tokens, group[b:b + batch_seqs], batch_seqs, w, n)
                 with autocast():
                     losses = model(x, y, score_last=n, reduction="none")
                 sums[0] += torch.where(mask, losses.double(), 0.0).sum()
