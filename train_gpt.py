@@ -79,6 +79,13 @@ class Hyperparameters:
     eval_stride: int = _knob(64, "sliding-window stride (0 or >= EVAL_SEQ_LEN = plain evaluation)")
     eval_batch_seqs: int = _knob(0, "windows per evaluation batch and rank (0 = from VAL_BATCH_SIZE)")
     final_eval: bool = _knob(True, "final evaluation, artifact and round trip (0 = a throughput run: train only)")
+    # Evaluation-time training: each chunk of the final evaluation is scored, then trained on
+    ttt_enabled: bool = _knob(False, "score-first test-time training of the artifact's model (the run's score)")
+    ttt_chunk_tokens: int = _knob(32768, "validation targets per TTT chunk (scored, then trained on)")
+    ttt_lr: float = _knob(0.005, "TTT SGD learning rate, cosine-decayed over the chunks")
+    ttt_epochs: int = _knob(3, "TTT SGD steps per chunk, each on all of the chunk's targets")
+    ttt_momentum: float = _knob(0.9, "TTT SGD momentum")
+    ttt_grad_clip: float = _knob(1.0, "clip the TTT gradient norm (0 = off)")
     # Training length
     iterations: int = _knob(20_000, "maximum number of optimizer steps")
     warmdown_iters: int = _knob(3000, "LR decays linearly to 0 over the last N steps (wall-clock estimated)")
@@ -144,19 +151,19 @@ class Hyperparameters:
     def validate(self) -> None:
         positive = ["vocab_size", "num_layers", "num_kv_heads", "model_dim", "num_heads", "mlp_mult",
                     "train_seq_len", "train_batch_tokens", "val_batch_size", "muon_backend_steps", "rope_base",
-                    "adam_eps"]
+                    "adam_eps", "ttt_chunk_tokens"]
         non_negative = ["iterations", "warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every",
                         "eval_seq_len", "eval_stride", "eval_batch_seqs", "grad_accum_steps",
                         "max_wallclock_seconds", "checkpoint_every_seconds", "embed_lr", "head_lr",
                         "tied_embed_lr", "matrix_lr", "scalar_lr", "grad_clip_norm", "muon_momentum_warmup_steps",
-                        "tied_embed_init_std"]
+                        "tied_embed_init_std", "ttt_lr", "ttt_epochs", "ttt_grad_clip"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)} must be positive")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)} must not be negative")
-        for name in ["beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"]:
+        for name in ["beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ttt_momentum"]:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)} must be in [0, 1)")
         if self.model_dim % self.num_heads:
@@ -948,6 +955,68 @@ def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLuts, *, seq_len: int, 
                       compile_ms=1000.0 * (compile1 - compile0))
 
 
+def evaluate_ttt(model: nn.Module, tokens: Tensor, luts: ByteLuts, h: Hyperparameters, *, seq_len: int,
+                 stride: int, batch_seqs: int, rank: int = 0, world_size: int = 1,
+                 autocast=contextlib.nullcontext) -> EvalResult:
+    """Score-first test-time training over evaluate()'s windows, taken in chunks of about TTT_CHUNK_TOKENS
+    targets: each chunk is scored, then the model takes TTT_EPOCHS SGD steps on exactly the targets it has just
+    scored; the last chunk is only scored. So every target is scored once, by a model trained only on targets
+    scored before it.
+
+    A window belongs to the chunk of its last target. The chunk's targets [lo, hi) are cut into windows of w
+    targets (the last one a full window ending at hi, its earlier targets masked), split across ranks and run in
+    padded micro-batches of one shape. Each step's gradient is the mean over the whole chunk (each rank's loss
+    sum over the chunk's target count, summed across ranks): every rank applies the same update, whatever the
+    number of ranks. The model stays in eval mode (the artifact's weights, no fake-quant).
+    """
+    t0, (graphs0, compile0) = time.perf_counter(), compile_stats()
+    w = min(seq_len, tokens.numel() - 1)
+    by_chunk: dict[int, list] = {}
+    for start, scored in plan_windows(tokens.numel() - 1, seq_len, stride):
+        by_chunk.setdefault((start + w - 1) // h.ttt_chunk_tokens, []).append((start, scored))
+    chunks = list(by_chunk.values())
+    spans = [(c[0][0] + w - c[0][1], c[-1][0] + w) for c in chunks]  # the targets [lo, hi) each chunk scores
+    most_seqs = max([-(-(hi - lo) // w) for lo, hi in spans[:-1]], default=0)  # training windows of a chunk
+    # One scoring and one training batch shape for the whole pass, no larger than the largest chunk needs.
+    score_batch, micro = (max(1, min(batch_seqs, -(-n // world_size))) for n in (max(map(len, chunks)), most_seqs))
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+    model.eval()
+    loss_sum, count, byte_count = 0.0, 0, 0
+    for c, (windows, (lo, hi)) in enumerate(zip(chunks, spans)):
+        r = evaluate(model, tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=score_batch, rank=rank,
+                     world_size=world_size, autocast=autocast, windows=windows)
+        loss_sum, count, byte_count = loss_sum + r.val_loss * r.scored_tokens, count + r.scored_tokens, \
+            byte_count + r.scored_bytes
+        if c == len(chunks) - 1:
+            break  # nothing is scored after the last chunk: training on it would change no score
+        seqs = [(min(a + w, hi) - w, min(a + w, hi) - a) for a in range(lo, hi, w)]  # (start, scored) over [lo, hi)
+        mine = seqs[len(seqs) * rank // world_size:len(seqs) * (rank + 1) // world_size]
+        opt.param_groups[0]["lr"] = h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / (len(chunks) - 1)))
+        for _ in range(h.ttt_epochs):
+            opt.zero_grad(set_to_none=True)
+            for b in range(0, -(-len(seqs) // world_size), micro):  # as many micro-batches on every rank
+                x, y, mask = window_batch(tokens, mine[b:b + micro], micro, w, w)
+                with torch.enable_grad():
+                    with autocast():
+                        losses = model(x, y, score_last=w, reduction="none")  # (micro, w)
+                    (torch.where(mask, losses, 0.0).sum() / (hi - lo)).backward()
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            if world_size > 1:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)]
+            for p, g in zip(params, grads):
+                p.grad = g
+            if h.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+            opt.step()
+    graphs1, compile1 = compile_stats()
+    return EvalResult(val_loss=loss_sum / count, val_bpb=loss_sum / math.log(2.0) / byte_count, scored_tokens=count,
+                      scored_bytes=byte_count, eval_time_ms=1000.0 * (time.perf_counter() - t0),
+                      graphs=graphs1 - graphs0, compile_ms=1000.0 * (compile1 - compile0))
+
+
 # -----------------------------------------------------------------------------
 # Runtime: processes, devices, logging
 # -----------------------------------------------------------------------------
@@ -1463,12 +1532,13 @@ def projected_fineweb_eval_seconds(scored_tokens_per_s: float, world_size: int) 
     return FINEWEB_VAL_TOKENS / (scored_tokens_per_s / world_size * 8)
 
 
-def log_eval_projection(log: Logger, scored_tokens_per_s: float, world_size: int) -> None:
+def log_eval_projection(log: Logger, scored_tokens_per_s: float, world_size: int, what: str = "",
+                        remedy: str = "raise EVAL_STRIDE") -> None:
     projected_s = projected_fineweb_eval_seconds(scored_tokens_per_s, world_size)
-    log(f"projected_fineweb_8gpu:{projected_s:.1f}s")
+    log(f"projected_fineweb_8gpu{what}:{projected_s:.1f}s")
     if projected_s > EVAL_BUDGET_SECONDS:
         log(f"WARNING: at this rate the full {FINEWEB_VAL_TOKENS}-token split would take {projected_s:.0f}s on 8 such "
-            f"devices, over the {EVAL_BUDGET_SECONDS:.0f}s evaluation budget; raise EVAL_STRIDE")
+            f"devices, over the {EVAL_BUDGET_SECONDS:.0f}s evaluation budget; {remedy}")
 
 
 def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> dict | None:
@@ -1613,13 +1683,13 @@ def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs
     if not math.isfinite(roundtrip.val_loss):
         raise BrokenModel(f"the artifact scores val_loss {roundtrip.val_loss}; the raw weights are kept in {files.raw}")
 
-    sliding = None  # the final evaluation, when it differs from the round trip's plain windows
+    sliding = ttt = None  # the final evaluations, when they differ from the round trip's plain windows
     eval_seq_len = h.effective_eval_seq_len
+    stride = h.eval_stride if 0 < h.eval_stride < eval_seq_len else eval_seq_len
+    final_batch = windows_per_batch(h, rt.world_size, inputs.grad_accum_steps, eval_seq_len)
     if 0 < h.eval_stride < eval_seq_len or eval_seq_len != h.train_seq_len:
         rt.sync()
-        stride = h.eval_stride if 0 < h.eval_stride < eval_seq_len else eval_seq_len
-        sliding = evaluate(eval_fn, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
-                           batch_seqs=windows_per_batch(h, rt.world_size, inputs.grad_accum_steps, eval_seq_len),
+        sliding = evaluate(eval_fn, val_tokens, luts, seq_len=eval_seq_len, stride=stride, batch_seqs=final_batch,
                            rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
         rate = sliding.scored_tokens / max(sliding.eval_time_ms / 1000.0, 1e-9)
         log(f"sliding_rate scored_tok_s:{rate:.0f} per_rank:{rate / rt.world_size:.0f}")
@@ -1628,13 +1698,25 @@ def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs
             f"eval_time:{sliding.eval_time_ms:.0f}ms graphs:{sliding.graphs} compile_time:{sliding.compile_ms:.0f}ms")
         if rt.device.type == "cuda":  # a CPU rate says nothing about the 8xH100 evaluation budget
             log_eval_projection(log, rate, rt.world_size)
-    score = sliding or roundtrip
+    if h.ttt_enabled:  # last: it trains the artifact's model, and nothing may score that model afterwards
+        rt.sync()
+        ttt = evaluate_ttt(eval_fn, val_tokens, luts, h, seq_len=eval_seq_len, stride=stride, batch_seqs=final_batch,
+                           rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
+        log(f"final_ttt_exact val_loss:{ttt.val_loss:.8f} val_bpb:{ttt.val_bpb:.8f} scored_tokens:{ttt.scored_tokens} "
+            f"eval_time:{ttt.eval_time_ms:.0f}ms graphs:{ttt.graphs} compile_time:{ttt.compile_ms:.0f}ms")
+        if not math.isfinite(ttt.val_loss):
+            raise BrokenModel(f"test-time training diverged (val_loss {ttt.val_loss}); lower TTT_LR")
+        if rt.device.type == "cuda":
+            log_eval_projection(log, ttt.scored_tokens / max(ttt.eval_time_ms / 1000.0, 1e-9), rt.world_size,
+                                "_ttt", "lower TTT_EPOCHS or raise EVAL_STRIDE")
+    score = ttt or sliding or roundtrip
     summary = {
         "run_id": files.run_id, "seed": h.seed, "val_bpb": score.val_bpb, "val_loss": score.val_loss,
         "prequant_val_bpb": prequant.val_bpb, "prequant_val_loss": prequant.val_loss,
         "roundtrip_val_bpb": roundtrip.val_bpb, "roundtrip_val_loss": roundtrip.val_loss,
         "sliding_val_bpb": sliding.val_bpb if sliding else None,
         "sliding_val_loss": sliding.val_loss if sliding else None,
+        "ttt_val_bpb": ttt.val_bpb if ttt else None, "ttt_val_loss": ttt.val_loss if ttt else None,
         "scored_tokens": score.scored_tokens, "val_tokens": val_tokens.numel(),
         "bytes_model": bytes_model, "bytes_code": bytes_code, "bytes_total": bytes_total, "fits": fits,
         "steps": state.step, "train_time_ms": round(state.train_time_ms, 1),
