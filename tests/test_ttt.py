@@ -317,6 +317,16 @@ def test_settings_defaults_and_validation():
             tg.Hyperparameters.from_env({name: value})
 
 
+def test_the_projection_line_names_ttt_and_its_remedy():
+    """On CUDA the TTT pass gets its own projected 8-GPU time, with the warning over the budget."""
+    lines = []
+    log = lambda msg, console=True: lines.append(msg)  # noqa: E731
+    tg.log_eval_projection(log, tg.FINEWEB_VAL_TOKENS / 8 / 500, 1, "_ttt", "lower TTT_EPOCHS")
+    tg.log_eval_projection(log, tg.FINEWEB_VAL_TOKENS / 8 / 700, 1, "_ttt", "lower TTT_EPOCHS")
+    assert lines[:2] == ["projected_fineweb_8gpu_ttt:500.0s", "projected_fineweb_8gpu_ttt:700.0s"]
+    assert len(lines) == 3 and lines[2].endswith("over the 600s evaluation budget; lower TTT_EPOCHS")
+
+
 # -----------------------------------------------------------------------------
 # The script
 # -----------------------------------------------------------------------------
