@@ -86,15 +86,18 @@ def run_log(path: Path) -> str:
 
 class TrainingRecorder(torch.nn.Module):
     """The model; each forward with gradients records, per row, the window's start (found from its tokens)
-    and, once backward has run, the target positions whose loss received a gradient."""
+    and, once backward has run, the target positions whose loss received a gradient. Forwards without
+    gradients must come from evaluate() (the scoring), those with gradients never."""
 
     def __init__(self, model, tokens: torch.Tensor, w: int):
         super().__init__()
         self.model, self.w = model, w
         self.where = {tuple(tokens[s:s + w + 1].tolist()): s for s in range(tokens.numel() - w)}
         self.rows = []  # per forward with gradients: (window starts, positions with a nonzero loss gradient)
+        self.scoring = False  # inside evaluate()
 
     def forward(self, x, y, **kwargs):
+        assert self.scoring != torch.is_grad_enabled()
         losses = self.model(x, y, **kwargs)
         if torch.is_grad_enabled():
             assert kwargs["score_last"] == self.w and y.shape == x.shape  # every position of the window
@@ -121,12 +124,16 @@ def instrumented_pass(monkeypatch, tokens, luts, h, *, seq_len, stride, batch_se
         for t in targets:
             scored_at[t].append(len(updates))
         chunks.append(targets)
-        return real_evaluate(model, tokens, luts, **kwargs)
+        recorder.scoring = True
+        try:
+            return real_evaluate(model, tokens, luts, **kwargs)
+        finally:
+            recorder.scoring = False
 
     def on_step(opt, args, kwargs):
         rows, recorder.rows[:] = list(recorder.rows), []
         updates.append({"trained": [t for r in rows for t in r["trained"]],
-                        "held": {t for r in rows for s in r["starts"] for t in range(s, s + w)}})
+                        "held": {t for r in rows for s in r["starts"] for t in range(max(s - 1, 0), s + w)}})
 
     monkeypatch.setattr(tg, "evaluate", evaluate)
     handle = register_optimizer_step_pre_hook(on_step)
@@ -167,7 +174,7 @@ def test_every_update_uses_only_targets_already_scored(tiny_data, luts, monkeypa
     for u, update in enumerate(updates):
         chunk = chunks[u // epochs]
         # Only targets scored before this update, by a model that had not seen them: both the targets that
-        # carried the gradient and every target the update's windows held (inputs included).
+        # carried the gradient and every token the update's windows held (token j is target j - 1).
         assert all(scored_at[t] <= u for t in update["held"]), u
         assert all(scored_at[t] <= u for t in update["trained"]), u
         # The gradient: exactly the targets the chunk has just scored, each once (a masked position is inert).
