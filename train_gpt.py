@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import glob
 import hashlib
 import io
@@ -68,8 +69,7 @@ class Hyperparameters:
     seed: int = _knob(1337, "seed for initialization")
     log_dir: str = _knob("logs", "folder for {RUN_ID}.txt and {RUN_ID}.json")
     artifact_dir: str = _knob("artifacts", "folder for the raw checkpoint and the compressed artifact")
-    init_checkpoint: str = _knob("", "weights to start from: raw or resume checkpoint, or artifact "
-                                 "(ITERATIONS=0: re-export)")
+    init_checkpoint: str = _knob("", "weights to start from: raw/resume checkpoint, artifact (ITERATIONS=0: re-export)")
     resume_from: str = _knob("", "resume checkpoint (*_ckpt.pt) to continue a stopped run from, settings as that run")
     checkpoint_every_seconds: float = _knob(0.0, "write a resume checkpoint every N seconds of training (0 = off)")
     check_tokenizer: bool = _knob(True, "refuse a tokenizer other than the one DATA_PATH/manifest.json names")
@@ -81,6 +81,13 @@ class Hyperparameters:
     eval_stride: int = _knob(64, "sliding-window stride (0 or >= EVAL_SEQ_LEN = plain evaluation)")
     eval_batch_seqs: int = _knob(0, "windows per evaluation batch and rank (0 = from VAL_BATCH_SIZE)")
     final_eval: bool = _knob(True, "final evaluation, artifact and round trip (0 = a throughput run: train only)")
+    # Evaluation-time training: each chunk of the final evaluation is scored, then trained on
+    ttt_enabled: bool = _knob(False, "score-first test-time training of the artifact's model (the run's score)")
+    ttt_chunk_tokens: int = _knob(32768, "validation targets per TTT chunk (scored, then trained on)")
+    ttt_lr: float = _knob(0.005, "TTT SGD learning rate, cosine-decayed over the chunks")
+    ttt_epochs: int = _knob(3, "TTT SGD steps per chunk, each on all of the chunk's targets")
+    ttt_momentum: float = _knob(0.9, "TTT SGD momentum")
+    ttt_grad_clip: float = _knob(1.0, "clip the TTT gradient norm (0 = off)")
     # Training length
     iterations: int = _knob(20_000, "maximum number of optimizer steps")
     warmdown_iters: int = _knob(3000, "LR decays linearly to 0 over the last N steps (wall-clock estimated)")
@@ -138,8 +145,7 @@ class Hyperparameters:
     muon_ns: str = _knob("quintic", "Newton-Schulz coefficients: quintic (one tuple) or polar (Polar Express)")
     ema_decay: float = _knob(0.0, "EMA of the weights, used for the final evaluation and export (0 = off)")
     min_lr: float = _knob(0.0, "the warmdown ends at MIN_LR x the base LR")
-    warmdown_frac: float = _knob(0.0, "warmdown over this fraction of the wall-clock cap or ITERATIONS (0 = "
-                                 "WARMDOWN_ITERS)")
+    warmdown_frac: float = _knob(0.0, "warmdown over this fraction of the cap or ITERATIONS (0: WARMDOWN_ITERS)")
     # Quantization and the artifact
     qat: bool = _knob(True, "fake-quantize block matrices to int6 in the training forward (STE)")
     late_qat_threshold: float = _knob(0.0, "QAT only once the LR multiplier drops below this (0 = the whole run)")
@@ -186,24 +192,23 @@ class Hyperparameters:
     def validate(self) -> None:
         positive = ["vocab_size", "num_layers", "num_kv_heads", "model_dim", "num_heads", "mlp_mult",
                     "train_seq_len", "train_batch_tokens", "val_batch_size", "muon_backend_steps", "rope_base",
-                    "adam_eps", "gptq_calib_tokens", "sdclip_k_mlp", "sdclip_k_attn", "sdclip_k_embed"]
+                    "adam_eps", "gptq_calib_tokens", "sdclip_k_mlp", "sdclip_k_attn", "sdclip_k_embed",
+                    "ttt_chunk_tokens"]
         non_negative = ["iterations", "warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every",
                         "eval_seq_len", "eval_stride", "eval_batch_seqs", "grad_accum_steps",
                         "max_wallclock_seconds", "checkpoint_every_seconds", "embed_lr", "head_lr",
                         "tied_embed_lr", "matrix_lr", "scalar_lr", "grad_clip_norm", "muon_momentum_warmup_steps",
-                        "tied_embed_init_std", "muon_wd", "embed_wd", "adam_wd", "gptq_reserve_seconds"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name.upper()}={getattr(self, name)} must be positive")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name.upper()}={getattr(self, name)} must not be negative")
-        for name in ["beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ema_decay"]:
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name.upper()}={getattr(self, name)} must be in [0, 1)")
-        for name in ["min_lr", "warmdown_frac", "late_qat_threshold", "enable_looping_at"]:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name.upper()}={getattr(self, name)} must be in [0, 1]")
+                        "tied_embed_init_std", "muon_wd", "embed_wd", "adam_wd", "gptq_reserve_seconds",
+                        "ttt_lr", "ttt_epochs", "ttt_grad_clip"]
+        below_one = ["beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ema_decay", "ttt_momentum"]
+        fractions = ["min_lr", "warmdown_frac", "late_qat_threshold", "enable_looping_at"]
+        for names, ok, rule in [(positive, lambda v: v > 0, "must be positive"),
+                                (non_negative, lambda v: v >= 0, "must not be negative"),
+                                (below_one, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+                                (fractions, lambda v: 0 <= v <= 1, "must be in [0, 1]")]:
+            for name in names:
+                if not ok(getattr(self, name)):
+                    raise ValueError(f"{name.upper()}={getattr(self, name)} {rule}")
         if self.model_dim % self.num_heads:
             raise ValueError(f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -1249,38 +1254,44 @@ def compile_stats() -> tuple[int, float]:
             float(sum(utils.compilation_time_metrics.get("_compile.compile_inner", []))))
 
 
+def window_batch(tokens: Tensor, batch: list, batch_seqs: int, w: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Exactly batch_seqs windows (start, scored), a short batch padded with windows that score nothing:
+    inputs (B, w), the targets of the last n positions (B, n), and the mask of those each window scores."""
+    batch = batch + [(0, 0)] * (batch_seqs - len(batch))
+    starts = torch.tensor([start for start, _ in batch], device=tokens.device)
+    scored = torch.tensor([k for _, k in batch], device=tokens.device)
+    seqs = tokens[starts[:, None] + torch.arange(w + 1, device=tokens.device)].long()  # (B, w + 1)
+    mask = torch.arange(n, device=tokens.device)[None, :] >= (n - scored)[:, None]  # (B, n)
+    return seqs[:, :-1], seqs[:, w - n + 1:], mask
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLuts, *, seq_len: int, stride: int, batch_seqs: int,
-             rank: int = 0, world_size: int = 1, autocast=contextlib.nullcontext) -> EvalResult:
-    """Mean cross-entropy (nats) and bits per byte over all targets of `tokens` (a 1-D tensor on the device).
+             rank: int = 0, world_size: int = 1, autocast=contextlib.nullcontext,
+             windows: list[tuple[int, int]] | None = None) -> EvalResult:
+    """Mean cross-entropy (nats) and bits per byte over all targets of `tokens` (a 1-D tensor on the device),
+    or over those of `windows`, a part of the plan (plan_windows(tokens.numel() - 1, seq_len, stride)).
 
     Always in eval mode (no fake-quant, whatever mode the model was in; the mode is restored). The windows
     are split into contiguous ranges per rank and run in batches of exactly `batch_seqs` windows, each
     scoring the last `s` positions (s = the stride; the split's first window alone scores all w): a short
-    batch is padded with copies of its last window, and positions a window does not score (padding, and
+    batch is padded with windows that score nothing, and positions a window does not score (padding, and
     the last window's overlap with the one before) are masked out of the sums. So an evaluation calls the
     model with at most two shapes, and a compiled model builds at most two graphs.
     """
     t0, (graphs0, compile0) = time.perf_counter(), compile_stats()
-    windows = plan_windows(tokens.numel() - 1, seq_len, stride)
+    windows = plan_windows(tokens.numel() - 1, seq_len, stride) if windows is None else windows
     mine = windows[len(windows) * rank // world_size:len(windows) * (rank + 1) // world_size]
     w = min(seq_len, tokens.numel() - 1)
     s = stride if 0 < stride < w else w
     batch_seqs = max(batch_seqs, 1)
     sums = torch.zeros(3, device=tokens.device, dtype=torch.float64)  # loss, targets, bytes
-    offsets = torch.arange(w + 1, device=tokens.device)
     was_training = model.training
     model.eval()
     try:
         for n, group in ((w, [m for m in mine if m[1] > s]), (s, [m for m in mine if m[1] <= s])):
             for b in range(0, len(group), batch_seqs):
-                batch = group[b:b + batch_seqs]
-                batch = batch + [(batch[-1][0], 0)] * (batch_seqs - len(batch))  # padding scores nothing
-                starts = torch.tensor([start for start, _ in batch], device=tokens.device)
-                scored = torch.tensor([k for _, k in batch], device=tokens.device)
-                seqs = tokens[starts[:, None] + offsets].long()  # (B, w + 1)
-                x, y = seqs[:, :-1], seqs[:, w - n + 1:]  # (B, w), (B, n)
-                mask = torch.arange(n, device=tokens.device)[None, :] >= (n - scored)[:, None]  # (B, n)
+                x, y, mask = window_batch(tokens, group[b:b + batch_seqs], batch_seqs, w, n)
                 with autocast():
                     losses = model(x, y, score_last=n, reduction="none")
                 sums[0] += torch.where(mask, losses.double(), 0.0).sum()
@@ -1297,6 +1308,68 @@ def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLuts, *, seq_len: int, 
                       scored_tokens=int(count), scored_bytes=int(byte_count),
                       eval_time_ms=1000.0 * (time.perf_counter() - t0), graphs=graphs1 - graphs0,
                       compile_ms=1000.0 * (compile1 - compile0))
+
+
+def evaluate_ttt(model: nn.Module, tokens: Tensor, luts: ByteLuts, h: Hyperparameters, *, seq_len: int,
+                 stride: int, batch_seqs: int, rank: int = 0, world_size: int = 1,
+                 autocast=contextlib.nullcontext) -> EvalResult:
+    """Score-first test-time training over evaluate()'s windows, taken in chunks of about TTT_CHUNK_TOKENS
+    targets: each chunk is scored, then the model takes TTT_EPOCHS SGD steps on exactly the targets it has just
+    scored; the last chunk is only scored. So every target is scored once, by a model trained only on targets
+    scored before it.
+
+    A window belongs to the chunk of its last target. The chunk's targets [lo, hi) are cut into windows of w
+    targets (the last one a full window ending at hi, its earlier targets masked), split across ranks and run in
+    padded micro-batches of one shape. Each step's gradient is the mean over the whole chunk (each rank's loss
+    sum over the chunk's target count, summed across ranks): every rank applies the same update, whatever the
+    number of ranks. The model stays in eval mode (the artifact's weights, no fake-quant).
+    """
+    t0, (graphs0, compile0) = time.perf_counter(), compile_stats()
+    w = min(seq_len, tokens.numel() - 1)
+    by_chunk: dict[int, list] = {}
+    for start, scored in plan_windows(tokens.numel() - 1, seq_len, stride):
+        by_chunk.setdefault((start + w - 1) // h.ttt_chunk_tokens, []).append((start, scored))
+    chunks = list(by_chunk.values())
+    spans = [(c[0][0] + w - c[0][1], c[-1][0] + w) for c in chunks]  # the targets [lo, hi) each chunk scores
+    most_seqs = max([-(-(hi - lo) // w) for lo, hi in spans[:-1]], default=0)  # training windows of a chunk
+    # One scoring and one training batch shape for the whole pass, no larger than the largest chunk needs.
+    score_batch, micro = (max(1, min(batch_seqs, -(-n // world_size))) for n in (max(map(len, chunks)), most_seqs))
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+    model.eval()
+    loss_sum, count, byte_count = 0.0, 0, 0
+    for c, (windows, (lo, hi)) in enumerate(zip(chunks, spans)):
+        r = evaluate(model, tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=score_batch, rank=rank,
+                     world_size=world_size, autocast=autocast, windows=windows)
+        loss_sum, count, byte_count = loss_sum + r.val_loss * r.scored_tokens, count + r.scored_tokens, \
+            byte_count + r.scored_bytes
+        if c == len(chunks) - 1:
+            break  # nothing is scored after the last chunk: training on it would change no score
+        seqs = [(min(a + w, hi) - w, min(a + w, hi) - a) for a in range(lo, hi, w)]  # (start, scored) over [lo, hi)
+        mine = seqs[len(seqs) * rank // world_size:len(seqs) * (rank + 1) // world_size]
+        opt.param_groups[0]["lr"] = h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / (len(chunks) - 1)))
+        for _ in range(h.ttt_epochs):
+            opt.zero_grad(set_to_none=True)
+            for b in range(0, -(-len(seqs) // world_size), micro):  # as many micro-batches on every rank
+                x, y, mask = window_batch(tokens, mine[b:b + micro], micro, w, w)
+                with torch.enable_grad():
+                    with autocast():
+                        losses = model(x, y, score_last=w, reduction="none")  # (micro, w)
+                    (torch.where(mask, losses, 0.0).sum() / (hi - lo)).backward()
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            if world_size > 1:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)]
+            for p, g in zip(params, grads):
+                p.grad = g
+            if h.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+            opt.step()
+    graphs1, compile1 = compile_stats()
+    return EvalResult(val_loss=loss_sum / count, val_bpb=loss_sum / math.log(2.0) / byte_count, scored_tokens=count,
+                      scored_bytes=byte_count, eval_time_ms=1000.0 * (time.perf_counter() - t0),
+                      graphs=graphs1 - graphs0, compile_ms=1000.0 * (compile1 - compile0))
 
 
 # -----------------------------------------------------------------------------
@@ -1408,30 +1481,23 @@ class Logger:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.open("xb").close()
 
-    def _append(self, data: bytes) -> None:
-        with open(self.path, "ab") as f:
-            f.write(data)
-
-    def __call__(self, msg: str, console: bool = True) -> None:
-        if self.path is None:
-            return
-        if console:
-            print(msg, flush=True)
-        self._append((msg + "\n").encode("utf-8"))
+    def __call__(self, msg: str, console: bool = True, data: bytes | None = None) -> None:
+        if self.path is not None:
+            if console:
+                print(msg, flush=True)
+            with open(self.path, "ab") as f:
+                f.write((msg + "\n").encode("utf-8") if data is None else data)
 
     def write_code(self, code: bytes, name: str) -> None:
-        if self.path is not None:
-            header = f"code_begin path:{name} bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}\n"
-            self._append(header.encode() + code + b"\ncode_end\n")
+        header = f"code_begin path:{name} bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}\n"
+        self(header, console=False, data=header.encode() + code + b"\ncode_end\n")
 
 
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
 
 
 def device_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
 
 
@@ -1594,17 +1660,15 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
     start_step, stop_after_step = state.step, None
     late_qat = h.qat and h.late_qat_threshold > 0  # off until the LR multiplier first drops below the threshold
     base_model.set_qat_active(not late_qat)
-    looped_from = None  # (step, train_time_ms) when the loops switched on
 
     def loops_due(ms: float) -> bool:
         progress = ms / max_wallclock_ms if max_wallclock_ms else state.step / max(h.iterations, 1)
         return h.num_loops > 0 and not base_model.looping and progress >= h.enable_looping_at
 
-    def start_looping() -> None:
-        nonlocal looped_from
-        base_model.looping, looped_from = True, (state.step, clock_ms())
-        log(f"looping_on step:{state.step} virtual_layers:{sum(base_model.layer_order[True], [])} "
-            f"graphs:{compile_stats()[0]}")
+    def start_looping() -> None:  # the log line lets a reader price the loops: step time before and after
+        base_model.looping = True
+        log(f"looping_on step:{state.step} train_time:{clock_ms():.0f}ms virtual_layers:"
+            f"{sum(base_model.layer_order[True], [])} graphs:{compile_stats()[0]}")
     rt.sync()
     t0 = last_checkpoint = time.perf_counter()
 
@@ -1622,10 +1686,6 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
             if step < h.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{state.train_time_ms:.0f}ms "
                     f"step:{step}/{h.iterations}")
-            if looped_from and 0 < looped_from[0] < step:  # what the loops cost per step
-                before, after = looped_from[1] / looped_from[0], (state.train_time_ms - looped_from[1]) / (
-                    step - looped_from[0])
-                log(f"looping step_avg_before:{before:.2f}ms step_avg_after:{after:.2f}ms ratio:{after / before:.3f}")
             break
         if h.val_loss_every > 0 and step % h.val_loss_every == 0 and (step > start_step or step == 0):
             rt.sync()
@@ -1885,12 +1945,13 @@ def projected_fineweb_eval_seconds(scored_tokens_per_s: float, world_size: int) 
     return FINEWEB_VAL_TOKENS / (scored_tokens_per_s / world_size * 8)
 
 
-def log_eval_projection(log: Logger, scored_tokens_per_s: float, world_size: int) -> None:
+def log_eval_projection(log: Logger, scored_tokens_per_s: float, world_size: int, what: str = "",
+                        remedy: str = "raise EVAL_STRIDE") -> None:
     projected_s = projected_fineweb_eval_seconds(scored_tokens_per_s, world_size)
-    log(f"projected_fineweb_8gpu:{projected_s:.1f}s")
+    log(f"projected_fineweb_8gpu{what}:{projected_s:.1f}s")
     if projected_s > EVAL_BUDGET_SECONDS:
         log(f"WARNING: at this rate the full {FINEWEB_VAL_TOKENS}-token split would take {projected_s:.0f}s on 8 such "
-            f"devices, over the {EVAL_BUDGET_SECONDS:.0f}s evaluation budget; raise EVAL_STRIDE")
+            f"devices, over the {EVAL_BUDGET_SECONDS:.0f}s evaluation budget; {remedy}")
 
 
 def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> dict | None:
@@ -1924,7 +1985,6 @@ def run_phases(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str
         f"grad_accum_steps:{grad_accum_steps} device:{rt.device} "
         f"compile:{int(rt.use_compile)} attention:{rt.attention} host_sync:{rt.host_sync} {versions()}")
     torch.manual_seed(h.seed)
-    np.random.seed(h.seed)
     luts = build_byte_luts(inputs.sp, h.vocab_size).to(rt.device)
     log(f"val_tokens:{val_tokens.numel()} tokenizer:{h.tokenizer_path} bos_id:{inputs.sp.bos_id()} "
         f"data:{h.data_path}")
@@ -1997,16 +2057,22 @@ def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs
            state: TrainState, base_model: GPT, compiled, compile_fn, val_tokens: Tensor, luts: ByteLuts,
            ema: EMA | None) -> dict:
     """The final evaluations, the artifact and its round trip, the summary."""
-    eval_batch = windows_per_batch(h, rt.world_size, inputs.grad_accum_steps, h.train_seq_len)
+    eval_seq_len = h.effective_eval_seq_len
+    stride = h.eval_stride if 0 < h.eval_stride < eval_seq_len else eval_seq_len
+
+    def score(model, final: bool = False, method=evaluate) -> EvalResult:  # plain windows, or the final ones
+        seq_len = eval_seq_len if final else h.train_seq_len
+        rt.sync()
+        return method(model, val_tokens, luts, seq_len=seq_len, stride=stride if final else 0, rank=rt.rank,
+                      batch_seqs=windows_per_batch(h, rt.world_size, inputs.grad_accum_steps, seq_len),
+                      world_size=rt.world_size, autocast=rt.autocast)
+
     base_model.looping = h.num_loops > 0  # the final model runs its loops, whenever they switched on
-    rt.sync()
     if ema is not None:  # score the trained weights, then continue with the average the artifact is made from
-        raw = evaluate(compiled, val_tokens, luts, seq_len=h.train_seq_len, stride=0, batch_seqs=eval_batch,
-                       rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
+        raw = score(compiled)
         log(f"final_prequant_raw_exact val_loss:{raw.val_loss:.8f} val_bpb:{raw.val_bpb:.8f}")
         base_model.load_state_dict(ema.state_dict())
-    prequant = evaluate(compiled, val_tokens, luts, seq_len=h.train_seq_len, stride=0, batch_seqs=eval_batch,
-                        rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
+    prequant = score(compiled)
     if not math.isfinite(prequant.val_loss):
         raise BrokenModel(f"the final validation loss is {prequant.val_loss}: training diverged (lower the "
                           f"learning rates or set GRAD_CLIP_NORM); the raw weights are kept in {files.raw}")
@@ -2047,9 +2113,7 @@ def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs
     eval_model.load_state_dict(dequantize_state_dict(read_artifact(files.artifact)), strict=True)
     eval_model.looping = h.num_loops > 0
     eval_fn = compile_fn(eval_model)
-    rt.sync()
-    roundtrip = evaluate(eval_fn, val_tokens, luts, seq_len=h.train_seq_len, stride=0, batch_seqs=eval_batch,
-                         rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
+    roundtrip = score(eval_fn)
     log(f"final_prequant_exact val_loss:{prequant.val_loss:.8f} val_bpb:{prequant.val_bpb:.8f}")
     log(f"final_int6_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f} "
         f"quant_penalty_bpb:{roundtrip.val_bpb - prequant.val_bpb:+.5f} eval_time:{roundtrip.eval_time_ms:.0f}ms "
@@ -2057,14 +2121,9 @@ def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs
     if not math.isfinite(roundtrip.val_loss):
         raise BrokenModel(f"the artifact scores val_loss {roundtrip.val_loss}; the raw weights are kept in {files.raw}")
 
-    sliding = None  # the final evaluation, when it differs from the round trip's plain windows
-    eval_seq_len = h.effective_eval_seq_len
+    sliding = ttt = None  # the final evaluations, when they differ from the round trip's plain windows
     if 0 < h.eval_stride < eval_seq_len or eval_seq_len != h.train_seq_len:
-        rt.sync()
-        stride = h.eval_stride if 0 < h.eval_stride < eval_seq_len else eval_seq_len
-        sliding = evaluate(eval_fn, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
-                           batch_seqs=windows_per_batch(h, rt.world_size, inputs.grad_accum_steps, eval_seq_len),
-                           rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
+        sliding = score(eval_fn, final=True)
         rate = sliding.scored_tokens / max(sliding.eval_time_ms / 1000.0, 1e-9)
         log(f"sliding_rate scored_tok_s:{rate:.0f} per_rank:{rate / rt.world_size:.0f}")
         log(f"final_sliding_window_exact stride:{stride} seq_len:{eval_seq_len} "
@@ -2072,15 +2131,22 @@ def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs
             f"eval_time:{sliding.eval_time_ms:.0f}ms graphs:{sliding.graphs} compile_time:{sliding.compile_ms:.0f}ms")
         if rt.device.type == "cuda":  # a CPU rate says nothing about the 8xH100 evaluation budget
             log_eval_projection(log, rate, rt.world_size)
-    score = sliding or roundtrip
+    if h.ttt_enabled:  # last: it trains the artifact's model, and nothing may score that model afterwards
+        ttt = score(eval_fn, final=True, method=functools.partial(evaluate_ttt, h=h))
+        log(f"final_ttt_exact val_loss:{ttt.val_loss:.8f} val_bpb:{ttt.val_bpb:.8f} scored_tokens:{ttt.scored_tokens} "
+            f"eval_time:{ttt.eval_time_ms:.0f}ms graphs:{ttt.graphs} compile_time:{ttt.compile_ms:.0f}ms")
+        if not math.isfinite(ttt.val_loss):
+            raise BrokenModel(f"test-time training diverged (val_loss {ttt.val_loss}); lower TTT_LR")
+        if rt.device.type == "cuda":
+            log_eval_projection(log, ttt.scored_tokens / max(ttt.eval_time_ms / 1000.0, 1e-9), rt.world_size,
+                                "_ttt", "lower TTT_EPOCHS or raise EVAL_STRIDE")
+    final = ttt or sliding or roundtrip
     summary = {
-        "run_id": files.run_id, "preset": h.preset, "seed": h.seed, "val_bpb": score.val_bpb,
-        "val_loss": score.val_loss,
-        "prequant_val_bpb": prequant.val_bpb, "prequant_val_loss": prequant.val_loss,
-        "roundtrip_val_bpb": roundtrip.val_bpb, "roundtrip_val_loss": roundtrip.val_loss,
-        "sliding_val_bpb": sliding.val_bpb if sliding else None,
-        "sliding_val_loss": sliding.val_loss if sliding else None,
-        "scored_tokens": score.scored_tokens, "val_tokens": val_tokens.numel(),
+        "run_id": files.run_id, "preset": h.preset, "seed": h.seed, "val_bpb": final.val_bpb,
+        "val_loss": final.val_loss, **{f"{name}_val_{m}": getattr(r, f"val_{m}") if r else None for m in ("bpb", "loss")
+                                       for name, r in (("prequant", prequant), ("roundtrip", roundtrip),
+                                                       ("sliding", sliding), ("ttt", ttt))},
+        "scored_tokens": final.scored_tokens, "val_tokens": val_tokens.numel(),
         "bytes_model": bytes_model, "bytes_code": bytes_code, "bytes_total": bytes_total, "fits": fits,
         "steps": state.step, "train_time_ms": round(state.train_time_ms, 1),
         "step_avg_ms": round(state.train_time_ms / max(state.step, 1), 3), "world_size": rt.world_size,
@@ -2091,7 +2157,7 @@ def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs
     }
     if rt.master:
         atomic_write_bytes(files.summary, (json.dumps(summary, indent=2) + "\n").encode())
-        log(f"run_complete run_id:{files.run_id} val_loss:{score.val_loss:.8f} val_bpb:{score.val_bpb:.8f}")
+        log(f"run_complete run_id:{files.run_id} val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}")
     return summary
 
 

@@ -175,7 +175,7 @@ def main() -> None:
             r = export(state, dataclasses.replace(h, embed_quant=fmt))
             totals[fmt] = total = r["bytes_model"] + bytes_code
             print(f"{label}: embed_quant:{fmt} quantize:{r['quantize_ms']:.0f}ms "
-                  f"zstd-{h.zstd_level}:{r['compress_ms']:.0f}ms export:{r['quantize_ms'] + r['compress_ms']:.0f}ms "
+                  f"{h.compressor}:{r['compress_ms']:.0f}ms export:{r['quantize_ms'] + r['compress_ms']:.0f}ms "
                   f"uncompressed:{r['bytes_uncompressed']} bytes_model:{r['bytes_model']} bytes_code:{bytes_code} "
                   f"bytes_total:{total} bits_per_param:{8 * r['bytes_model'] / n_params:.3f} "
                   f"fits_16mb:{str(total <= tg.SIZE_LIMIT_BYTES).lower()} margin:{tg.SIZE_LIMIT_BYTES - total}",
