@@ -241,7 +241,7 @@ def test_a_run_with_a_preset_and_every_switch_logs_and_summarizes_it(tiny_data, 
 
     env = tiny_env(tiny_data, tmp_path, PRESET="frontier", NUM_LAYERS=6, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=1024,
                    XSA_LAST_N=2, BIGRAM_BUCKETS=64, BIGRAM_DIM=16, ORTHO_INIT=1, ITERATIONS=3, EVAL_STRIDE=32,
-                   LOOP_START=1, LOOP_END=2, PARALLEL_RESIDUAL_START=4)
+                   LOOP_START=1, LOOP_END=2, PARALLEL_RESIDUAL_START=4, GPTQ_CALIB_TOKENS=2048)
     proc = run_script(env)
     assert re.search(r"^run_id:tiny preset:frontier ", proc.stdout, re.M)
     summary = json.loads((tmp_path / "logs" / "tiny.json").read_text())
