@@ -222,16 +222,13 @@ class Bench:
         work = self.args.work_dir
         env = {**env, **self.data_env, "RUN_ID": run_id, "LOG_DIR": str(work / "logs"),
                "ARTIFACT_DIR": str(work / "artifacts")}
-        unknown = runlog.unknown_settings(self.setting_keys(env), self.known_settings) if self.known_settings else []
-        if unknown:
-            return self.measurement(part, label, env, error=not_settings_error(unknown))
+        if error := runlog.unread_settings_error(self.setting_keys(env), self.known_settings):
+            return self.measurement(part, label, env, error=error)  # known before spending device time on it
         outcome, log = self.execute(runlog.trainer_command(TRAINER, self.args.nproc), env, cwd=ROOT,
                                     log_file=work / "logs" / f"{run_id}.txt", run_id=run_id)
         self.known_settings = self.known_settings or log.settings
-        error = runlog.failure_reason(outcome, log, self.timeout_s)
-        unknown = runlog.unknown_settings(self.setting_keys(env), log.settings) if log.settings else []
-        if unknown and error is None:
-            error = not_settings_error(unknown)
+        error = (runlog.failure_reason(outcome, log, self.timeout_s)
+                 or runlog.unread_settings_error(self.setting_keys(env), log.settings))
         return self.measurement(part, label, env, outcome=outcome, log=log, error=error)
 
     def peer(self) -> dict:
@@ -247,7 +244,7 @@ class Bench:
         script = self.args.peer.resolve()
         outcome, log = self.execute(runlog.trainer_command(script, self.args.nproc), env, cwd=cwd,
                                     log_file=cwd / "logs" / f"{run_id}.txt", run_id=run_id)
-        label = f"peer {display(script)} (sha256 {sha256_file(script)[:12]})"
+        label = f"{display(script)} (sha256 {sha256_file(script)[:12]})"
         return self.measurement("peer", label, env, outcome=outcome, log=log,
                                 error=runlog.failure_reason(outcome, log, self.timeout_s))
 
@@ -279,11 +276,6 @@ class Bench:
                 "minutes": None if part == "throughput" else self.args.minutes,
                 "wall_s": round(outcome.wall_s, 1) if outcome else None,
                 "figures": figures(log, env, self.args, self.data)}
-
-
-def not_settings_error(keys: list[str]) -> str:
-    return (f"{', '.join(keys)} {'is not a setting' if len(keys) == 1 else 'are not settings'} of train_gpt.py "
-            "(it would be ignored); check the name")
 
 
 def figures(log: runlog.TrainerLog, env: dict, args, data: dict) -> dict:
@@ -391,11 +383,12 @@ RESULTS_COLUMNS = ("date", "machine", "versions", "checkout", "command", "data",
 def results_row(path: Path, inv: dict, m: dict, measurements: list[dict]) -> list[str]:
     f, machine = m["figures"], inv["machine"]
     count = f"{machine['gpu_count']}× " if machine["gpu_count"] > 1 else ""
+    driver = f", driver {machine['driver']}" if machine["driver"] else ""
     checkout = inv["checkout"]
     commit = f"{checkout['commit'][:10]}{' (dirty)' if checkout['dirty'] else ''}" if checkout["commit"] else "—"
     status = m["status"] if not m["error"] else f"{m['status']}: {m['error']}"
     return [
-        path.stem.split("_")[0], f"{count}{machine['device']}" + (f", driver {machine['driver']}" if machine["driver"] else ""),
+        path.stem.split("_")[0], f"{count}{machine['device']}{driver}",
         f"torch {machine['torch']}, CUDA {machine['cuda'] or '—'}, Python {machine['python']}", commit,
         f"`{inv['command']}`" + (" (dry run)" if inv["dry_run"] else ""),
         f"{inv['data']['name']}" + ("" if inv["data"]["fineweb"] else " (not FineWeb)"),

@@ -106,7 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows-file", type=Path, default=ROOT / "bench" / "ladder_rows.txt")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "ladder_results.json",
                    help="stored results (default: bench/ladder_results.json)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "LADDER.md", help="the table (default: bench/LADDER.md)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "LADDER.md",
+                   help="the table (default: bench/LADDER.md)")
     p.add_argument("--work-dir", type=Path, default=ROOT / "bench" / "out" / "ladder",
                    help="logs and artifacts of the runs (default: bench/out/ladder/)")
     p.add_argument("--timeout-min", type=float, default=20.0, help="kill a run after this long (default 20)")
@@ -175,24 +176,16 @@ class Ladder:
                  "date": datetime.date.today().isoformat(), "machine": self.machine,
                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "trainer_sha256": self.trainer_sha,
                  "command": self.command, "run_id": run_id, "wall_s": None}
-        unknown = runlog.unknown_settings(row_env, self.known_settings) if self.known_settings else []
-        if unknown:
-            return {**entry, "error": not_settings_error(unknown)}
+        if error := runlog.unread_settings_error(row_env, self.known_settings):
+            return {**entry, "error": error}  # known without running it
         timeout_s = 60 * self.args.timeout_min
         outcome = runlog.run_trainer(runlog.trainer_command(TRAINER, 1), env, cwd=ROOT, timeout_s=timeout_s,
                                      transcript_path=work / "transcripts" / f"{run_id}.out")
         log = runlog.parse_log(outcome.transcript, work / "logs" / f"{run_id}.txt")
         self.known_settings = self.known_settings or log.settings
-        error = runlog.failure_reason(outcome, log, timeout_s)
-        if error is None and (unknown := runlog.unknown_settings(row_env, log.settings)):
-            error = not_settings_error(unknown)
+        error = runlog.failure_reason(outcome, log, timeout_s) or runlog.unread_settings_error(row_env, log.settings)
         return {**entry, "status": "failed" if error else "ok", "error": error, "figures": ladder_figures(log),
                 "wall_s": round(outcome.wall_s, 1)}
-
-
-def not_settings_error(keys: list[str]) -> str:
-    return (f"{', '.join(keys)} {'is not a setting' if len(keys) == 1 else 'are not settings'} of train_gpt.py "
-            "(the row would run the baseline)")
 
 
 def ladder_figures(log: runlog.TrainerLog) -> dict:
@@ -251,7 +244,8 @@ def row_notes(name: str, entries_by_seed: dict, current: list[dict], seeds_wante
     if not entries_by_seed:
         return "not run yet"
     if stale:
-        notes.append(f"{stale} stale run(s): row or configuration changed since (re-run: --rows {name})")
+        notes.append(f"{stale} stale run(s), not counted: the row, the configuration or (for a failure) the "
+                     f"trainer changed since; re-run with --rows {name}")
     for e in current:
         if e["status"] != "ok":
             notes.append(f"failed: {e['error']}")
@@ -346,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     selected = select_rows(rows, args.rows)
     threads = os.environ.get("OMP_NUM_THREADS")
-    command = shlex.join((["OMP_NUM_THREADS=" + threads] if threads else []) + ["python", display(Path(__file__)), *argv])
+    prefix = [f"OMP_NUM_THREADS={threads}"] if threads else []
+    command = shlex.join(prefix + ["python", display(Path(__file__)), *argv])
     ladder = Ladder(args, config, command, trainer_sha)
     for name in selected:
         for seed in args.seeds:

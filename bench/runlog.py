@@ -2,7 +2,7 @@
 
 The log reader understands train_gpt.py and the challenge's baseline script with the same code: both write
 one `key:value` line per event, and the figures here are read by key, so extra fields do no harm.
-Nothing heavy is imported at module level: torch only when the machine is described.
+Nothing heavy is imported: torch only in the child process that describes the machine.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -278,9 +277,14 @@ def failure_reason(outcome: Outcome, log: TrainerLog, timeout_s: float) -> str |
     return f"exit status {outcome.returncode}: {last}" if outcome.returncode else f"no completion line: {last}"
 
 
-def unknown_settings(keys, settings: dict) -> list[str]:
-    """Keys the trainer does not list among its settings (it would silently ignore them)."""
-    return [k for k in keys if k not in settings]
+def unread_settings_error(keys, settings: dict) -> str | None:
+    """An error naming the keys the trainer does not list among its settings (it would ignore them); None when
+    every key is a setting, or while the settings are unknown (no run has logged them yet)."""
+    unknown = [k for k in keys if k not in settings] if settings else []
+    if not unknown:
+        return None
+    verb = "is not a setting" if len(unknown) == 1 else "are not settings"
+    return f"{', '.join(unknown)} {verb} of train_gpt.py (it would be ignored); check the name"
 
 
 def parse_assignments(items, what: str) -> dict[str, str]:
@@ -324,13 +328,23 @@ def describe_data(data_path: Path, tokenizer_path: Path, vocab_size: int) -> dic
                     "not FineWeb: scores on this data are not comparable with challenge scores"}
 
 
-def describe_machine() -> dict:
-    import torch  # only here: the harness starts fast and --help never needs it
+MACHINE_PROBE = """
+import json, os, platform, torch
+gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+print(json.dumps({"device": gpus[0] if gpus else f"CPU {platform.machine()}", "gpu_count": len(gpus), "gpus": gpus,
+                  "torch": torch.__version__, "cuda": torch.version.cuda if gpus else None,
+                  "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count()}))
+"""
 
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return {"device": gpus[0] if gpus else f"CPU {platform.machine()}", "gpu_count": len(gpus), "gpus": gpus,
-            "driver": nvidia_driver(), "torch": torch.__version__, "cuda": torch.version.cuda if gpus else None,
-            "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count()}
+
+def describe_machine() -> dict:
+    """Devices and versions, probed in a child process: the harness itself never imports torch or touches CUDA."""
+    out = subprocess.run([sys.executable, "-c", MACHINE_PROBE], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"error: could not import torch to describe the machine ({last}); set up the environment "
+                         "with `bash scripts/setup_env.sh` or install torch")
+    return {**json.loads(out.stdout), "driver": nvidia_driver()}
 
 
 def nvidia_driver() -> str | None:
