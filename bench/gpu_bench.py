@@ -302,8 +302,11 @@ def figures(log: runlog.TrainerLog, env: dict, args, data: dict) -> dict:
         "quant_penalty_bpb": log.quant_penalty_bpb, "bytes_total": log.bytes_total,
         "artifact_format": log.artifact_format, "export_ms": log.export_ms,
         "roundtrip_eval_ms": log.roundtrip_eval_ms, "sliding_eval_ms": log.sliding_eval_ms,
+        "roundtrip_graphs": log.roundtrip_graphs, "roundtrip_compile_ms": log.roundtrip_compile_ms,
+        "sliding_graphs": log.sliding_graphs, "sliding_compile_ms": log.sliding_compile_ms,
         "sliding_tok_s": log.sliding_tok_s, "projected_fineweb_8gpu_s": log.projected_fineweb_8gpu_s,
         "attention": log.header.get("attention"), "compile": log.header.get("compile"),
+        "host_sync": log.header.get("host_sync"),
         "world_size": world_size, "batch_tokens": batch_tokens,
     }
 
@@ -357,6 +360,21 @@ def memory_cell(f: dict) -> str:
     return fmt(f["peak_rss_mib"], ",.0f", " MiB RSS")
 
 
+def runtime_cell(f: dict) -> str:
+    if f["attention"] is None:
+        return "—"
+    sync = f", host sync {f['host_sync']}" if f["world_size"] > 1 and f["host_sync"] else ""
+    return f"{f['attention']}, {'compiled' if f['compile'] == '1' else 'eager'}{sync}"
+
+
+def eval_compile_cell(f: dict) -> str:
+    if f["roundtrip_graphs"] is None:
+        return "—"
+    seconds = [(x or 0) / 1000 for x in (f["roundtrip_compile_ms"], f["sliding_compile_ms"])]
+    return (f"{f['roundtrip_graphs']} + {fmt(f['sliding_graphs'], 'd')} graphs, "
+            f"{seconds[0]:.1f} + {seconds[1]:.1f} s")
+
+
 def projection_cell(f: dict, machine: dict) -> str:
     if f["projected_fineweb_8gpu_s"] is not None:
         return f"{f['projected_fineweb_8gpu_s']:.1f} s"
@@ -375,9 +393,10 @@ def peer_ratios(peer: dict, measurements: list[dict]) -> str:
 
 
 RESULTS_COLUMNS = ("date", "machine", "versions", "checkout", "command", "data", "part", "config", "status",
-                   "ms/step", "tokens/s", "MFU", "peak memory", "warm-up (compile)", "steps", "data epochs",
-                   "pre-quant val_bpb", "round-trip val_bpb", "sliding val_bpb", "quant penalty", "artifact bytes",
-                   "export", "sliding scored tok/s", "8-GPU FineWeb eval (projected)", "ours/peer")
+                   "attention, compile", "ms/step", "tokens/s", "MFU", "peak memory", "warm-up (compile)", "steps",
+                   "data epochs", "pre-quant val_bpb", "round-trip val_bpb", "sliding val_bpb", "quant penalty",
+                   "artifact bytes", "export", "sliding scored tok/s", "eval graphs, compile (round trip + sliding)",
+                   "8-GPU FineWeb eval (projected)", "ours/peer")
 
 
 def results_row(path: Path, inv: dict, m: dict, measurements: list[dict]) -> list[str]:
@@ -392,13 +411,13 @@ def results_row(path: Path, inv: dict, m: dict, measurements: list[dict]) -> lis
         f"torch {machine['torch']}, CUDA {machine['cuda'] or '—'}, Python {machine['python']}", commit,
         f"`{inv['command']}`" + (" (dry run)" if inv["dry_run"] else ""),
         f"{inv['data']['name']}" + ("" if inv["data"]["fineweb"] else " (not FineWeb)"),
-        m["part"], m["config"], status, fmt(f["ms_per_step"], ",.1f"), fmt(f["tokens_per_s"]),
+        m["part"], m["config"], status, runtime_cell(f), fmt(f["ms_per_step"], ",.1f"), fmt(f["tokens_per_s"]),
         fmt(None if f["mfu"] is None else 100 * f["mfu"], ".1f", "%"), memory_cell(f),
         fmt(None if f["warmup_ms"] is None else f["warmup_ms"] / 1000, ",.1f", " s"), fmt(f["steps"]),
         fmt(f["data_epochs"], ".2f"), fmt(f["prequant_val_bpb"], ".4f"), fmt(f["roundtrip_val_bpb"], ".4f"),
         fmt(f["sliding_val_bpb"], ".4f"), fmt(f["quant_penalty_bpb"], "+.4f"), fmt(f["bytes_total"]),
         fmt(None if f["export_ms"] is None else f["export_ms"] / 1000, ".1f", " s"), fmt(f["sliding_tok_s"]),
-        projection_cell(f, machine), peer_ratios(m, measurements) if m["part"] == "peer" else "—",
+        eval_compile_cell(f), projection_cell(f, machine), peer_ratios(m, measurements) if m["part"] == "peer" else "—",
     ]
 
 

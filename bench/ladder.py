@@ -162,7 +162,7 @@ def store(results: dict, path: Path, row: str, seed: int, entry: dict) -> None:
 class Ladder:
     def __init__(self, args, config: dict, command: str, trainer_sha: str):
         self.args, self.config, self.command, self.trainer_sha = args, config, command, trainer_sha
-        self.machine: str | None = None  # described on the first run (it imports torch)
+        self.machine: str | None = None  # described on the first run (a child process imports torch)
         self.known_settings: dict = {}  # the trainer's settings, once one run has logged them
 
     def run(self, row: str, row_env: dict, seed: int) -> dict:

@@ -149,6 +149,11 @@ def number(text: str | None) -> float | None:
         return None
 
 
+def integer(text: str | None) -> int | None:
+    value = number(text)
+    return None if value is None else int(value)
+
+
 @dataclass
 class TrainerLog:
     """Everything read from one run's output; None where the run did not log it."""
@@ -170,10 +175,14 @@ class TrainerLog:
     prequant_val_bpb: float | None = None
     roundtrip_val_bpb: float | None = None
     roundtrip_eval_ms: float | None = None
+    roundtrip_graphs: int | None = None  # graphs torch.compile built for the evaluation, and its compile time
+    roundtrip_compile_ms: float | None = None
     quant_penalty_bpb: float | None = None
     sliding_val_bpb: float | None = None
     sliding_stride: int | None = None
     sliding_eval_ms: float | None = None
+    sliding_graphs: int | None = None
+    sliding_compile_ms: float | None = None
     scored_tokens: int | None = None
     sliding_tok_s: float | None = None
     projected_fineweb_8gpu_s: float | None = None
@@ -220,12 +229,13 @@ def parse_log(transcript: str, log_file: Path | None = None) -> TrainerLog:
             r.roundtrip_val_bpb = number(f.get("val_bpb"))
             r.quant_penalty_bpb = number(f.get("quant_penalty_bpb"))
             r.roundtrip_eval_ms = number(f.get("eval_time")) or r.roundtrip_eval_ms
+            r.roundtrip_graphs, r.roundtrip_compile_ms = integer(f.get("graphs")), number(f.get("compile_time"))
         elif m := ROUNDTRIP_TIMED.match(line):
             r.roundtrip_eval_ms = float(m.group(1))
         elif line.startswith("final_sliding_window_exact "):
             r.sliding_val_bpb, r.sliding_eval_ms = number(f.get("val_bpb")), number(f.get("eval_time"))
-            r.sliding_stride = int(f["stride"]) if "stride" in f else None
-            r.scored_tokens = int(f["scored_tokens"]) if "scored_tokens" in f else None
+            r.sliding_graphs, r.sliding_compile_ms = integer(f.get("graphs")), number(f.get("compile_time"))
+            r.sliding_stride, r.scored_tokens = integer(f.get("stride")), integer(f.get("scored_tokens"))
         elif line.startswith("sliding_rate "):
             r.sliding_tok_s = number(f.get("scored_tok_s"))
             r.projected_fineweb_8gpu_s = number(f.get("projected_fineweb_8gpu"))

@@ -3,6 +3,7 @@ technique ladder on tiny rows (mean ± std, deltas, stale and failing rows), and
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import pytest
 from conftest import ROOT, tiny_env
 
 sys.path.insert(0, str(ROOT / "bench"))
+import gpu_bench  # noqa: E402
 import ladder  # noqa: E402
 import runlog  # noqa: E402
 
@@ -38,10 +40,12 @@ def data_args(tiny_data: dict) -> list[str]:
             "--vocab-size", tiny_data["vocab_size"]]
 
 
-def table_rows(markdown: str) -> list[list[str]]:
-    """Body rows of the markdown table(s), as cells."""
+def table_rows(markdown: str) -> list[dict[str, str]]:
+    """Body rows of the markdown table, as {column header: cell}."""
     rows = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("|---")]
-    return [[c.strip() for c in row.strip("|").split(" | ")] for row in rows[1:]]
+    header, *body = [[c.strip() for c in row.strip().strip("|").split(" | ")] for row in rows]
+    assert all(len(cells) == len(header) for cells in body)
+    return [dict(zip(header, cells)) for cells in body]
 
 
 # -----------------------------------------------------------------------------
@@ -94,14 +98,17 @@ def test_results_md_is_regenerated_with_ratios_to_the_peer(dry_run):
     text = (dry_run["out"] / "results_dir" / "RESULTS.md").read_text()
     assert "Measured: every figure except the projected 8-GPU evaluation time" in text
     rows = table_rows(text)
-    assert [r[6] for r in rows] == ["throughput", "run", "peer"]
-    assert all("(dry run)" in r[4] and "not FineWeb" in r[5] for r in rows)
-    assert rows[1][23] == "not projected (CPU)"
+    assert [r["part"] for r in rows] == ["throughput", "run", "peer"]
+    assert all("(dry run)" in r["command"] and "not FineWeb" in r["data"] for r in rows)
+    assert all(r["attention, compile"] == "math, eager" for r in rows)
+    assert rows[1]["8-GPU FineWeb eval (projected)"] == "not projected (CPU)"
+    assert rows[1]["eval graphs, compile (round trip + sliding)"] == "0 + 0 graphs, 0.0 + 0.0 s"  # eager on CPU
     run, peer = (m["figures"] for m in dry_run["results"]["measurements"][1:])
-    assert rows[2][24] == (f"ms/step {run['ms_per_step'] / peer['ms_per_step']:.3f} · "
-                           f"val_bpb {run['final_val_bpb'] / peer['final_val_bpb']:.3f} · "
-                           f"bytes {run['bytes_total'] / peer['bytes_total']:.3f}")
-    assert rows[1][18] == f"{run['sliding_val_bpb']:.4f}" and rows[1][20] == f"{run['bytes_total']:,}"
+    assert rows[2]["ours/peer"] == (f"ms/step {run['ms_per_step'] / peer['ms_per_step']:.3f} · "
+                                    f"val_bpb {run['final_val_bpb'] / peer['final_val_bpb']:.3f} · "
+                                    f"bytes {run['bytes_total'] / peer['bytes_total']:.3f}")
+    assert rows[1]["sliding val_bpb"] == f"{run['sliding_val_bpb']:.4f}"
+    assert rows[1]["artifact bytes"] == f"{run['bytes_total']:,}"
 
 
 def test_a_second_invocation_keeps_earlier_measurements(dry_run, tiny_data):
@@ -117,7 +124,7 @@ def test_a_second_invocation_keeps_earlier_measurements(dry_run, tiny_data):
     assert default["status"] == "ok" and default["figures"]["timed_steps"] == 3
     assert preset["status"] == "failed" and "PRESET" in preset["error"]  # recorded, not a crash
     rows = table_rows((dry_run["out"] / "results_dir" / "RESULTS.md").read_text())
-    assert len(rows) == 5 and rows[4][8].startswith("failed: ")
+    assert len(rows) == 5 and rows[4]["status"].startswith("failed: ") and rows[3]["status"] == "ok"
 
 
 def test_dry_run_builds_the_offline_dataset_and_records_a_rejected_config(tmp_path):
@@ -156,8 +163,8 @@ def ladder_args(tiny_data: dict, tmp_path: Path, rows: Path) -> list:
             *data_args(tiny_data)]
 
 
-def ladder_table(path: Path) -> dict[str, list[str]]:
-    return {row[0]: row for row in table_rows(path.read_text())}
+def ladder_table(path: Path) -> dict[str, dict[str, str]]:
+    return {row["row"]: row for row in table_rows(path.read_text())}
 
 
 def test_ladder_rows_seeds_deltas_stale_and_failed_rows(tiny_data, tmp_path):
@@ -182,10 +189,13 @@ def test_ladder_rows_seeds_deltas_stale_and_failed_rows(tiny_data, tmp_path):
     steps = {name: [stored[name][s]["figures"]["step_avg_ms"] for s in ("1", "2")] for name in scores}
     (base_mean, base_std), (mean, std) = runlog.mean_std(scores["baseline"]), runlog.mean_std(scores["no_smear"])
     stderr = (base_std**2 / 2 + std**2 / 2) ** 0.5
-    assert table["baseline"][2:6] == ["2", f"{base_mean:.4f} ± {base_std:.4f}", "—", "1.00"]
-    assert table["no_smear"][2:6] == ["2", f"{mean:.4f} ± {std:.4f}", f"{mean - base_mean:+.4f} ± {stderr:.4f}",
-                                      f"{sum(steps['no_smear']) / sum(steps['baseline']):.2f}"]
-    assert table["bad"][2] == "0" and table["bad"][-1].startswith("failed: ") and "NUM_HEADS=3" in table["bad"][-1]
+    columns = ("seeds", "val_bpb (mean ± std)", "Δ vs baseline", "step time / baseline")
+    assert [table["baseline"][c] for c in columns] == ["2", f"{base_mean:.4f} ± {base_std:.4f}", "—", "1.00"]
+    assert [table["no_smear"][c] for c in columns] == [
+        "2", f"{mean:.4f} ± {std:.4f}", f"{mean - base_mean:+.4f} ± {stderr:.4f}",
+        f"{sum(steps['no_smear']) / sum(steps['baseline']):.2f}"]
+    assert table["bad"]["seeds"] == "0" and table["bad"]["notes"].startswith("failed: ")
+    assert "NUM_HEADS=3" in table["bad"]["notes"]
     header = (tmp_path / "LADDER.md").read_text()
     assert "What it can show" in header and "What it cannot show" in header and "Fixed configuration" in header
 
@@ -194,14 +204,14 @@ def test_ladder_rows_seeds_deltas_stale_and_failed_rows(tiny_data, tmp_path):
     kept = bench("ladder.py", *args, "--rows", "baseline")
     assert kept.stdout.count("stored result is current (ok), kept") == 2
     table = ladder_table(tmp_path / "LADDER.md")
-    assert table["no_smear"][2] == "0" and "2 stale run(s)" in table["no_smear"][-1]
-    assert table["new"][-1] == "not run yet"
+    assert table["no_smear"]["seeds"] == "0" and "2 stale run(s)" in table["no_smear"]["notes"]
+    assert table["new"]["notes"] == "not run yet"
     bench("ladder.py", *args, "--rows", "no_smear", "--seeds", "1")
     stored = json.loads((tmp_path / "ladder.json").read_text())["runs"]
     assert stored["no_smear"]["1"]["row_env"] == {"SMEAR_GATE": "0", "QAT": "0"}
     assert stored["no_smear"]["2"]["row_env"] == {"SMEAR_GATE": "0"}
     table = ladder_table(tmp_path / "LADDER.md")
-    assert table["no_smear"][2] == "1" and "1 stale run(s)" in table["no_smear"][-1]
+    assert table["no_smear"]["seeds"] == "1" and "1 stale run(s)" in table["no_smear"]["notes"]
     listing = bench("ladder.py", *args, "--list").stdout
     assert "no_smear: SMEAR_GATE=0 QAT=0  [seed 1: ok, seed 2: stale]" in listing
 
@@ -268,3 +278,41 @@ def test_steady_step_time_excludes_the_first_steps():
     assert runlog.steady_step_ms(times, from_step=2) == (2800.0 / 28, 28)
     assert runlog.steady_step_ms(times[:3], from_step=10) == (100.0, 2)  # nothing that late: from the first
     assert runlog.steady_step_ms(times[:1]) is None
+
+
+OUR_CUDA_OUTPUT = """run_id:x world_size:1 grad_accum_steps:8 device:cuda:0 compile:1 attention:flash host_sync:gloo \
+python:3.11.7 torch:2.11.0 cuda:12.8 gpu:NVIDIA H100 80GB HBM3
+model_params:21779016 layers:9 dim:512 heads:8/4 mlp_mult:3 flops_per_token:131072000 peak_flops_per_device:9.89e+14
+warmup_steps:20 warmup_time:95000ms (undone)
+step:1/70 train_loss:6.9300 train_time:420ms step_avg:420.00ms tok_s:1248305 mfu:16.5%
+step:10/70 train_loss:6.1000 train_time:3600ms step_avg:360.00ms tok_s:1456355 mfu:19.3%
+step:70/70 train_loss:4.2000 train_time:24600ms step_avg:351.43ms tok_s:1491899 mfu:19.8%
+training_done steps:70 train_time:24600ms wall_time:25000ms raw_checkpoint:artifacts/x_raw.pt data_epochs:12.032
+peak memory allocated:30000MiB reserved:32000MiB
+artifact:artifacts/x.int6.ptz export_time:21000ms
+Total submission size int6+zstd-22: 15500000 bytes
+final_prequant_exact val_loss:2.00000000 val_bpb:1.20000000
+final_int6_roundtrip_exact val_loss:2.01 val_bpb:1.21000000 quant_penalty_bpb:+0.01000 eval_time:9000ms graphs:2 \
+compile_time:30000ms
+final_sliding_window_exact stride:64 seq_len:1024 val_loss:1.99 val_bpb:1.19000000 scored_tokens:203393 \
+eval_time:12000ms graphs:2 compile_time:31000ms
+sliding_rate scored_tok_s:16949 per_rank:16949 projected_fineweb_8gpu:470.4s
+run_complete run_id:x val_loss:1.99000000 val_bpb:1.19000000
+"""
+
+
+def test_the_log_reader_and_the_figures_on_our_cuda_lines():
+    log = runlog.parse_log(OUR_CUDA_OUTPUT)
+    assert log.header["attention"] == "flash" and log.header["device"] == "cuda:0" and log.completed
+    assert (log.warmup_ms, log.steps, log.data_epochs, log.export_ms) == (95000.0, 70, 12.032, 21000.0)
+    assert (log.roundtrip_graphs, log.roundtrip_compile_ms, log.sliding_graphs, log.scored_tokens) == (2, 30000.0, 2,
+                                                                                                      203393)
+    assert (log.sliding_tok_s, log.projected_fineweb_8gpu_s, log.final_val_bpb) == (16949.0, 470.4, 1.19)
+    args = argparse.Namespace(nproc=1, settle_steps=10)
+    f = gpu_bench.figures(log, {"TRAIN_BATCH_TOKENS": "524288"}, args, {"train_tokens": 3_050_390})
+    assert (f["ms_per_step"], f["timed_steps"]) == (350.0, 60)  # (24600 - 3600) / (70 - 10)
+    assert f["tokens_per_s"] == pytest.approx(524288 / 0.350)
+    assert f["mfu"] == pytest.approx(131072000 * 524288 / 0.350 / 9.89e14)
+    assert (f["peak_allocated_mib"], f["peak_reserved_mib"], f["quant_penalty_bpb"]) == (30000.0, 32000.0, 0.01)
+    assert gpu_bench.projection_cell(f, {"gpu_count": 1}) == "470.4 s"
+    assert gpu_bench.runtime_cell(f) == "flash, compiled"
