@@ -17,7 +17,10 @@ Parts and their GPU time on one H100 (estimates: nothing here has run on a GPU y
   peer        --peer PATH (the challenge's baseline or a record's script) through its own environment
               variables, same data, same minutes: --minutes + ~1-2 min; ~4-5 min.
 Each part fits one 10-minute command; run them as separate invocations when commands are time-limited.
+Planning: throughput + run + peer at --minutes 3 is ~12-14 min of GPU time, plus under a minute to build
+the offline dataset if it is missing; with less time, drop the peer or lower --minutes.
 Every part is killed at --part-timeout-min (default 9) and recorded as timed out with what it logged.
+The exit status is 2 when a part failed (its error is recorded with it), 0 when all succeeded.
 
 Figures of every invocation are appended to bench/results/<date>_<device>.json (earlier ones are kept) and
 bench/RESULTS.md is regenerated from all result files. KEY=VALUE arguments (or --env KEY=VALUE) are
@@ -58,6 +61,7 @@ DRY_RUN_SETTINGS = {  # a model that trains in seconds on a CPU, read by train_g
 }
 DRY_RUN_BATCH_TOKENS = 4096  # 8 micro-steps of 8 sequences of 64 tokens
 DRY_RUN_DEFAULTS = {"minutes": 0.05, "steps": 6, "settle_steps": 2}
+PART_FAILED_STATUS = 2  # exit status when a part failed (its error is in the results)
 GPU_DEFAULTS = {"minutes": 3.0, "steps": 60, "settle_steps": runlog.STEADY_FROM_STEP}
 MEASURED_NOTE = ("Measured: every figure except the projected 8-GPU evaluation time, which scales the measured "
                  "sliding-window rate of one device to 8 devices over the 63,779,840-token FineWeb validation "
@@ -204,6 +208,16 @@ class Bench:
     def throughput_configs(self) -> list[tuple[str, dict]]:
         configs = [] if self.args.no_default else [(self.label("default"), {})]
         return configs + [(self.label(f"PRESET={p}"), {"PRESET": p}) for p in self.args.presets]
+
+    def measurements(self):
+        """Each part's measurement as soon as it is taken, in order."""
+        if "throughput" in self.args.parts:
+            for label, config_env in self.throughput_configs():
+                yield self.throughput(label, config_env)
+        if "run" in self.args.parts:
+            yield self.short_run()
+        if "peer" in self.args.parts:
+            yield self.peer()
 
     def throughput(self, label: str, config_env: dict) -> dict:
         env = self.our_env({"FINAL_EVAL": "0", "VAL_LOSS_EVERY": "0", "MAX_WALLCLOCK_SECONDS": "0",
@@ -482,32 +496,23 @@ def main(argv: list[str] | None = None) -> int:
     require_zstandard()
     machine = runlog.describe_machine()
     check_device(args, machine)
-    data, env = resolve_data(args)
+    data, data_env = resolve_data(args)
     invocation_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
     invocation = describe_invocation(args, argv, data, machine, invocation_id)
     path = results_path(args.results_dir, machine)
-    print(f"machine: {machine['device']} x{max(machine['gpu_count'], 1)} torch:{machine['torch']} "
+    print(f"machine: {machine['device']} gpus:{machine['gpu_count']} torch:{machine['torch']} "
           f"cuda:{machine['cuda']} python:{machine['python']}; data: {data['path']} ({data['note']})", flush=True)
-    bench = Bench(args, data, env, invocation_id)
-    jobs = []
-    if "throughput" in args.parts:
-        jobs += [lambda label=label, env=env: bench.throughput(label, env) for label, env in bench.throughput_configs()]
-    if "run" in args.parts:
-        jobs.append(bench.short_run)
-    if "peer" in args.parts:
-        jobs.append(bench.peer)
     append_measurement(path, invocation, None)
-    failures = 0
-    for job in jobs:
-        m = job()
-        failures += m["status"] != "ok"
+    statuses = []
+    for m in Bench(args, data, data_env, invocation_id).measurements():
         append_measurement(path, invocation, m)
         write_results_md(args.results_dir)
+        statuses.append(m["status"])
         print(f"{m['part']} {m['config']}: {m['status']}" + (f" ({m['error']})" if m["error"] else ""), flush=True)
     write_results_md(args.results_dir)
-    print(f"{len(jobs) - failures}/{len(jobs)} parts ok; RESULTS.md: {args.results_dir / 'RESULTS.md'}")
+    print(f"{statuses.count('ok')}/{len(statuses)} parts ok; RESULTS.md: {args.results_dir / 'RESULTS.md'}")
     print(path.resolve())
-    return 0
+    return 0 if statuses.count("ok") == len(statuses) else PART_FAILED_STATUS
 
 
 if __name__ == "__main__":

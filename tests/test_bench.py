@@ -25,13 +25,13 @@ TINY_MODEL_KEYS = ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_
                    "ZSTD_LEVEL", "TRAIN_LOG_EVERY")
 
 
-def bench(script: str, *args, timeout: int = 240) -> subprocess.CompletedProcess:
+def bench(script: str, *args, status: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
     """A bench command as a user runs it, from the repository root, without data variables from outside."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == status, f"{script} exited ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
 
@@ -115,7 +115,7 @@ def test_a_second_invocation_keeps_earlier_measurements(dry_run, tiny_data):
     before = dry_run["results"]
     proc = bench("gpu_bench.py", "--dry-run", "--only", "throughput", "--steps", "3", "--presets", "nosuch",
                  *data_args(tiny_data), "--results-dir", dry_run["out"] / "results_dir",
-                 "--work-dir", dry_run["out"] / "work")
+                 "--work-dir", dry_run["out"] / "work", status=gpu_bench.PART_FAILED_STATUS)
     assert Path(proc.stdout.strip().splitlines()[-1]) == dry_run["path"]
     after = json.loads(dry_run["path"].read_text())
     assert after["invocations"][0] == before["invocations"][0] and len(after["invocations"]) == 2
@@ -129,7 +129,8 @@ def test_a_second_invocation_keeps_earlier_measurements(dry_run, tiny_data):
 
 def test_dry_run_builds_the_offline_dataset_and_records_a_rejected_config(tmp_path):
     proc = bench("gpu_bench.py", "--dry-run", "--only", "throughput", "--data-root", tmp_path / "data",
-                 "--results-dir", tmp_path / "results_dir", "--work-dir", tmp_path / "work", "NUM_HEADS=3")
+                 "--results-dir", tmp_path / "results_dir", "--work-dir", tmp_path / "work", "NUM_HEADS=3",
+                 status=gpu_bench.PART_FAILED_STATUS)
     assert (tmp_path / "data" / "datasets" / "pydocs_sp1024" / "fineweb_val_000000.bin").is_file()
     assert (tmp_path / "data" / "tokenizers" / "pydocs_1024_bpe.model").is_file()
     results = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
