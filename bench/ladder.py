@@ -1,8 +1,12 @@
 """The CPU technique ladder: each row of bench/ladder_rows.txt trained at one fixed small configuration.
 
-    OMP_NUM_THREADS=2 python bench/ladder.py             # every row, seeds 1337 and 1338 (~3 min a run)
+    OMP_NUM_THREADS=2 python bench/ladder.py             # every row, seeds 1337 and 1338
     OMP_NUM_THREADS=2 python bench/ladder.py --rows baseline,qat_off
     python bench/ladder.py --list                        # the rows and what is stored for them
+
+A run takes about 4 minutes on an idle 2-core CPU with OMP_NUM_THREADS=2 (0.8 s a step, 1 min of
+evaluation). While other work shares the machine, OMP_NUM_THREADS=1 is faster (two threads then wait on
+each other): 7-10 minutes a run here.
 
 A row is `name: KEY=VALUE ...` (train_gpt.py settings on top of the fixed configuration); the first row is
 `baseline:` with none. Each (row, seed) result is stored in bench/ladder_results.json with the row's
@@ -175,7 +179,7 @@ class Ladder:
         entry = {"row_env": row_env, "config": self.config, "status": "failed", "error": None, "figures": None,
                  "date": datetime.date.today().isoformat(), "machine": self.machine,
                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "trainer_sha256": self.trainer_sha,
-                 "command": self.command, "run_id": run_id, "wall_s": None}
+                 "command": self.command, "run_id": run_id, "wall_s": None, "cpu_s": None}
         if error := runlog.unread_settings_error(row_env, self.known_settings):
             return {**entry, "error": error}  # known without running it
         timeout_s = 60 * self.args.timeout_min
@@ -185,7 +189,7 @@ class Ladder:
         self.known_settings = self.known_settings or log.settings
         error = runlog.failure_reason(outcome, log, timeout_s) or runlog.unread_settings_error(row_env, log.settings)
         return {**entry, "status": "failed" if error else "ok", "error": error, "figures": ladder_figures(log),
-                "wall_s": round(outcome.wall_s, 1)}
+                "wall_s": round(outcome.wall_s, 1), "cpu_s": round(outcome.cpu_s, 1)}
 
 
 def ladder_figures(log: runlog.TrainerLog) -> dict:
@@ -207,16 +211,19 @@ def machine_line(machine: dict) -> str:
 # -----------------------------------------------------------------------------
 
 
-def row_stats(entries: list[dict]) -> dict | None:
+def row_stats(entries: dict[str, dict]) -> dict | None:
     """Means over the successful seeds of a row (None when there are none)."""
-    ok = [e["figures"] for e in entries if e["status"] == "ok"]
+    ok = {seed: e for seed, e in entries.items() if e["status"] == "ok"}
     if not ok:
         return None
-    mean, std = runlog.mean_std([f["val_bpb"] for f in ok])
-    return {"n": len(ok), "mean": mean, "std": std, "var": std**2 if std is not None else None,
-            "step_ms": mean_of(ok, "step_avg_ms"), "penalty": mean_of(ok, "quant_penalty_bpb"),
-            "bytes": mean_of(ok, "bytes_total"), "epochs": mean_of(ok, "data_epochs"),
-            "wall_s": [e["wall_s"] for e in entries if e["wall_s"]]}
+    figures = [e["figures"] for e in ok.values()]
+    mean, std = runlog.mean_std([f["val_bpb"] for f in figures])
+    cpu = [e.get("cpu_s") for e in ok.values()]
+    return {"n": len(ok), "mean": mean, "std": std, "scores": {s: e["figures"]["val_bpb"] for s, e in ok.items()},
+            "step_ms": mean_of(figures, "step_avg_ms"), "penalty": mean_of(figures, "quant_penalty_bpb"),
+            "bytes": mean_of(figures, "bytes_total"), "epochs": mean_of(figures, "data_epochs"),
+            "cpu_s": None if None in cpu else runlog.mean_std(cpu)[0],
+            "wall_s": [e["wall_s"] for e in entries.values() if e["wall_s"]]}
 
 
 def mean_of(figures: list[dict], key: str) -> float | None:
@@ -224,18 +231,30 @@ def mean_of(figures: list[dict], key: str) -> float | None:
     return None if None in values else runlog.mean_std(values)[0]
 
 
+def ratio(stats: dict, base: dict | None, key: str) -> float | None:
+    return stats[key] / base[key] if base and stats[key] and base[key] else None
+
+
 def cell(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def paired_delta(stats: dict, base: dict) -> tuple[float, float | None] | None:
+    """(mean, standard error) of row minus baseline over the seeds both have. Runs with the same seed read the
+    same batches and, when the row keeps the model's shapes, start from the same weights, so pairing removes
+    most of the seed-to-seed spread the two rows share."""
+    seeds = sorted(set(stats["scores"]) & set(base["scores"]))
+    if not seeds:
+        return None
+    mean, std = runlog.mean_std([stats["scores"][s] - base["scores"][s] for s in seeds])
+    return mean, None if std is None else std / len(seeds) ** 0.5
+
+
 def delta_cell(stats: dict, base: dict | None, is_base: bool) -> str:
-    if is_base or base is None:
+    if is_base or base is None or (delta := paired_delta(stats, base)) is None:
         return "—"
-    delta = stats["mean"] - base["mean"]
-    if stats["var"] is None or base["var"] is None:
-        return f"{delta:+.4f}"
-    stderr = (stats["var"] / stats["n"] + base["var"] / base["n"]) ** 0.5
-    return f"{delta:+.4f} ± {stderr:.4f}"
+    mean, stderr = delta
+    return f"{mean:+.4f}" if stderr is None else f"{mean:+.4f} ± {stderr:.4f}"
 
 
 def row_notes(name: str, entries_by_seed: dict, current: list[dict], seeds_wanted: int, trainer_sha: str) -> str:
@@ -263,11 +282,11 @@ def row_notes(name: str, entries_by_seed: dict, current: list[dict], seeds_wante
 def render_ladder(rows: dict, results: dict, config: dict, seeds: list[int], trainer_sha: str, *,
                   results_path: Path, rows_path: Path) -> str:
     stored = results["runs"]
-    current = {name: [e for e in stored.get(name, {}).values() if is_current(e, env, config, trainer_sha)]
+    current = {name: {seed: e for seed, e in stored.get(name, {}).items() if is_current(e, env, config, trainer_sha)}
                for name, env in rows.items()}
     stats = {name: row_stats(entries) for name, entries in current.items()}
     base = stats.get(BASELINE)
-    used = [e for entries in current.values() for e in entries]
+    used = [e for entries in current.values() for e in entries.values()]
     walls = [w for s in stats.values() if s for w in s["wall_s"]]
     lines = [
         "# CPU technique ladder", "",
@@ -277,9 +296,12 @@ def render_ladder(rows: dict, results: dict, config: dict, seeds: list[int], tra
         "- Score: the final val_bpb (sliding window: EVAL_STRIDE below, window TRAIN_SEQ_LEN) of the int6+zstd "
         "artifact read back from disk, on the validation split of DATA_PATH (by default the offline dataset: "
         "203,394 tokens of Python documentation, not FineWeb). Mean ± sample standard deviation over the seeds.",
-        "- Δ: the row's mean minus the baseline's, ± the standard error of that difference.",
-        "- Step time: the row's mean training ms/step over the baseline's. The machine may have been shared "
-        "while the runs ran, so ratios within about ±10% say nothing.",
+        "- Δ: the row's score minus the baseline's for the same seed (the same batches, and the same initial "
+        "weights when the row keeps the model's shapes), averaged over the seeds, ± its standard error.",
+        "- Step time: the row's mean training ms/step (wall clock) over the baseline's; CPU time: the same "
+        "ratio for the whole run's CPU seconds (training, export, evaluations). Other work shared the "
+        "machine while these ran, which moves wall-clock times by tens of percent and CPU times much less; "
+        "on a CPU neither says what a switch costs on a GPU.",
         f"- Machine: {'; '.join(sorted({e['machine'] for e in used})) or '—'}; OMP_NUM_THREADS "
         f"{', '.join(sorted({str(e['omp_num_threads']) for e in used})) or '—'}.",
         f"- Command(s): {', '.join(f'`{c}`' for c in sorted({e['command'] for e in used})) or '—'}.",
@@ -289,21 +311,21 @@ def render_ladder(rows: dict, results: dict, config: dict, seeds: list[int], tra
         f"{f'{min(walls) / 60:.1f}–{max(walls) / 60:.1f} min wall time' if walls else '—'}.",
         "- Fixed configuration: `" + " ".join(f"{k}={v}" for k, v in config.items()) + "`; seeds "
         + ", ".join(map(str, seeds)) + ".", "",
-        "| row | settings | seeds | val_bpb (mean ± std) | Δ vs baseline | step time / baseline | quant penalty "
-        "| artifact bytes | data epochs | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| row | settings | seeds | val_bpb (mean ± std) | Δ vs baseline (paired) | step time / baseline "
+        "| CPU time / baseline | quant penalty | artifact bytes | data epochs | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, env in rows.items():
         s = stats[name]
         settings = " ".join(f"{k}={v}" for k, v in env.items()) or "(none)"
-        notes = row_notes(name, stored.get(name, {}), current[name], len(seeds), trainer_sha)
+        notes = row_notes(name, stored.get(name, {}), list(current[name].values()), len(seeds), trainer_sha)
         if s is None:
-            lines.append(f"| {name} | `{settings}` | 0 | — | — | — | — | — | — | {notes} |")
+            lines.append(f"| {name} | `{settings}` | 0 | — | — | — | — | — | — | — | {notes} |")
             continue
         spread = f" ± {s['std']:.4f}" if s["std"] is not None else ""
-        ratio = s["step_ms"] / base["step_ms"] if base and s["step_ms"] and base["step_ms"] else None
         lines.append(f"| {name} | `{settings}` | {s['n']} | {s['mean']:.4f}{spread} | "
-                     f"{delta_cell(s, base, name == BASELINE)} | {cell(ratio, '.2f')} | {cell(s['penalty'], '+.4f')} | "
+                     f"{delta_cell(s, base, name == BASELINE)} | {cell(ratio(s, base, 'step_ms'), '.2f')} | "
+                     f"{cell(ratio(s, base, 'cpu_s'), '.2f')} | {cell(s['penalty'], '+.4f')} | "
                      f"{cell(s['bytes'], ',.0f')} | {cell(s['epochs'], '.2f')} | {notes} |")
     return "\n".join(lines) + "\n"
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import struct
@@ -81,6 +82,7 @@ def display(path: Path | str) -> str:
 class Outcome:
     returncode: int | None  # None: killed at the timeout
     wall_s: float
+    cpu_s: float  # user + system CPU time of the run and its children: less sensitive to other load than wall_s
     transcript: str  # stdout and stderr, interleaved as written
 
 
@@ -98,7 +100,7 @@ def run_trainer(command: list[str], env: dict, *, cwd: Path, transcript_path: Pa
     full_env["PYTHONUNBUFFERED"] = "1"  # a killed run still leaves every line it printed
     transcript_path.parent.mkdir(parents=True, exist_ok=True)
     cwd.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), children_cpu_s()
     with open(transcript_path, "wb") as out:
         proc = subprocess.Popen(command, env=full_env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -110,7 +112,14 @@ def run_trainer(command: list[str], env: dict, *, cwd: Path, transcript_path: Pa
         except BaseException:  # Ctrl-C on the harness: do not leave a trainer running on the device
             kill_group(proc)
             raise
-    return Outcome(returncode, time.perf_counter() - t0, transcript_path.read_text(encoding="utf-8", errors="replace"))
+    return Outcome(returncode, time.perf_counter() - t0, children_cpu_s() - cpu0,
+                   transcript_path.read_text(encoding="utf-8", errors="replace"))
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of every child process this process has waited for (runs are waited for one at a time)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def kill_group(proc: subprocess.Popen) -> None:

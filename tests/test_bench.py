@@ -181,20 +181,27 @@ def test_ladder_rows_seeds_deltas_stale_and_failed_rows(tiny_data, tmp_path):
             assert e["status"] == "ok" and e["figures"]["val_bpb"] == e["figures"]["sliding_val_bpb"]
             assert e["config"]["NUM_LAYERS"] == "2" and re.fullmatch(r"[0-9a-f]{64}", e["trainer_sha256"])
             assert 0 < e["figures"]["data_epochs"] <= 1 and e["figures"]["steps"] == 6
+            assert e["wall_s"] > 0 and e["cpu_s"] > 0
     assert stored["no_smear"]["1"]["row_env"] == {"SMEAR_GATE": "0"}
     assert stored["baseline"]["1"]["figures"]["val_bpb"] != stored["baseline"]["2"]["figures"]["val_bpb"]  # seeds
     assert all(e["status"] == "failed" and "NUM_HEADS=3" in e["error"] for e in stored["bad"].values())
 
     table = ladder_table(tmp_path / "LADDER.md")
-    scores = {name: [stored[name][s]["figures"]["val_bpb"] for s in ("1", "2")] for name in ("baseline", "no_smear")}
-    steps = {name: [stored[name][s]["figures"]["step_avg_ms"] for s in ("1", "2")] for name in scores}
-    (base_mean, base_std), (mean, std) = runlog.mean_std(scores["baseline"]), runlog.mean_std(scores["no_smear"])
-    stderr = (base_std**2 / 2 + std**2 / 2) ** 0.5
-    columns = ("seeds", "val_bpb (mean ± std)", "Δ vs baseline", "step time / baseline")
-    assert [table["baseline"][c] for c in columns] == ["2", f"{base_mean:.4f} ± {base_std:.4f}", "—", "1.00"]
+    runs = {name: [stored[name][seed] for seed in ("1", "2")] for name in ("baseline", "no_smear")}
+    base_mean, base_std = runlog.mean_std([e["figures"]["val_bpb"] for e in runs["baseline"]])
+    mean, std = runlog.mean_std([e["figures"]["val_bpb"] for e in runs["no_smear"]])
+    delta, delta_std = runlog.mean_std([a["figures"]["val_bpb"] - b["figures"]["val_bpb"]
+                                        for a, b in zip(runs["no_smear"], runs["baseline"])])  # paired by seed
+    step_ratio = (sum(e["figures"]["step_avg_ms"] for e in runs["no_smear"])
+                  / sum(e["figures"]["step_avg_ms"] for e in runs["baseline"]))
+    cpu_ratio = sum(e["cpu_s"] for e in runs["no_smear"]) / sum(e["cpu_s"] for e in runs["baseline"])
+
+    columns = ("seeds", "val_bpb (mean ± std)", "Δ vs baseline (paired)", "step time / baseline",
+               "CPU time / baseline")
+    assert [table["baseline"][c] for c in columns] == ["2", f"{base_mean:.4f} ± {base_std:.4f}", "—", "1.00", "1.00"]
     assert [table["no_smear"][c] for c in columns] == [
-        "2", f"{mean:.4f} ± {std:.4f}", f"{mean - base_mean:+.4f} ± {stderr:.4f}",
-        f"{sum(steps['no_smear']) / sum(steps['baseline']):.2f}"]
+        "2", f"{mean:.4f} ± {std:.4f}", f"{delta:+.4f} ± {delta_std / 2 ** 0.5:.4f}",
+        f"{step_ratio:.2f}", f"{cpu_ratio:.2f}"]
     assert table["bad"]["seeds"] == "0" and table["bad"]["notes"].startswith("failed: ")
     assert "NUM_HEADS=3" in table["bad"]["notes"]
     header = (tmp_path / "LADDER.md").read_text()
