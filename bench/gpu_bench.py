@@ -168,6 +168,8 @@ def resolve_data(args) -> tuple[dict, dict]:
     data_path, tokenizer_path = Path(data_path).resolve(), Path(tokenizer_path).resolve()
     if not tokenizer_path.is_file():
         raise SystemExit(f"error: tokenizer {tokenizer_path} does not exist; give --tokenizer-path")
+    if not str(vocab_size).isdigit():
+        raise SystemExit(f"error: VOCAB_SIZE={vocab_size!r} is not a whole number; give --vocab-size")
     env = {"DATA_PATH": str(data_path), "TOKENIZER_PATH": str(tokenizer_path), "VOCAB_SIZE": str(vocab_size)}
     return runlog.describe_data(data_path, tokenizer_path, int(vocab_size)), env
 
