@@ -9,7 +9,10 @@ evaluation). While other work shares the machine, OMP_NUM_THREADS=1 is faster (t
 each other): 7-10 minutes a run here.
 
 A row is `name: KEY=VALUE ...` (train_gpt.py settings on top of the fixed configuration); the first row is
-`baseline:` with none. Each (row, seed) result is stored in bench/ladder_results.json with the row's
+`baseline:` with none. A row `name: @base KEY=VALUE ...` trains nothing: it re-exports and re-scores the raw
+weights of row `base`'s run with the same seed (ITERATIONS=0 INIT_CHECKPOINT=...), for switches of the export
+and the evaluation (quantization, compression, test-time training); its delta is then that switch alone.
+--jobs 2 runs two at a time (give each OMP_NUM_THREADS=1). Each (row, seed) result is stored in bench/ladder_results.json with the row's
 settings and the configuration it ran with; a stored result is reused while both are unchanged, and run
 again when either changed (or with --rerun). bench/LADDER.md is regenerated from the stored results after
 every run. Runs are step-based, so scores do not depend on the machine's speed.
@@ -25,6 +28,8 @@ import os
 import re
 import shlex
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,7 +80,13 @@ def read_rows(path: Path) -> dict[str, dict]:
                              f"_ . - (got {raw.strip()!r})")
         if name in rows:
             raise SystemExit(f"error: {where}: row {name!r} is defined twice")
-        env = runlog.parse_assignments(shlex.split(rest), where)
+        words = shlex.split(rest)
+        base = words.pop(0)[1:] if words and words[0].startswith("@") else None
+        if base is not None and base not in rows:
+            raise SystemExit(f"error: {where}: @{base} must name an earlier row")
+        env = runlog.parse_assignments(words, where)
+        if base is not None:
+            env = {"@": base, **env}
         if taken := sorted(set(env) & set(HARNESS_KEYS)):
             raise SystemExit(f"error: {where}: {', '.join(taken)} is set by the ladder itself (seeds: --seeds)")
         rows[name] = env
@@ -115,6 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=ROOT / "bench" / "out" / "ladder",
                    help="logs and artifacts of the runs (default: bench/out/ladder/)")
     p.add_argument("--timeout-min", type=float, default=20.0, help="kill a run after this long (default 20)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     args = p.parse_args(argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -164,8 +176,9 @@ def store(results: dict, path: Path, row: str, seed: int, entry: dict) -> None:
 
 
 class Ladder:
-    def __init__(self, args, config: dict, command: str, trainer_sha: str):
+    def __init__(self, args, config: dict, command: str, trainer_sha: str, results: dict):
         self.args, self.config, self.command, self.trainer_sha = args, config, command, trainer_sha
+        self.results = results
         self.machine: str | None = None  # described on the first run (a child process imports torch)
         self.known_settings: dict = {}  # the trainer's settings, once one run has logged them
 
@@ -174,26 +187,43 @@ class Ladder:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_id = f"ladder-{row}-s{seed}-{stamp}"
         work = self.args.work_dir.resolve()
-        env = {**self.config, **row_env, "SEED": str(seed), "RUN_ID": run_id, "LOG_DIR": str(work / "logs"),
+        settings = {k: v for k, v in row_env.items() if k != "@"}
+        env = {**self.config, **settings, "SEED": str(seed), "RUN_ID": run_id, "LOG_DIR": str(work / "logs"),
                "ARTIFACT_DIR": str(work / "artifacts")}
         entry = {"row_env": row_env, "config": self.config, "status": "failed", "error": None, "figures": None,
                  "date": datetime.date.today().isoformat(), "machine": self.machine,
                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "trainer_sha256": self.trainer_sha,
                  "command": self.command, "run_id": run_id, "wall_s": None, "cpu_s": None}
-        if error := runlog.unread_settings_error(row_env, self.known_settings):
+        if error := runlog.unread_settings_error(settings, self.known_settings):
             return {**entry, "error": error}  # known without running it
+        if "@" in row_env:  # re-export the base row's trained weights
+            base = self.results["runs"].get(row_env["@"], {}).get(str(seed))
+            raw = work / "artifacts" / f"{base['run_id']}_raw.pt" if base else None
+            if raw is None or base["status"] != "ok" or not raw.is_file():
+                return {**entry, "error": f"row {row_env['@']} seed {seed} has no raw checkpoint under "
+                                          f"{display(work / 'artifacts')}; run --rows {row_env['@']} first"}
+            env.update(ITERATIONS="0", INIT_CHECKPOINT=str(raw))
         timeout_s = 60 * self.args.timeout_min
         outcome = runlog.run_trainer(runlog.trainer_command(TRAINER, 1), env, cwd=ROOT, timeout_s=timeout_s,
                                      transcript_path=work / "transcripts" / f"{run_id}.out")
         log = runlog.parse_log(outcome.transcript, work / "logs" / f"{run_id}.txt")
         self.known_settings = self.known_settings or log.settings
-        error = runlog.failure_reason(outcome, log, timeout_s) or runlog.unread_settings_error(row_env, log.settings)
+        error = runlog.failure_reason(outcome, log, timeout_s) or runlog.unread_settings_error(settings, log.settings)
         return {**entry, "status": "failed" if error else "ok", "error": error, "figures": ladder_figures(log),
                 "wall_s": round(outcome.wall_s, 1), "cpu_s": round(outcome.cpu_s, 1)}
 
 
+def loop_step_ratio(log: runlog.TrainerLog) -> float | None:
+    """Step time after the loops switched on over the step time before."""
+    if not log.looping_on or not log.steps or log.train_time_ms is None:
+        return None
+    (step, ms), total = log.looping_on, log.train_time_ms
+    return ((total - ms) / (log.steps - step)) / (ms / step) if 0 < step < log.steps and ms > 0 else None
+
+
 def ladder_figures(log: runlog.TrainerLog) -> dict:
-    return {"val_bpb": log.final_val_bpb, "sliding_val_bpb": log.sliding_val_bpb,
+    return {"val_bpb": log.final_val_bpb, "sliding_val_bpb": log.sliding_val_bpb, "ttt_val_bpb": log.ttt_val_bpb,
+            "loop_step_ratio": loop_step_ratio(log),
             "prequant_val_bpb": log.prequant_val_bpb, "roundtrip_val_bpb": log.roundtrip_val_bpb,
             "quant_penalty_bpb": log.quant_penalty_bpb, "bytes_total": log.bytes_total,
             "step_avg_ms": log.train_time_ms / log.steps if log.steps and log.train_time_ms is not None else None,
@@ -272,6 +302,9 @@ def row_notes(name: str, entries_by_seed: dict, current: list[dict], seeds_wante
         shas = sorted({e["trainer_sha256"][:10] for e in current})
         notes.append(f"measured with train_gpt.py {', '.join(shas)} (now {trainer_sha[:10]})")
     ok = [e for e in current if e["status"] == "ok"]
+    loops = [e["figures"].get("loop_step_ratio") for e in ok if e["figures"].get("loop_step_ratio")]
+    if loops:
+        notes.append(f"step time x{sum(loops) / len(loops):.2f} once the loops run")
     if ok and any(e["figures"]["data_epochs"] is not None and e["figures"]["data_epochs"] > 1 for e in ok):
         notes.append("saw training tokens more than once (data_epochs > 1)")
     if 0 < len(ok) < seeds_wanted:
@@ -293,7 +326,8 @@ def render_ladder(rows: dict, results: dict, config: dict, seeds: list[int], tra
         f"Regenerated by `python bench/ladder.py` from `{display(results_path)}` after every run; do not edit by "
         f"hand. The rows are in `{display(rows_path)}`.", "",
         CAN_SHOW, "", CANNOT_SHOW, "",
-        "- Score: the final val_bpb (sliding window: EVAL_STRIDE below, window TRAIN_SEQ_LEN) of the int6+zstd "
+        "- Score: the final val_bpb (sliding window: EVAL_STRIDE below, window TRAIN_SEQ_LEN; the TTT score where "
+        "TTT is on) of the "
         "artifact read back from disk, on the validation split of DATA_PATH (by default the offline dataset: "
         "203,394 tokens of Python documentation, not FineWeb). Mean ± sample standard deviation over the seeds.",
         "- Δ: the row's score minus the baseline's for the same seed (the same batches, and the same initial "
@@ -317,7 +351,7 @@ def render_ladder(rows: dict, results: dict, config: dict, seeds: list[int], tra
     ]
     for name, env in rows.items():
         s = stats[name]
-        settings = " ".join(f"{k}={v}" for k, v in env.items()) or "(none)"
+        settings = " ".join(f"@{v}" if k == "@" else f"{k}={v}" for k, v in env.items()) or "(none)"
         notes = row_notes(name, stored.get(name, {}), list(current[name].values()), len(seeds), trainer_sha)
         if s is None:
             lines.append(f"| {name} | `{settings}` | 0 | — | — | — | — | — | — | — | {notes} |")
@@ -340,7 +374,7 @@ def list_rows(rows: dict, results: dict, config: dict, trainer_sha: str) -> None
         entries = results["runs"].get(name, {})
         states = [f"seed {seed}: {e['status'] if is_current(e, env, config, trainer_sha) else 'stale'}"
                   for seed, e in entries.items()]
-        print(f"{name}: {' '.join(f'{k}={v}' for k, v in env.items()) or '(no settings)'}"
+        print(f"{name}: {' '.join(f'@{v}' if k == '@' else f'{k}={v}' for k, v in env.items()) or '(no settings)'}"
               f"  [{', '.join(states) or 'not run yet'}]")
 
 
@@ -364,22 +398,32 @@ def main(argv: list[str] | None = None) -> int:
     threads = os.environ.get("OMP_NUM_THREADS")
     prefix = [f"OMP_NUM_THREADS={threads}"] if threads else []
     command = shlex.join(prefix + ["python", display(Path(__file__)), *argv])
-    ladder = Ladder(args, config, command, trainer_sha)
+    ladder = Ladder(args, config, command, trainer_sha, results)
+    lock = threading.Lock()
+
+    def run_one(name: str, seed: int) -> None:
+        print(f"{name} seed {seed}: running", flush=True)
+        entry = ladder.run(name, rows[name], seed)
+        with lock:
+            store(results, args.results, name, seed, entry)
+            write_ladder(args, rows, results, config, trainer_sha)
+        score = entry["figures"]["val_bpb"] if entry["figures"] else None
+        print(f"{name} seed {seed}: {entry['status']}" + (f" val_bpb {score:.4f}" if score is not None else "")
+              + (f" ({entry['error']})" if entry["error"] else "")
+              + (f" in {entry['wall_s']:.0f}s" if entry["wall_s"] else ""), flush=True)
+
+    todo = []
     for name in selected:
         for seed in args.seeds:
             entry = results["runs"].get(name, {}).get(str(seed))
             if not args.rerun and is_current(entry, rows[name], config, trainer_sha):
                 print(f"{name} seed {seed}: stored result is current ({entry['status']}), kept", flush=True)
-                continue
-            print(f"{name} seed {seed}: running", flush=True)
-            entry = ladder.run(name, rows[name], seed)
-            store(results, args.results, name, seed, entry)
-            write_ladder(args, rows, results, config, trainer_sha)
-            score = entry["figures"]["val_bpb"] if entry["figures"] else None
-            print(f"{name} seed {seed}: {entry['status']}"
-                  + (f" val_bpb {score:.4f}" if score is not None else "")
-                  + (f" ({entry['error']})" if entry["error"] else "")
-                  + (f" in {entry['wall_s']:.0f}s" if entry["wall_s"] else ""), flush=True)
+            else:
+                todo.append((name, seed))
+    trained = [job for job in todo if "@" not in rows[job[0]]]  # re-export rows wait for the weights they need
+    for batch in (trained, [job for job in todo if job not in trained]):
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(lambda job: run_one(*job), batch))
     write_ladder(args, rows, results, config, trainer_sha)
     print(args.out.resolve())
     return 0

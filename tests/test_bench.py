@@ -224,11 +224,39 @@ def test_ladder_rows_seeds_deltas_stale_and_failed_rows(tiny_data, tmp_path):
     assert "no_smear: SMEAR_GATE=0 QAT=0  [seed 1: ok, seed 2: stale]" in listing
 
 
+def test_ladder_reexport_rows_reuse_the_base_weights_two_runs_at_a_time(tiny_data, tmp_path):
+    rows = tmp_path / "rows.txt"
+    rows.write_text("baseline:\nloops: NUM_LOOPS=1 LOOP_START=0 LOOP_END=0 ENABLE_LOOPING_AT=0.5\n"
+                    "int5: @baseline MLP_BITS=5\norphan: @loops COMPRESSOR=lzma\n")
+    bench("ladder.py", *ladder_args(tiny_data, tmp_path, rows), "--jobs", "2", "--rows", "baseline,loops,int5")
+    stored = json.loads((tmp_path / "ladder.json").read_text())["runs"]
+    for seed in ("1", "2"):
+        base, int5 = stored["baseline"][seed], stored["int5"][seed]
+        assert int5["status"] == "ok" and int5["row_env"] == {"@": "baseline", "MLP_BITS": "5"}
+        assert int5["figures"]["steps"] == 0  # nothing trained: the baseline's weights, exported again
+        assert int5["figures"]["prequant_val_bpb"] == pytest.approx(base["figures"]["prequant_val_bpb"], abs=1e-6)
+        assert int5["figures"]["bytes_total"] < base["figures"]["bytes_total"]
+        assert stored["loops"][seed]["figures"]["loop_step_ratio"] > 0
+    table = ladder_table(tmp_path / "LADDER.md")
+    assert table["int5"]["settings"] == "`@baseline MLP_BITS=5`" and "once the loops run" in table["loops"]["notes"]
+    bench("ladder.py", *ladder_args(tiny_data, tmp_path, rows), "--rows", "orphan", "--seeds", "3")
+    (orphan,) = json.loads((tmp_path / "ladder.json").read_text())["runs"]["orphan"].values()
+    assert orphan["status"] == "failed" and "run --rows loops first" in orphan["error"]
+
+
+def test_loop_step_ratio_is_the_step_time_after_the_switch_over_before():
+    log = runlog.parse_log("looping_on step:3 train_time:300ms virtual_layers:[0, 0, 1] graphs:0\n"
+                           "training_done steps:6 train_time:900ms graphs:0 wall_time:950ms data_epochs:0.1\n")
+    assert log.looping_on == (3, 300.0) and ladder.loop_step_ratio(log) == pytest.approx((600 / 3) / (300 / 3))
+    assert ladder.loop_step_ratio(runlog.parse_log("training_done steps:6 train_time:900ms\n")) is None
+
+
 def test_ladder_rows_file_errors_name_the_line(tmp_path):
     cases = {"qat_off: QAT=0\n": "first row must be `baseline:`",
              "baseline:\nx: QAT=0\nx: QAT=1\n": "rows.txt:3: row 'x' is defined twice",
              "baseline:\nx: SEED=3\n": "rows.txt:2: SEED is set by the ladder itself",
-             "baseline:\nx: qat=0\n": "rows.txt:2: 'qat=0' is not KEY=VALUE"}
+             "baseline:\nx: qat=0\n": "rows.txt:2: 'qat=0' is not KEY=VALUE",
+             "baseline:\nx: @later QAT=0\nlater: QAT=1\n": "rows.txt:2: @later must name an earlier row"}
     for text, message in cases.items():
         path = tmp_path / "rows.txt"
         path.write_text(text)
