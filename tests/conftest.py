@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -104,3 +105,32 @@ def run_script(env: dict, nproc: int = 1, timeout: int = 300, check: bool = True
     if check and proc.returncode != 0:
         raise AssertionError(f"train_gpt.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def small_hparams(num_layers: int = 3, **overrides):
+    """Validated settings of a tiny model for unit tests: vocab 64, width 32, 4 heads of 8 on 2 KV heads."""
+    import train_gpt
+
+    settings = dict(vocab_size=64, num_layers=num_layers, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
+    h = train_gpt.Hyperparameters(**{**settings, **overrides})
+    h.validate()
+    return h
+
+
+def randomized(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """The module in float64 with random values added to every parameter: the zero-initialized projections
+    would otherwise hide every block."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+    return module.double()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices on a shared machine: one thread is many times faster than several."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

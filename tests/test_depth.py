@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -9,25 +10,12 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import run_script, tiny_env
+from conftest import randomized, run_script, small_hparams, tiny_env
 
 CPU = torch.device("cpu")
 
 
-def small_h(**overrides) -> tg.Hyperparameters:
-    settings = dict(vocab_size=64, num_layers=6, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
-    settings.update(overrides)
-    h = tg.Hyperparameters(**settings)
-    h.validate()
-    return h
-
-
-def randomized(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * std)
-    return model.double()
+small_h = functools.partial(small_hparams, num_layers=6)
 
 
 @pytest.mark.parametrize("layers, start, end, loops, encoder, decoder", [
@@ -46,7 +34,7 @@ def test_virtual_layers_match_the_hand_table(layers, start, end, loops, encoder,
 
 def test_looped_forward_runs_the_shared_layers_again():
     h = small_h(num_loops=1, loop_start=2, loop_end=3, smear_gate=False)
-    model = randomized(tg.GPT(h))
+    model = randomized(tg.GPT(h), std=0.2)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
     x = x0 = tg.rms_norm(model.tok_emb(ids))  # slow reference: layers 0 1 2 3 | 2 3 4 5, skips paired by order
     outs = []
@@ -64,7 +52,7 @@ def test_looped_forward_runs_the_shared_layers_again():
 
 def test_parallel_lanes_against_a_slow_reference():
     h = small_h(parallel_residual_start=4, smear_gate=False)
-    model = randomized(tg.GPT(h))
+    model = randomized(tg.GPT(h), std=0.2)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
     x = x0 = tg.rms_norm(model.tok_emb(ids))
     skips = []
@@ -90,7 +78,7 @@ def test_parallel_lanes_against_a_slow_reference():
 
 def test_causality_with_loops_and_lanes():
     h = small_h(num_loops=2, loop_start=1, loop_end=2, parallel_residual_start=4)
-    model = randomized(tg.GPT(h)).eval()
+    model = randomized(tg.GPT(h), std=0.2).eval()
     model.looping = True
     ids = torch.randint(2, 64, (1, 10), generator=torch.Generator().manual_seed(3))
     base = model(ids)

@@ -3,6 +3,7 @@ torch.compile: each against a hand-written reference."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -12,17 +13,12 @@ import torch
 from torch import nn
 
 import train_gpt as tg
-from conftest import run_script, tiny_env
+from conftest import run_script, small_hparams, tiny_env
 
 CPU = torch.device("cpu")
 
 
-def small_h(**overrides) -> tg.Hyperparameters:
-    settings = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
-    settings.update(overrides)
-    h = tg.Hyperparameters(**settings)
-    h.validate()
-    return h
+small_h = functools.partial(small_hparams, num_layers=2)
 
 
 def reference_newton_schulz(g: torch.Tensor, coefficients, steps: int = 5) -> torch.Tensor:

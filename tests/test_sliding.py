@@ -115,13 +115,7 @@ def target_losses_first_principles(model, tokens: torch.Tensor, seq_len: int, st
 # -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on a shared machine: one thread is many times faster than several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is much faster here
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import re
+
+import pytest
+import torch
 
 import switches_off
+import train_gpt as tg
+from conftest import ROOT, randomized, run_script, small_hparams, tiny_env
+
+CPU = torch.device("cpu")
+ALL_ON = dict(xsa_last_n=3, rope_dims=4, ln_scale=True, mlp_act="leaky_relu2", skip_gates=True, attn_gate=True,
+              bigram_buckets=37, bigram_dim=8, ortho_init=True)
+small_h = functools.partial(small_hparams, num_layers=4)
 
 
 def test_every_switch_off_reproduces_the_stored_outputs():
@@ -14,36 +27,6 @@ def test_every_switch_off_reproduces_the_stored_outputs():
 # -----------------------------------------------------------------------------
 # Each technique against a slow reference
 # -----------------------------------------------------------------------------
-
-import math  # noqa: E402
-import re  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import train_gpt as tg  # noqa: E402
-from conftest import ROOT, run_script, tiny_env  # noqa: E402
-
-CPU = torch.device("cpu")
-ALL_ON = dict(xsa_last_n=3, rope_dims=4, ln_scale=True, mlp_act="leaky_relu2", skip_gates=True, attn_gate=True,
-              bigram_buckets=37, bigram_dim=8, ortho_init=True)
-
-
-def small_h(**overrides) -> tg.Hyperparameters:
-    settings = dict(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
-    settings.update(overrides)
-    h = tg.Hyperparameters(**settings)
-    h.validate()
-    return h
-
-
-def randomized(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
-    return module.double()
 
 
 def test_xsa_leaves_no_component_along_the_tokens_own_value(tmp_path):

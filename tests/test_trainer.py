@@ -7,6 +7,7 @@ together once per module, two at a time; each test waits only for the runs it re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -24,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import ROOT, run_script, tiny_env, write_shard
+from conftest import ROOT, run_script, small_hparams, tiny_env, write_shard
 from trainer_helpers import MUON_SHAPES, muon_trajectory, muon_worker
 
 CPU = torch.device("cpu")
@@ -35,12 +36,7 @@ CPU = torch.device("cpu")
 # -----------------------------------------------------------------------------
 
 
-def small_h(**overrides) -> tg.Hyperparameters:
-    settings = dict(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
-    settings.update(overrides)
-    h = tg.Hyperparameters(**settings)
-    h.validate()
-    return h
+small_h = functools.partial(small_hparams, num_layers=3)
 
 
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.3) -> None:

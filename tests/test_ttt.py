@@ -33,13 +33,7 @@ RUN_SETTINGS = dict(ITERATIONS=40, TRAIN_SEQ_LEN=64, EVAL_STRIDE=16, EVAL_BATCH_
                     TTT_LR=0.01)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on a shared machine: one thread is many times faster than several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is much faster here
 
 
 @pytest.fixture(scope="module")
