@@ -1,4 +1,4 @@
-"""Parameter-golf trainer: a small GPT trained under a wall-clock cap, shipped as an int6+zstd artifact.
+"""Parameter-golf trainer: a small GPT trained under a wall-clock cap, shipped as a quantized, compressed artifact.
 
 Run on 8 GPUs:  torchrun --standalone --nproc_per_node=8 train_gpt.py
 Run on CPU:     DEVICE=cpu python3 train_gpt.py   (small settings, see README.md)
