@@ -228,7 +228,7 @@ def ladder_figures(log: runlog.TrainerLog) -> dict:
             "quant_penalty_bpb": log.quant_penalty_bpb, "bytes_total": log.bytes_total,
             "step_avg_ms": log.train_time_ms / log.steps if log.steps and log.train_time_ms is not None else None,
             "steps": log.steps, "data_epochs": log.data_epochs, "sliding_eval_ms": log.sliding_eval_ms,
-            "roundtrip_eval_ms": log.roundtrip_eval_ms, "export_ms": log.export_ms}
+            "roundtrip_eval_ms": log.roundtrip_eval_ms, "export_ms": log.export_ms, "ttt_eval_ms": log.ttt_eval_ms}
 
 
 def machine_line(machine: dict) -> str:
@@ -305,6 +305,10 @@ def row_notes(name: str, entries_by_seed: dict, current: list[dict], seeds_wante
     loops = [e["figures"].get("loop_step_ratio") for e in ok if e["figures"].get("loop_step_ratio")]
     if loops:
         notes.append(f"step time x{sum(loops) / len(loops):.2f} once the loops run")
+    ttt = [e["figures"]["ttt_eval_ms"] / e["figures"]["sliding_eval_ms"] for e in ok
+           if e["figures"].get("ttt_eval_ms") and e["figures"].get("sliding_eval_ms")]
+    if ttt:
+        notes.append(f"TTT evaluation x{sum(ttt) / len(ttt):.1f} the sliding evaluation's time")
     if ok and any(e["figures"]["data_epochs"] is not None and e["figures"]["data_epochs"] > 1 for e in ok):
         notes.append("saw training tokens more than once (data_epochs > 1)")
     if 0 < len(ok) < seeds_wanted:

@@ -196,6 +196,7 @@ class TrainerLog:
     sliding_tok_s: float | None = None
     projected_fineweb_8gpu_s: float | None = None
     ttt_val_bpb: float | None = None
+    ttt_eval_ms: float | None = None
     looping_on: tuple | None = None  # (step, train_time_ms) when the loops switched on
     final_val_bpb: float | None = None
     completed: bool = False  # run_complete or throughput_run_complete
@@ -248,7 +249,7 @@ def parse_log(transcript: str, log_file: Path | None = None) -> TrainerLog:
             r.sliding_graphs, r.sliding_compile_ms = integer(f.get("graphs")), number(f.get("compile_time"))
             r.sliding_stride, r.scored_tokens = integer(f.get("stride")), integer(f.get("scored_tokens"))
         elif line.startswith("final_ttt_exact "):
-            r.ttt_val_bpb = number(f.get("val_bpb"))
+            r.ttt_val_bpb, r.ttt_eval_ms = number(f.get("val_bpb")), number(f.get("eval_time"))
         elif line.startswith("looping_on ") and "train_time" in f:
             r.looping_on = (int(f["step"]), number(f["train_time"]))
         elif line.startswith("sliding_rate "):
