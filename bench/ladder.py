@@ -40,18 +40,18 @@ RESULTS_FORMAT = "pgolf-ladder"
 DEFAULT_SEEDS = (1337, 1338)
 BASELINE = "baseline"
 HARNESS_KEYS = ("RUN_ID", "LOG_DIR", "ARTIFACT_DIR", "SEED")  # the ladder sets these per run
-FIXED_CONFIG = {  # 6x128 (1.0M parameters); 200 steps x 8,192 tokens = 0.54 epochs of the 3.05M training tokens
+FIXED_CONFIG = {  # 6x128 (1.0M parameters); 150 steps x 4,096 tokens = 0.20 epochs of the 3.05M training tokens
     "DATA_PATH": "data/datasets/pydocs_sp1024", "TOKENIZER_PATH": "data/tokenizers/pydocs_1024_bpe.model",
     "VOCAB_SIZE": "1024", "DEVICE": "cpu",
     "NUM_LAYERS": "6", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
-    "TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "8192", "GRAD_ACCUM_STEPS": "1",
-    "ITERATIONS": "200", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "2", "WARMDOWN_ITERS": "60",
-    "MUON_MOMENTUM_WARMUP_STEPS": "60", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "50",
-    "VAL_BATCH_SIZE": "65536", "EVAL_STRIDE": "64", "ZSTD_LEVEL": "22",
+    "TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "4096", "GRAD_ACCUM_STEPS": "1",
+    "ITERATIONS": "150", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "2", "WARMDOWN_ITERS": "45",
+    "MUON_MOMENTUM_WARMUP_STEPS": "45", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "50",
+    "VAL_BATCH_SIZE": "65536", "EVAL_STRIDE": "128", "ZSTD_LEVEL": "22",
 }
 CAN_SHOW = ("**What it can show**: that a switch works end to end at this scale (it trains, exports, reloads "
             "and scores) and does not hurt here, and what it costs in step time and artifact bytes.")
-CANNOT_SHOW = ("**What it cannot show**: gains on FineWeb. A 1M-parameter model trained on 1.6M tokens of "
+CANNOT_SHOW = ("**What it cannot show**: gains on FineWeb. A 1M-parameter model trained on 0.6M tokens of "
                "Python documentation is not the challenge's 22M-parameter model trained on billions of tokens "
                "of web text; a technique that pays off only at scale, or only on FineWeb, looks neutral or "
                "worse here, and the reverse. With two seeds the ± (the standard error of the delta) is itself "
