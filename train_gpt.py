@@ -1131,8 +1131,8 @@ XZ_MAGIC = b"\xfd7zXZ\x00"  # an lzma (xz) stream; anything else after ARTIFACT_
 
 def pack_payload(payload: dict) -> dict:
     """The payload as an index plus one run per kind of content (levels grouped by kind, scales, fp32 data, fp16
-    data as a low-byte plane then a high-byte plane), so a compressor sees long runs of alike bytes. On the dense
-    stand-in it is within 0.7 % of one record per tensor, either side (README, "Measured")."""
+    data as a low-byte plane then a high-byte plane): 2-8 % smaller than one record per tensor on a trained tiny
+    model, within 0.7 % either side on the dense stand-in (README, "Measured")."""
     tensors = payload["tensors"]
     names = sorted(tensors, key=lambda n: tensors[n]["kind"])
 
