@@ -364,7 +364,7 @@ def render_ladder(rows: dict, results: dict, config: dict, seeds: list[int], tra
         lines.append(f"| {name} | `{settings}` | {s['n']} | {s['mean']:.4f}{spread} | "
                      f"{delta_cell(s, base, name == BASELINE)} | {cell(ratio(s, base, 'step_ms'), '.2f')} | "
                      f"{cell(ratio(s, base, 'cpu_s'), '.2f')} | {cell(s['penalty'], '+.4f')} | "
-                     f"{cell(s['bytes'], ',.0f')} | {cell(s['epochs'], '.2f')} | {notes} |")
+                     f"{cell(s['bytes'], ',.0f')} | {cell(None if '@' in env else s['epochs'], '.2f')} | {notes} |")
     return "\n".join(lines) + "\n"
 
 

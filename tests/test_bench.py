@@ -239,6 +239,7 @@ def test_ladder_reexport_rows_reuse_the_base_weights_two_runs_at_a_time(tiny_dat
         assert stored["loops"][seed]["figures"]["loop_step_ratio"] > 0
     table = ladder_table(tmp_path / "LADDER.md")
     assert table["int5"]["settings"] == "`@baseline MLP_BITS=5`" and "once the loops run" in table["loops"]["notes"]
+    assert table["int5"]["data epochs"] == "—" != table["baseline"]["data epochs"]  # it trained nothing
     bench("ladder.py", *ladder_args(tiny_data, tmp_path, rows), "--rows", "orphan", "--seeds", "3")
     (orphan,) = json.loads((tmp_path / "ladder.json").read_text())["runs"]["orphan"].values()
     assert orphan["status"] == "failed" and "run --rows loops first" in orphan["error"]
