@@ -90,7 +90,7 @@ class Hyperparameters:
     ttt_grad_clip: float = _knob(1.0, "clip the TTT gradient norm (0 = off)")
     # Training length
     iterations: int = _knob(20_000, "maximum number of optimizer steps")
-    warmdown_iters: int = _knob(3000, "LR decays linearly to 0 over the last N steps (wall-clock estimated)")
+    warmdown_iters: int = _knob(3000, "LR decays linearly to MIN_LR over the last N steps (wall-clock estimated)")
     warmup_steps: int = _knob(20, "compile-priming steps whose effects are undone before training")
     train_batch_tokens: int = _knob(524_288, "tokens per optimizer step across all ranks and micro-steps")
     train_seq_len: int = _knob(1024, "training sequence length")
