@@ -127,6 +127,18 @@ def randomized(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torc
     return module.double()
 
 
+def assert_causal(model: torch.nn.Module, ids: torch.Tensor, vocab: int = 64) -> None:
+    """Changing the token at position t leaves every output before t exactly as it was, and changes one at t
+    or later."""
+    base = model(ids)
+    for t in range(ids.shape[1]):
+        changed = ids.clone()
+        changed[0, t] = (changed[0, t] + 1) % vocab
+        out = model(changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=0)
+        assert not torch.equal(out[:, t:], base[:, t:])
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices on a shared machine: one thread is many times faster than several."""
