@@ -21,7 +21,7 @@ small_h = functools.partial(small_hparams, num_layers=4)
 
 
 def test_every_switch_off_reproduces_the_stored_outputs():
-    assert switches_off.compute() == json.loads(switches_off.FIXTURE.read_text())
+    assert switches_off.differences(json.loads(switches_off.FIXTURE.read_text()), switches_off.compute()) == []
 
 
 # -----------------------------------------------------------------------------
