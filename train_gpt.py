@@ -1,11 +1,14 @@
-"""Parameter-golf trainer: a small GPT trained under a wall-clock cap, shipped as a quantized, compressed artifact.
+"""Parameter-golf trainer: a small GPT trained under a wall-clock cap, shipped as a quantized,
+compressed artifact that is read back from disk and scored in bits per byte.
 
 Run on 8 GPUs:  torchrun --standalone --nproc_per_node=8 train_gpt.py
 Run on CPU:     DEVICE=cpu python3 train_gpt.py   (small settings, see README.md)
 
-Everything is configured through environment variables (the `Hyperparameters` fields, upper-cased).
-The file reads top to bottom: configuration, data, byte counting, model, optimizers, quantization
-and the artifact, evaluation, the training loop, and `main`. Importing it does nothing.
+Every setting is an environment variable (a `Hyperparameters` field, upper-cased), declared with
+its default, its rule and one line of meaning. The file reads top to bottom: configuration, data,
+byte counting, model (and `tensor_role`, which says how each tensor is treated), optimizers and
+schedules, quantization and the artifact, evaluation, training, run management (processes,
+logging, signals, files, checkpoints, preflight), and `main`. Importing it does nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,135 +54,214 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 SIZE_LIMIT_BYTES = 16_000_000  # the challenge's artifact cap: code bytes + model bytes (decimal)
 FINEWEB_VAL_TOKENS = 63_779_840  # the published validation split, for eval-time projections
 EVAL_BUDGET_SECONDS = 600.0  # evaluation has its own 10-minute budget on 8xH100
-SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")  # the order SDPA_BACKEND=auto tries them in
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")  # SDPA_BACKEND=auto tries them in order
+
+# Each seed run's published configuration, and the best stack this script supports (README).
+_SEED_RUN = dict(
+    MLP_MULT="3", MATRIX_LR="0.02", SCALAR_LR="0.02", TIED_EMBED_LR="0.03", MUON_MOMENTUM="0.99",
+    MUON_MOMENTUM_WARMUP_START="0.92", MUON_MOMENTUM_WARMUP_STEPS="1500", WARMDOWN_ITERS="3000",
+    TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", EVAL_STRIDE="64",
+)  # fmt: skip
+PRESETS = {
+    "": {},
+    "pr65": {**_SEED_RUN, "QAT": "1", "EMBED_QUANT": "int8", "SMEAR_GATE": "0",
+             "GRAD_CLIP_NORM": "0.0"},
+    "pr102": {**_SEED_RUN, "QAT": "0", "EMBED_QUANT": "fp16", "SMEAR_GATE": "1",
+              "GRAD_CLIP_NORM": "1.0"},
+    "pr114": {**_SEED_RUN, "QAT": "0", "EMBED_QUANT": "fp16", "SMEAR_GATE": "0",
+              "GRAD_CLIP_NORM": "0.3", "TRAIN_SEQ_LEN": "2048", "TRAIN_BATCH_TOKENS": "786432",
+              "EVAL_STRIDE": "256",
+              "FP16_KEEP": "blocks.7.attn.c_k.weight,blocks.8.attn.c_k.weight"},
+    "frontier": dict(  # the 1.0611 record's values, for every technique that exists here
+        NUM_LAYERS="11", XSA_LAST_N="11", ROPE_DIMS="16", LN_SCALE="1", MLP_ACT="leaky_relu2",
+        QK_GAIN_INIT="5.0", SKIP_GATES="1", ATTN_GATE="1", SMEAR_GATE="1", TRAIN_SEQ_LEN="2048",
+        TRAIN_BATCH_TOKENS="786432", MATRIX_LR="0.026", EVAL_STRIDE="64", MUON_MOMENTUM="0.97",
+        BETA2="0.99", GRAD_CLIP_NORM="0.3", MUON_WD="0.095", EMBED_WD="0.085", ADAM_WD="0.02",
+        EMA_DECAY="0.9965", WARMDOWN_FRAC="0.85", MIN_LR="0.1", MUON_ROW_NORM="1",
+        MUON_NS="polar", NUM_LOOPS="2", LOOP_START="3", LOOP_END="5", ENABLE_LOOPING_AT="0.35",
+        PARALLEL_RESIDUAL_START="8", VOCAB_SIZE="8192",
+        DATA_PATH="./data/datasets/fineweb10B_sp8192",
+        TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model", MLP_MULT="4", QAT="0",
+        QUANT_METHOD="gptq", CLIP="sdclip", MLP_BITS="5", EMBED_QUANT="int7", COMPRESSOR="lzma",
+        TTT_ENABLED="1",
+    ),
+}  # fmt: skip
 
 
-def _knob(default, doc: str):
-    return field(default=default, metadata={"doc": doc})
+def _knob(default, rule: str, doc: str):
+    """A setting: its default, its rule (checked by `rule_error`) and one line for README/--help."""
+    return field(default=default, metadata={"rule": rule, "doc": doc})
+
+
+# A rule: "" (any value), ">0", ">=0", an interval "[0, 1)" / "(0, 100]", an integer range "5..8",
+# alternatives "0 or >=2", choices "a|b|c", or "name" (a plain file name).
+_RULE_WORDS = {">0": "must be positive", ">=0": "must not be negative"}
+
+
+def _holds(value, atom: str) -> bool:
+    if ".." in atom:
+        lo, hi = atom.split("..")
+        return int(lo) <= value <= int(hi)
+    if atom[0] in "[(":
+        lo, hi = (float(x) for x in atom[1:-1].split(","))
+        above = lo <= value if atom[0] == "[" else lo < value
+        return above and (value < hi if atom[-1] == ")" else value <= hi)
+    if atom.startswith(">="):
+        return value >= float(atom[2:])
+    if atom.startswith(">"):
+        return value > float(atom[1:])
+    return value == float(atom)
+
+
+def rule_error(name: str, value, rule: str) -> str | None:
+    """The error naming the variable when a value breaks its setting's rule; None if it holds."""
+    if rule == "name":
+        if value not in (".", "..") and "/" not in value and "\\" not in value:
+            return None
+        return f"{name}={value!r} must be a plain name: it names files in LOG_DIR and ARTIFACT_DIR"
+    if "|" in rule:
+        choices = rule.split("|")
+        return None if value in choices else f"{name}={value!r} must be one of {', '.join(choices)}"
+    if not rule or any(_holds(value, atom) for atom in rule.split(" or ")):
+        return None
+    if rule in _RULE_WORDS:
+        return f"{name}={value} {_RULE_WORDS[rule]}"
+    return f"{name}={value} must be {'' if ' or ' in rule else 'in '}{rule}"
 
 
 @dataclass(frozen=True)
 class Hyperparameters:
     """Every setting; the environment variable is the field name upper-cased."""
 
-    preset: str = _knob("", "a group of defaults: pr65, pr102, pr114 (the seed runs), frontier (see README)")
+    preset: str = _knob(
+        "", "|".join(PRESETS), "defaults of a seed run or of the best stack (README)"
+    )
     # Data and bookkeeping
-    data_path: str = _knob("./data/datasets/fineweb10B_sp1024", "folder with fineweb_{train,val}_*.bin shards")
-    tokenizer_path: str = _knob("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model of the shards")
-    run_id: str = _knob("", "name of logs/artifacts; empty = a fresh random id")
-    seed: int = _knob(1337, "seed for initialization")
-    log_dir: str = _knob("logs", "folder for {RUN_ID}.txt and {RUN_ID}.json")
-    artifact_dir: str = _knob("artifacts", "folder for the raw checkpoint and the compressed artifact")
-    init_checkpoint: str = _knob("", "weights to start from: raw/resume checkpoint, artifact (ITERATIONS=0: re-export)")
-    resume_from: str = _knob("", "resume checkpoint (*_ckpt.pt) to continue a stopped run from, settings as that run")
-    checkpoint_every_seconds: float = _knob(0.0, "write a resume checkpoint every N seconds of training (0 = off)")
-    check_tokenizer: bool = _knob(True, "refuse a tokenizer other than the one DATA_PATH/manifest.json names")
+    data_path: str = _knob(
+        "./data/datasets/fineweb10B_sp1024", "", "folder of fineweb_{train,val}_*.bin"
+    )
+    tokenizer_path: str = _knob(
+        "./data/tokenizers/fineweb_1024_bpe.model", "", "its SentencePiece model"
+    )
+    run_id: str = _knob("", "name", "name of logs/artifacts; empty = a fresh random id")
+    seed: int = _knob(1337, "", "seed for initialization")
+    log_dir: str = _knob("logs", "", "folder for {RUN_ID}.txt and {RUN_ID}.json")
+    artifact_dir: str = _knob("artifacts", "", "folder for the raw checkpoint and the artifact")
+    init_checkpoint: str = _knob("", "", "start from these weights (raw, resume or artifact)")
+    resume_from: str = _knob("", "", "resume checkpoint (*_ckpt.pt) of a stopped run to continue")
+    checkpoint_every_seconds: float = _knob(0.0, ">=0", "resume checkpoint every N s (0 = off)")
+    check_tokenizer: bool = _knob(True, "", "refuse a tokenizer the data's manifest does not name")
     # Validation
-    val_batch_size: int = _knob(524_288, "validation tokens per batch across all ranks")
-    val_loss_every: int = _knob(1000, "validate every N steps (0 = only at the end)")
-    train_log_every: int = _knob(200, "log the training loss every N steps")
-    eval_seq_len: int = _knob(0, "window length of the final evaluation (0 = TRAIN_SEQ_LEN)")
-    eval_stride: int = _knob(64, "sliding-window stride (0 or >= EVAL_SEQ_LEN = plain evaluation)")
-    eval_batch_seqs: int = _knob(0, "windows per evaluation batch and rank (0 = from VAL_BATCH_SIZE)")
-    final_eval: bool = _knob(True, "final evaluation, artifact and round trip (0 = a throughput run: train only)")
+    val_batch_size: int = _knob(524_288, ">0", "validation tokens per batch across all ranks")
+    val_loss_every: int = _knob(1000, ">=0", "validate every N steps (0 = only at the end)")
+    train_log_every: int = _knob(200, ">=0", "log the training loss every N steps")
+    eval_seq_len: int = _knob(0, ">=0", "window of the final evaluation (0 = TRAIN_SEQ_LEN)")
+    eval_stride: int = _knob(64, ">=0", "sliding stride (0 or >= EVAL_SEQ_LEN: plain windows)")
+    eval_batch_seqs: int = _knob(0, ">=0", "windows per batch and rank (0 = from VAL_BATCH_SIZE)")
+    final_eval: bool = _knob(True, "", "evaluate and export at the end (0 = train only)")
     # Evaluation-time training: each chunk of the final evaluation is scored, then trained on
-    ttt_enabled: bool = _knob(False, "score-first test-time training of the artifact's model (the run's score)")
-    ttt_chunk_tokens: int = _knob(32768, "validation targets per TTT chunk (scored, then trained on)")
-    ttt_lr: float = _knob(0.005, "TTT SGD learning rate, cosine-decayed over the chunks")
-    ttt_epochs: int = _knob(3, "TTT SGD steps per chunk, each on all of the chunk's targets")
-    ttt_momentum: float = _knob(0.9, "TTT SGD momentum")
-    ttt_grad_clip: float = _knob(1.0, "clip the TTT gradient norm (0 = off)")
+    ttt_enabled: bool = _knob(False, "", "score-first test-time training (the run's score)")
+    ttt_chunk_tokens: int = _knob(32768, ">0", "validation targets per TTT chunk")
+    ttt_lr: float = _knob(0.005, ">=0", "TTT SGD learning rate, cosine-decayed over the chunks")
+    ttt_epochs: int = _knob(3, ">=0", "TTT SGD steps per chunk, each on all its targets")
+    ttt_momentum: float = _knob(0.9, "[0, 1)", "TTT SGD momentum")
+    ttt_grad_clip: float = _knob(1.0, ">=0", "clip the TTT gradient norm (0 = off)")
     # Training length
-    iterations: int = _knob(20_000, "maximum number of optimizer steps")
-    warmdown_iters: int = _knob(3000, "LR decays linearly to MIN_LR over the last N steps (wall-clock estimated)")
-    warmup_steps: int = _knob(20, "compile-priming steps whose effects are undone before training")
-    train_batch_tokens: int = _knob(524_288, "tokens per optimizer step across all ranks and micro-steps")
-    train_seq_len: int = _knob(1024, "training sequence length")
-    max_wallclock_seconds: float = _knob(600.0, "training-time cap, validation excluded (0 = no cap)")
-    grad_accum_steps: int = _knob(0, "micro-steps per optimizer step (0 = 8 / WORLD_SIZE)")
+    iterations: int = _knob(20_000, ">=0", "maximum number of optimizer steps")
+    warmdown_iters: int = _knob(3000, ">=0", "LR decays to MIN_LR over the last N steps")
+    warmup_steps: int = _knob(20, ">=0", "compile-priming steps, undone before training")
+    train_batch_tokens: int = _knob(524_288, ">0", "tokens per optimizer step, all ranks")
+    train_seq_len: int = _knob(1024, ">0", "training sequence length")
+    max_wallclock_seconds: float = _knob(600.0, ">=0", "training-time cap (0 = no cap)")
+    grad_accum_steps: int = _knob(0, ">=0", "micro-steps per optimizer step (0 = 8 / WORLD_SIZE)")
     # Model
-    vocab_size: int = _knob(1024, "vocabulary size; must equal the tokenizer's")
-    num_layers: int = _knob(9, "transformer blocks")
-    num_kv_heads: int = _knob(4, "key/value heads (GQA)")
-    model_dim: int = _knob(512, "width of the residual stream")
-    num_heads: int = _knob(8, "query heads")
-    mlp_mult: int = _knob(3, "MLP hidden width = MLP_MULT * MODEL_DIM")
-    tie_embeddings: bool = _knob(True, "output head shares the token embedding")
-    rope_base: float = _knob(10000.0, "RoPE base frequency")
-    logit_softcap: float = _knob(30.0, "logits = c * tanh(logits / c)")
-    qk_gain_init: float = _knob(1.5, "initial per-head gain on normalized queries")
-    tied_embed_init_std: float = _knob(0.005, "init std of the tied embedding")
-    smear_gate: bool = _knob(True, "blend each token's embedding with the previous token's")
-    xsa_last_n: int = _knob(0, "exclusive self-attention on the last N layers (0 = off)")
-    rope_dims: int = _knob(0, "rotate only the first N dims of each head (0 = all)")
-    ln_scale: bool = _knob(False, "scale the norm outputs of layer i by 1/sqrt(i+1)")
-    mlp_act: str = _knob("relu2", "MLP activation: relu2 or leaky_relu2")
-    leaky_slope: float = _knob(0.5, "negative slope of leaky_relu2")
-    skip_gates: bool = _knob(False, "sigmoid gates on the U-Net skips")
-    attn_gate: bool = _knob(False, "per-head sigmoid gate on the attention output, read from the block input")
-    bigram_buckets: int = _knob(0, "BigramHash: buckets of hash(previous, current token) (0 = off)")
-    bigram_dim: int = _knob(128, "BigramHash: width of its table, projected to MODEL_DIM")
-    ortho_init: bool = _knob(False, "orthogonal init of block matrices; output projections scaled 1/sqrt(2L)")
-    num_loops: int = _knob(0, "depth recurrence: layers LOOP_START..LOOP_END run this many extra times (0 = off)")
-    loop_start: int = _knob(0, "first layer of the repeated range")
-    loop_end: int = _knob(0, "last layer of the repeated range (inclusive)")
-    enable_looping_at: float = _knob(0.0, "the loops start after this fraction of the wall-clock cap (or ITERATIONS)")
-    parallel_residual_start: int = _knob(0, "from this layer on, attention and MLP on two mixed lanes (0 = off)")
+    vocab_size: int = _knob(1024, "1..65536", "the tokenizer's size (uint16 shards)")
+    num_layers: int = _knob(9, ">0", "transformer blocks")
+    num_kv_heads: int = _knob(4, ">0", "key/value heads (GQA)")
+    model_dim: int = _knob(512, ">0", "width of the residual stream")
+    num_heads: int = _knob(8, ">0", "query heads")
+    mlp_mult: int = _knob(3, ">0", "MLP hidden width = MLP_MULT * MODEL_DIM")
+    tie_embeddings: bool = _knob(True, "", "output head shares the token embedding")
+    rope_base: float = _knob(10000.0, ">0", "RoPE base frequency")
+    logit_softcap: float = _knob(30.0, ">0", "logits = c * tanh(logits / c)")
+    qk_gain_init: float = _knob(1.5, "", "initial per-head gain on normalized queries")
+    tied_embed_init_std: float = _knob(0.005, ">=0", "init std of the tied embedding")
+    smear_gate: bool = _knob(True, "", "blend each token's embedding with the previous one's")
+    xsa_last_n: int = _knob(0, ">=0", "exclusive self-attention on the last N layers")
+    rope_dims: int = _knob(0, ">=0", "rotate the first N dims of each head (0 = all)")
+    ln_scale: bool = _knob(False, "", "scale the norm outputs of layer i by 1/sqrt(i+1)")
+    mlp_act: str = _knob("relu2", "relu2|leaky_relu2", "MLP activation")
+    leaky_slope: float = _knob(0.5, "", "negative slope of leaky_relu2")
+    skip_gates: bool = _knob(False, "", "sigmoid gates on the U-Net skips")
+    attn_gate: bool = _knob(False, "", "per-head sigmoid gate on the attention output")
+    bigram_buckets: int = _knob(0, "0 or >=2", "BigramHash: buckets of token pairs (0 = off)")
+    bigram_dim: int = _knob(128, ">0", "BigramHash: width of its table")
+    ortho_init: bool = _knob(False, "", "orthogonal block matrices; out-projections / sqrt(2L)")
+    num_loops: int = _knob(0, ">=0", "extra runs of layers LOOP_START..LOOP_END (0 = off)")
+    loop_start: int = _knob(0, ">=0", "first layer of the repeated range")
+    loop_end: int = _knob(0, ">=0", "last layer of the repeated range (inclusive)")
+    enable_looping_at: float = _knob(0.0, "[0, 1]", "loops start at this fraction of the run")
+    parallel_residual_start: int = _knob(0, ">=0", "attention and MLP on two lanes from here")
     # Optimizers
-    embed_lr: float = _knob(0.6, "Adam LR of an untied embedding")
-    head_lr: float = _knob(0.008, "Adam LR of an untied output head")
-    tied_embed_lr: float = _knob(0.03, "Adam LR of the tied embedding")
-    matrix_lr: float = _knob(0.02, "Muon LR of the block matrices")
-    scalar_lr: float = _knob(0.02, "Adam LR of vectors and scalars")
-    muon_momentum: float = _knob(0.99, "Muon momentum after warm-up")
-    muon_backend_steps: int = _knob(5, "Newton-Schulz iterations")
-    muon_momentum_warmup_start: float = _knob(0.92, "Muon momentum at step 0")
-    muon_momentum_warmup_steps: int = _knob(1500, "steps to reach MUON_MOMENTUM")
-    beta1: float = _knob(0.9, "Adam beta1")
-    beta2: float = _knob(0.95, "Adam beta2")
-    adam_eps: float = _knob(1e-8, "Adam epsilon")
-    grad_clip_norm: float = _knob(1.0, "clip the global gradient norm (0 = off)")
-    muon_wd: float = _knob(0.0, "decoupled weight decay of the Muon matrices: p <- p (1 - lr wd)")
-    embed_wd: float = _knob(0.0, "decoupled weight decay of the embedding tables")
-    adam_wd: float = _knob(0.0, "decoupled weight decay of the other Adam parameters (vectors, scalars, head)")
-    muon_row_norm: bool = _knob(False, "MuonEq-R: normalize the rows of each update before Newton-Schulz")
-    muon_ns: str = _knob("quintic", "Newton-Schulz coefficients: quintic (one tuple) or polar (Polar Express)")
-    ema_decay: float = _knob(0.0, "EMA of the weights, used for the final evaluation and export (0 = off)")
-    min_lr: float = _knob(0.0, "the warmdown ends at MIN_LR x the base LR")
-    warmdown_frac: float = _knob(0.0, "warmdown over this fraction of the cap or ITERATIONS (0: WARMDOWN_ITERS)")
+    embed_lr: float = _knob(0.6, ">=0", "Adam LR of an untied embedding")
+    head_lr: float = _knob(0.008, ">=0", "Adam LR of an untied output head")
+    tied_embed_lr: float = _knob(0.03, ">=0", "Adam LR of the tied embedding")
+    matrix_lr: float = _knob(0.02, ">=0", "Muon LR of the block matrices")
+    scalar_lr: float = _knob(0.02, ">=0", "Adam LR of vectors and scalars")
+    muon_momentum: float = _knob(0.99, "[0, 1)", "Muon momentum after warm-up")
+    muon_backend_steps: int = _knob(5, ">0", "Newton-Schulz iterations")
+    muon_momentum_warmup_start: float = _knob(0.92, "[0, 1)", "Muon momentum at step 0")
+    muon_momentum_warmup_steps: int = _knob(1500, ">=0", "steps to reach MUON_MOMENTUM")
+    beta1: float = _knob(0.9, "[0, 1)", "Adam beta1")
+    beta2: float = _knob(0.95, "[0, 1)", "Adam beta2")
+    adam_eps: float = _knob(1e-8, ">0", "Adam epsilon")
+    grad_clip_norm: float = _knob(1.0, ">=0", "clip the global gradient norm (0 = off)")
+    muon_wd: float = _knob(0.0, ">=0", "decoupled weight decay of the Muon matrices")
+    embed_wd: float = _knob(0.0, ">=0", "decoupled weight decay of the embedding tables")
+    adam_wd: float = _knob(0.0, ">=0", "decoupled weight decay of the other Adam parameters")
+    muon_row_norm: bool = _knob(False, "", "MuonEq-R: equal row norms before Newton-Schulz")
+    muon_ns: str = _knob(
+        "quintic", "quintic|polar", "Newton-Schulz coefficients (polar = Polar Express)"
+    )
+    ema_decay: float = _knob(0.0, "[0, 1)", "EMA of the weights, evaluated and exported (0 = off)")
+    min_lr: float = _knob(0.0, "[0, 1]", "the warmdown ends at MIN_LR x the base LR")
+    warmdown_frac: float = _knob(0.0, "[0, 1]", "warmdown over this fraction of the run (0: ITERS)")
     # Quantization and the artifact
-    qat: bool = _knob(True, "fake-quantize block matrices to int6 in the training forward (STE)")
-    late_qat_threshold: float = _knob(0.0, "QAT only once the LR multiplier drops below this (0 = the whole run)")
-    embed_quant: str = _knob("fp16", "token embedding in the artifact: fp16, int8, int7 or int6")
-    mlp_bits: int = _knob(6, "bits of the MLP matrices in the artifact (5-8; QAT uses the same)")
-    attn_bits: int = _knob(6, "bits of the attention (and bigram) matrices in the artifact (5-8)")
-    quant_method: str = _knob("rtn", "rtn (round to nearest) or gptq (Hessian-aware, calibrated on training data)")
-    gptq_calib_tokens: int = _knob(524_288, "GPTQ: training tokens (all ranks) that calibrate the Hessians")
-    gptq_reserve_seconds: float = _knob(10.0, "GPTQ: seconds of MAX_WALLCLOCK_SECONDS kept for calibration")
-    clip: str = _knob("percentile", "per-row clip: percentile (QUANT_CLIP_PERCENTILE), sdclip (k std) or search")
-    sdclip_k_mlp: float = _knob(11.5, "SDClip: clip the MLP matrices at k standard deviations of the row")
-    sdclip_k_attn: float = _knob(13.0, "SDClip: k of the attention and bigram matrices")
-    sdclip_k_embed: float = _knob(20.0, "SDClip: k of the embedding tables and the head")
-    compressor: str = _knob("zstd", "compression of the artifact: zstd (ZSTD_LEVEL) or lzma")
-    fp16_keep: str = _knob("", "comma-separated name patterns (fnmatch) kept in fp16, e.g. blocks.8.attn.c_k.weight")
-    quant_clip_percentile: float = _knob(99.99984, "per-row clip at this percentile of abs(w)")
-    zstd_level: int = _knob(22, "zstd compression level of the artifact")
+    qat: bool = _knob(True, "", "fake-quantize the block matrices in training (STE)")
+    late_qat_threshold: float = _knob(0.0, "[0, 1]", "QAT from when the LR scale drops below this")
+    embed_quant: str = _knob("fp16", "fp16|int8|int7|int6", "token embedding in the artifact")
+    mlp_bits: int = _knob(6, "5..8", "bits of the MLP matrices (QAT uses the same)")
+    attn_bits: int = _knob(6, "5..8", "bits of the attention (and bigram) matrices")
+    quant_method: str = _knob("rtn", "rtn|gptq", "round to nearest, or GPTQ on training data")
+    gptq_calib_tokens: int = _knob(524_288, ">0", "GPTQ: training tokens for the Hessians")
+    gptq_reserve_seconds: float = _knob(10.0, ">=0", "GPTQ: seconds of the cap kept for it")
+    clip: str = _knob("percentile", "percentile|sdclip|search", "how each row's clip is chosen")
+    sdclip_k_mlp: float = _knob(11.5, ">0", "SDClip: k standard deviations, MLP matrices")
+    sdclip_k_attn: float = _knob(13.0, ">0", "SDClip: k of attention, bigram matrices and gates")
+    sdclip_k_embed: float = _knob(20.0, ">0", "SDClip: k of the embedding tables and the head")
+    compressor: str = _knob("zstd", "zstd|lzma", "compression of the artifact")
+    fp16_keep: str = _knob("", "", "name patterns (fnmatch, comma-separated) kept in fp16")
+    quant_clip_percentile: float = _knob(99.99984, "(0, 100]", "percentile clip of abs(w)")
+    zstd_level: int = _knob(22, "1..22", "zstd compression level of the artifact")
     # Devices
-    device: str = _knob("auto", "auto, cuda or cpu")
-    compile: str = _knob("auto", "torch.compile: auto (on CUDA), 0 or 1")
-    sdpa_backend: str = _knob("auto", "CUDA attention kernel: auto (first that runs: flash, cudnn, efficient, math)")
-    host_sync: str = _knob("auto", "per-step agreement between ranks: auto/gloo (a gloo group), device (all-reduce)")
+    device: str = _knob("auto", "auto|cuda|cpu", "where to run")
+    compile: str = _knob("auto", "auto|0|1", "torch.compile (auto: on CUDA)")
+    sdpa_backend: str = _knob("auto", "|".join(("auto",) + SDPA_BACKENDS), "CUDA attention kernel")
+    host_sync: str = _knob("auto", "auto|gloo|device", "how ranks agree each step (auto = gloo)")
 
     @classmethod
     def env_names(cls) -> list[str]:
         return [f.name.upper() for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_env(cls, env) -> "Hyperparameters":
-        """Settings from environment variables; PRESET supplies defaults that an explicit variable overrides."""
+    def from_env(cls, env) -> Hyperparameters:
+        """Settings from environment variables; PRESET supplies defaults that an explicit variable
+        overrides."""
         preset = env.get("PRESET", "").strip()
         if preset not in PRESETS:
-            raise ValueError(f"PRESET={preset!r} is not one of: {', '.join(p for p in PRESETS if p)}")
+            raise ValueError(
+                f"PRESET={preset!r} is not one of: {', '.join(p for p in PRESETS if p)}"
+            )
         env = {**PRESETS[preset], **env}
         values = {}
         for f in dataclasses.fields(cls):
@@ -190,76 +273,67 @@ class Hyperparameters:
         return h
 
     def validate(self) -> None:
-        positive = ["vocab_size", "num_layers", "num_kv_heads", "model_dim", "num_heads", "mlp_mult",
-                    "train_seq_len", "train_batch_tokens", "val_batch_size", "muon_backend_steps", "rope_base",
-                    "adam_eps", "gptq_calib_tokens", "sdclip_k_mlp", "sdclip_k_attn", "sdclip_k_embed",
-                    "ttt_chunk_tokens"]
-        non_negative = ["iterations", "warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every",
-                        "eval_seq_len", "eval_stride", "eval_batch_seqs", "grad_accum_steps",
-                        "max_wallclock_seconds", "checkpoint_every_seconds", "embed_lr", "head_lr",
-                        "tied_embed_lr", "matrix_lr", "scalar_lr", "grad_clip_norm", "muon_momentum_warmup_steps",
-                        "tied_embed_init_std", "muon_wd", "embed_wd", "adam_wd", "gptq_reserve_seconds",
-                        "ttt_lr", "ttt_epochs", "ttt_grad_clip"]
-        below_one = ["beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ema_decay", "ttt_momentum"]
-        fractions = ["min_lr", "warmdown_frac", "late_qat_threshold", "enable_looping_at"]
-        for names, ok, rule in [(positive, lambda v: v > 0, "must be positive"),
-                                (non_negative, lambda v: v >= 0, "must not be negative"),
-                                (below_one, lambda v: 0 <= v < 1, "must be in [0, 1)"),
-                                (fractions, lambda v: 0 <= v <= 1, "must be in [0, 1]")]:
-            for name in names:
-                if not ok(getattr(self, name)):
-                    raise ValueError(f"{name.upper()}={getattr(self, name)} {rule}")
-        if self.model_dim % self.num_heads:
-            raise ValueError(f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        if (self.model_dim // self.num_heads) % 2:
-            raise ValueError(f"MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even (RoPE turns pairs)")
-        if self.quant_method == "gptq" and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
-            raise ValueError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
-                             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
-        if self.run_id in (".", "..") or "/" in self.run_id or "\\" in self.run_id:
-            raise ValueError(f"RUN_ID={self.run_id!r} must be a plain name: it names files in LOG_DIR and ARTIFACT_DIR")
-        if self.vocab_size > 65536:
-            raise ValueError(f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format (max 65536)")
-        if self.logit_softcap <= 0:
-            raise ValueError(f"LOGIT_SOFTCAP={self.logit_softcap} must be positive")
-        if not 0.0 < self.quant_clip_percentile <= 100.0:
-            raise ValueError(f"QUANT_CLIP_PERCENTILE={self.quant_clip_percentile} must be in (0, 100]")
-        if not 1 <= self.zstd_level <= 22:
-            raise ValueError(f"ZSTD_LEVEL={self.zstd_level} must be in 1..22")
+        """Each setting's own rule, then the rules that relate several settings."""
+        for f in dataclasses.fields(self):
+            error = rule_error(f.name.upper(), getattr(self, f.name), f.metadata["rule"])
+            if error:
+                raise ValueError(error)
         head_dim = self.model_dim // self.num_heads
-        if not 0 <= self.xsa_last_n <= self.num_layers:
-            raise ValueError(f"XSA_LAST_N={self.xsa_last_n} must be in 0..NUM_LAYERS={self.num_layers}")
-        if self.rope_dims < 0 or self.rope_dims % 2 or self.rope_dims > head_dim:
-            raise ValueError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head size {head_dim}")
-        if self.num_loops < 0 or (self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers):
-            raise ValueError(f"NUM_LOOPS={self.num_loops} needs 0 <= LOOP_START={self.loop_start} <= LOOP_END="
-                             f"{self.loop_end} < NUM_LAYERS={self.num_layers}")
+        if self.model_dim % self.num_heads:
+            raise ValueError(
+                f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}"
+            )
+        if head_dim % 2:
+            raise ValueError(f"MODEL_DIM/NUM_HEADS={head_dim} must be even (RoPE turns pairs)")
+        if (
+            self.quant_method == "gptq"
+            and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds
+        ):
+            raise ValueError(
+                f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
+                f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}"
+            )
+        if self.xsa_last_n > self.num_layers:
+            raise ValueError(
+                f"XSA_LAST_N={self.xsa_last_n} must be in 0..NUM_LAYERS={self.num_layers}"
+            )
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise ValueError(
+                f"ROPE_DIMS={self.rope_dims} must be even and at most the head size {head_dim}"
+            )
+        if self.num_loops and not self.loop_start <= self.loop_end < self.num_layers:
+            raise ValueError(
+                f"NUM_LOOPS={self.num_loops} needs 0 <= LOOP_START={self.loop_start} <= "
+                f"LOOP_END={self.loop_end} < NUM_LAYERS={self.num_layers}"
+            )
         start = self.parallel_residual_start
-        if start and not (self.num_layers // 2 <= start < self.num_layers
-                          and (not self.num_loops or start > self.loop_end)):
-            raise ValueError(f"PARALLEL_RESIDUAL_START={self.parallel_residual_start} must be a decoder layer "
-                             f"(NUM_LAYERS//2..NUM_LAYERS-1) after the looped ones (LOOP_END={self.loop_end})")
-        if self.bigram_buckets == 1 or self.bigram_buckets < 0 or self.bigram_dim <= 0:
-            raise ValueError(f"BIGRAM_BUCKETS={self.bigram_buckets} must be 0 (off) or at least 2, and "
-                             f"BIGRAM_DIM={self.bigram_dim} positive")
-        for name in ["mlp_bits", "attn_bits"]:
-            if not 5 <= getattr(self, name) <= 8:
-                raise ValueError(f"{name.upper()}={getattr(self, name)} must be in 5..8")
-        for name, allowed in [("embed_quant", ("fp16", "int8", "int7", "int6")), ("device", ("auto", "cuda", "cpu")),
-                              ("quant_method", ("rtn", "gptq")), ("clip", ("percentile", "sdclip", "search")),
-                              ("compressor", ("zstd", "lzma")),
-                              ("mlp_act", ("relu2", "leaky_relu2")), ("muon_ns", tuple(NEWTON_SCHULZ)),
-                              ("preset", tuple(PRESETS)),
-                              ("compile", ("auto", "0", "1")), ("sdpa_backend", ("auto",) + SDPA_BACKENDS),
-                              ("host_sync", ("auto", "gloo", "device"))]:
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name.upper()}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
+        after_loops = not self.num_loops or start > self.loop_end
+        if start and not (self.num_layers // 2 <= start < self.num_layers and after_loops):
+            raise ValueError(
+                f"PARALLEL_RESIDUAL_START={start} must be a decoder layer (NUM_LAYERS//2.."
+                f"NUM_LAYERS-1) after the looped ones (LOOP_END={self.loop_end})"
+            )
 
     @property
     def effective_eval_seq_len(self) -> int:
         return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def final_stride(self) -> int:
+        """The final evaluation's stride; its window length when the windows do not overlap."""
+        return window_stride(self.eval_stride, self.effective_eval_seq_len)
+
+    @property
+    def sliding(self) -> bool:
+        """Whether the final evaluation differs from the plain windows of the round trip."""
+        return (
+            self.final_stride < self.effective_eval_seq_len
+            or self.effective_eval_seq_len != self.train_seq_len
+        )
 
     def as_env(self) -> dict:
         return {f.name.upper(): getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -269,27 +343,15 @@ class Hyperparameters:
         return {k: v for k, v in self.as_env().items() if defaults[k] != v}
 
 
-# Each seed run's published configuration, and the best stack this script supports (README: "Presets").
-_SEED_RUN = dict(MLP_MULT="3", MATRIX_LR="0.02", SCALAR_LR="0.02", TIED_EMBED_LR="0.03", MUON_MOMENTUM="0.99",
-                 MUON_MOMENTUM_WARMUP_START="0.92", MUON_MOMENTUM_WARMUP_STEPS="1500", WARMDOWN_ITERS="3000",
-                 TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="524288", EVAL_STRIDE="64")
-PRESETS = {
-    "": {},
-    "pr65": {**_SEED_RUN, "QAT": "1", "EMBED_QUANT": "int8", "SMEAR_GATE": "0", "GRAD_CLIP_NORM": "0.0"},
-    "pr102": {**_SEED_RUN, "QAT": "0", "EMBED_QUANT": "fp16", "SMEAR_GATE": "1", "GRAD_CLIP_NORM": "1.0"},
-    "pr114": {**_SEED_RUN, "QAT": "0", "EMBED_QUANT": "fp16", "SMEAR_GATE": "0", "GRAD_CLIP_NORM": "0.3",
-              "TRAIN_SEQ_LEN": "2048", "TRAIN_BATCH_TOKENS": "786432", "EVAL_STRIDE": "256",
-              "FP16_KEEP": "blocks.7.attn.c_k.weight,blocks.8.attn.c_k.weight"},
-    "frontier": dict(  # the 1.0611 record's values, for every technique that exists here
-        NUM_LAYERS="11", XSA_LAST_N="11", ROPE_DIMS="16", LN_SCALE="1", MLP_ACT="leaky_relu2", QK_GAIN_INIT="5.0",
-        SKIP_GATES="1", ATTN_GATE="1", SMEAR_GATE="1", TRAIN_SEQ_LEN="2048", TRAIN_BATCH_TOKENS="786432",
-        MATRIX_LR="0.026", EVAL_STRIDE="64", MUON_MOMENTUM="0.97", BETA2="0.99", GRAD_CLIP_NORM="0.3",
-        MUON_WD="0.095", EMBED_WD="0.085", ADAM_WD="0.02", EMA_DECAY="0.9965", WARMDOWN_FRAC="0.85", MIN_LR="0.1",
-        MUON_ROW_NORM="1", MUON_NS="polar", NUM_LOOPS="2", LOOP_START="3", LOOP_END="5", ENABLE_LOOPING_AT="0.35",
-        PARALLEL_RESIDUAL_START="8", VOCAB_SIZE="8192", DATA_PATH="./data/datasets/fineweb10B_sp8192",
-        TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model", MLP_MULT="4", QAT="0", QUANT_METHOD="gptq",
-        CLIP="sdclip", MLP_BITS="5", EMBED_QUANT="int7", COMPRESSOR="lzma", TTT_ENABLED="1"),
-}
+def describe_rule(kind: type, rule: str) -> str:
+    """A rule as the README's settings table shows it."""
+    if kind is bool:
+        return "0, 1"
+    if rule == "name":
+        return "a file name"
+    if "|" in rule:
+        return ", ".join(choice or "(empty)" for choice in rule.split("|"))
+    return rule or "any"
 
 
 def _parse_value(name: str, raw: str, kind: type):
@@ -315,19 +377,26 @@ def _parse_value(name: str, raw: str, kind: type):
 
 
 def setting_warnings(env, h: Hyperparameters) -> list[str]:
-    """Variables that look like one of ours but are not (MLP_MUL, num_layers), and settings that turn a part off."""
+    """Variables that look like one of ours but are not (MLP_MUL, num_layers), and settings that
+    turn a part off."""
     known = Hyperparameters.env_names()
     warnings = []
     for key in sorted(env):
         if key in known:
             continue
         if key.upper() in known:
-            warnings.append(f"warning: {key} is not read (settings are upper-case); did you mean {key.upper()}?")
+            warnings.append(
+                f"warning: {key} is not read (settings are upper-case); did you mean {key.upper()}?"
+            )
         elif key.isupper() and (match := difflib.get_close_matches(key, known, n=1, cutoff=0.85)):
-            warnings.append(f"warning: {key} is not a setting of this script; did you mean {match[0]}?")
-    if h.eval_stride >= h.effective_eval_seq_len:
-        warnings.append(f"warning: EVAL_STRIDE={h.eval_stride} >= EVAL_SEQ_LEN={h.effective_eval_seq_len}: sliding-"
-                        "window evaluation is off, the final score uses non-overlapping windows")
+            warnings.append(
+                f"warning: {key} is not a setting of this script; did you mean {match[0]}?"
+            )
+    if h.eval_stride and h.final_stride == h.effective_eval_seq_len:
+        warnings.append(
+            f"warning: EVAL_STRIDE={h.eval_stride} >= EVAL_SEQ_LEN={h.effective_eval_seq_len}: "
+            "sliding-window evaluation is off, the final score uses non-overlapping windows"
+        )
     return warnings
 
 
@@ -337,18 +406,17 @@ def resolve_grad_accum_steps(h: Hyperparameters, world_size: int) -> int:
     elif 8 % world_size == 0:
         steps = 8 // world_size
     else:
-        raise ValueError(f"WORLD_SIZE={world_size} does not divide 8; set GRAD_ACCUM_STEPS explicitly")
+        raise ValueError(
+            f"WORLD_SIZE={world_size} does not divide 8; set GRAD_ACCUM_STEPS explicitly"
+        )
     per_micro = world_size * steps * h.train_seq_len
     if h.train_batch_tokens % per_micro:
         raise ValueError(
-            f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} does not split into whole sequences: it must be a multiple "
-            f"of WORLD_SIZE*GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN={world_size}*{steps}*{h.train_seq_len}={per_micro}")
+            f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} does not split into whole sequences: it "
+            f"must be a multiple of WORLD_SIZE*GRAD_ACCUM_STEPS*TRAIN_SEQ_LEN="
+            f"{world_size}*{steps}*{h.train_seq_len}={per_micro}"
+        )
     return steps
-
-
-def windows_per_batch(h: Hyperparameters, world_size: int, grad_accum_steps: int, seq_len: int) -> int:
-    """Evaluation windows per batch and rank: EVAL_BATCH_SEQS, or VAL_BATCH_SIZE split like a training batch."""
-    return h.eval_batch_seqs or max(1, h.val_batch_size // (world_size * grad_accum_steps * seq_len))
 
 
 # -----------------------------------------------------------------------------
@@ -360,31 +428,41 @@ SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256  # int32 words before the uint16 tokens
 BOS_ID = 1  # every document starts with it; the run takes the id from its tokenizer (bos_id)
 
-DATA_HELP = ("download the published shards with `python3 data/cached_challenge_fineweb.py --variant sp1024`, "
-             "or build an offline dataset with `python3 data/build_dataset.py`, then set DATA_PATH, "
-             "TOKENIZER_PATH and VOCAB_SIZE")
+DATA_HELP = (
+    "download the published shards with `python3 data/cached_challenge_fineweb.py --variant "
+    "sp1024`, or build an offline dataset with `python3 data/build_dataset.py`, then set "
+    "DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE"
+)
 
 
 def read_shard_header(path: Path) -> int:
     """Token count of a shard, after checking its header and its size on disk."""
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header.size != SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: not a shard (bad magic/version in the header); re-download or rebuild it")
+        raise ValueError(
+            f"{path}: not a shard (bad magic/version in the header); re-download or rebuild it"
+        )
     num_tokens = int(header[2])
     expected = SHARD_HEADER_INTS * 4 + num_tokens * 2
     if path.stat().st_size != expected:
-        raise ValueError(f"{path}: size {path.stat().st_size} bytes, header says {expected}; "
-                         "the file is truncated or corrupt, re-download or rebuild it")
+        raise ValueError(
+            f"{path}: size {path.stat().st_size} bytes, header says {expected}; "
+            "the file is truncated or corrupt, re-download or rebuild it"
+        )
     return num_tokens
 
 
 def load_data_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
-    """The shard's tokens as uint16 (converted to int64 per batch, not per shard); ids checked < vocab_size."""
-    tokens = np.fromfile(path, dtype="<u2", count=read_shard_header(path), offset=SHARD_HEADER_INTS * 4)
+    """The shard's tokens as uint16 (converted to int64 per batch, not per shard); ids checked
+    < vocab_size."""
+    offset = SHARD_HEADER_INTS * 4
+    tokens = np.fromfile(path, dtype="<u2", count=read_shard_header(path), offset=offset)
     if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
         bad = int(np.argmax(tokens >= vocab_size))
-        raise ValueError(f"{path}: token id {int(tokens[bad])} at position {bad} is >= VOCAB_SIZE={vocab_size}; "
-                         "the shards were made with another tokenizer, set VOCAB_SIZE/TOKENIZER_PATH to match")
+        raise ValueError(
+            f"{path}: token id {int(tokens[bad])} at position {bad} is >= VOCAB_SIZE={vocab_size}; "
+            "the shards were made with another tokenizer, set VOCAB_SIZE/TOKENIZER_PATH to match"
+        )
     return tokens
 
 
@@ -395,13 +473,22 @@ def shard_files(pattern: str) -> list[Path]:
     return files
 
 
+def train_shards(h: Hyperparameters) -> str:
+    return os.path.join(h.data_path, "fineweb_train_*.bin")
+
+
+def val_shards(h: Hyperparameters) -> str:
+    return os.path.join(h.data_path, "fineweb_val_*.bin")
+
+
 class TokenStream:
-    """Reads shards in order, forever, wrapping around at the end; the position is (file_idx, pos).
+    """Reads shards in order, forever, wrapping around at the end; the position is
+    (file_idx, pos). The next shard is read and checked in a background thread, so the timed loop
+    never waits on the disk."""
 
-    The next shard is read and checked in a background thread, so the timed loop never waits on the disk.
-    """
-
-    def __init__(self, pattern: str, vocab_size: int | None = None, file_idx: int = 0, pos: int = 0):
+    def __init__(
+        self, pattern: str, vocab_size: int | None = None, file_idx: int = 0, pos: int = 0
+    ):
         self.files, self.vocab_size = shard_files(pattern), vocab_size
         self.file_idx, self.pos = file_idx, pos
         self.tokens = load_data_shard(self.files[file_idx], vocab_size)
@@ -419,17 +506,25 @@ class TokenStream:
                 self.tokens, self.pos = self.next_tokens.result(), 0
                 self.next_tokens = self.reader.submit(self._read, self.file_idx + 1)
             k = min(remaining, self.tokens.size - self.pos)
-            chunks.append(self.tokens[self.pos:self.pos + k])
+            chunks.append(self.tokens[self.pos : self.pos + k])
             self.pos += k
             remaining -= k
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
 class DistributedTokenLoader:
-    """Each call takes one contiguous span per rank from a single shared stream: deterministic and disjoint."""
+    """Each call takes one contiguous span per rank from a single shared stream: deterministic and
+    disjoint."""
 
-    def __init__(self, pattern: str, rank: int, world_size: int, device: torch.device,
-                 vocab_size: int | None = None, position: tuple[int, int] = (0, 0)):
+    def __init__(
+        self,
+        pattern: str,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        vocab_size: int | None = None,
+        position: tuple[int, int] = (0, 0),
+    ):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.stream = TokenStream(pattern, vocab_size, *position)
 
@@ -440,7 +535,7 @@ class DistributedTokenLoader:
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         span = local_tokens + 1  # one extra token for the shifted targets
         chunk = self.stream.take(span * self.world_size)
-        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
+        local = torch.from_numpy(chunk[self.rank * span : (self.rank + 1) * span].astype(np.int64))
         if self.device.type == "cuda":
             local = local.pin_memory().to(self.device, non_blocking=True)
         return local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
@@ -449,8 +544,10 @@ class DistributedTokenLoader:
 def load_validation_tokens(pattern: str, min_tokens: int, vocab_size: int | None = None) -> Tensor:
     tokens = np.concatenate([load_data_shard(p, vocab_size) for p in shard_files(pattern)])
     if tokens.size < min_tokens + 1:
-        raise ValueError(f"validation split {pattern} has {tokens.size} tokens; need at least {min_tokens + 1} "
-                         "(one sequence and its shifted target)")
+        raise ValueError(
+            f"validation split {pattern} has {tokens.size} tokens; need at least {min_tokens + 1} "
+            "(one sequence and its shifted target)"
+        )
     return torch.from_numpy(tokens.astype(np.int32))
 
 
@@ -461,17 +558,20 @@ def load_validation_tokens(pattern: str, min_tokens: int, vocab_size: int | None
 
 @dataclass
 class ByteLuts:
-    """Per token id: UTF-8 bytes of the piece, whether it starts with "▁", whether it is a boundary token."""
+    """Per token id: UTF-8 bytes of the piece, whether it starts with "▁", whether it is a
+    boundary token."""
 
     base_bytes: Tensor
     has_leading_space: Tensor
     is_boundary: Tensor
 
-    def to(self, device) -> "ByteLuts":
-        return ByteLuts(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+    def to(self, device) -> ByteLuts:
+        tables = (self.base_bytes, self.has_leading_space, self.is_boundary)
+        return ByteLuts(*(t.to(device) for t in tables))
 
     def count(self, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
-        """Bytes of each target token; the leading space counts unless the previous token is a boundary."""
+        """Bytes of each target token; the leading space counts unless the previous token is a
+        boundary."""
         space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
         return self.base_bytes[target_ids] + space.to(self.base_bytes.dtype)
 
@@ -493,135 +593,51 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLuts
             has_leading_space[i] = True
             piece = piece[1:]
         base_bytes[i] = len(piece.encode("utf-8"))
-    return ByteLuts(torch.from_numpy(base_bytes), torch.from_numpy(has_leading_space), torch.from_numpy(is_boundary))
+    tables = (base_bytes, has_leading_space, is_boundary)
+    return ByteLuts(*(torch.from_numpy(t) for t in tables))
 
 
 def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     if not Path(h.tokenizer_path).is_file():
-        raise FileNotFoundError(f"tokenizer not found at TOKENIZER_PATH={h.tokenizer_path}; {DATA_HELP}")
+        raise FileNotFoundError(
+            f"tokenizer not found at TOKENIZER_PATH={h.tokenizer_path}; {DATA_HELP}"
+        )
     try:
         sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     except (OSError, RuntimeError) as e:
-        raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path} is not a SentencePiece model ({str(e).strip()}); "
-                         f"{DATA_HELP}") from None
+        raise ValueError(
+            f"TOKENIZER_PATH={h.tokenizer_path} is not a SentencePiece model ({str(e).strip()}); "
+            f"{DATA_HELP}"
+        ) from None
     manifest = Path(h.data_path) / "manifest.json"
     if h.check_tokenizer and manifest.is_file():
         try:
-            want = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer", {}).get("sha256")
+            want = (
+                json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer", {}).get("sha256")
+            )
         except (ValueError, AttributeError):
-            raise ValueError(f"{manifest}: not a readable dataset manifest; rebuild the dataset") from None
+            raise ValueError(
+                f"{manifest}: not a readable dataset manifest; rebuild the dataset"
+            ) from None
         have = hashlib.sha256(Path(h.tokenizer_path).read_bytes()).hexdigest()
         if want and want != have:
-            raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path} (sha256 {have[:12]}) is not the tokenizer the shards "
-                             f"in DATA_PATH={h.data_path} were made with ({manifest.name}: sha256 {want[:12]}); "
-                             "point TOKENIZER_PATH at that tokenizer, or set CHECK_TOKENIZER=0 to score anyway")
+            raise ValueError(
+                f"TOKENIZER_PATH={h.tokenizer_path} (sha256 {have[:12]}) is not the tokenizer the "
+                f"shards in DATA_PATH={h.data_path} were made with ({manifest.name}: sha256 "
+                f"{want[:12]}); point TOKENIZER_PATH at that tokenizer, or set CHECK_TOKENIZER=0 "
+                "to score anyway"
+            )
     if sp.get_piece_size() != h.vocab_size:
-        raise ValueError(f"VOCAB_SIZE={h.vocab_size} but the tokenizer {h.tokenizer_path} has "
-                         f"{sp.get_piece_size()} pieces; set VOCAB_SIZE={sp.get_piece_size()}")
+        raise ValueError(
+            f"VOCAB_SIZE={h.vocab_size} but the tokenizer {h.tokenizer_path} has "
+            f"{sp.get_piece_size()} pieces; set VOCAB_SIZE={sp.get_piece_size()}"
+        )
     return sp
-
-
-# -----------------------------------------------------------------------------
-# Quantization: one function for the training forward (STE) and the export
-# -----------------------------------------------------------------------------
-
-FP16_MAX = 65504.0
-MIN_SCALE = 2.0**-24  # smallest fp16 subnormal: keeps the scale representable, swallows nothing
-
-
-def round_to_fp16_grid(x: Tensor) -> Tensor:
-    """x (positive fp32) rounded to the nearest fp16 value, kept in fp32.
-
-    Written as arithmetic because torch.compile drops an fp32->fp16->fp32 cast pair, which would let the
-    compiled training forward quantize with a different scale than the export.
-    """
-    _, exponent = torch.frexp(x)
-    ulp = torch.exp2((exponent - 11).clamp_min(-24).float())  # fp16: 11 significant bits, subnormal step 2^-24
-    return torch.round(x / ulp) * ulp
-
-
-SEARCH_CLIP_FRACTIONS = tuple(1.0 - 0.05 * i for i in range(11))  # CLIP=search tries these fractions of the max
-
-
-def level_of(kind: str) -> int:
-    """The largest level of an intN kind: levels run -L..L, L = 2^(N-1) - 1 (int6: 31)."""
-    return 2 ** (int(kind[3:]) - 1) - 1
-
-
-def row_scales(w: Tensor, max_level: int, clip_param: float, method: str = "percentile") -> Tensor:
-    """Per-row scales (fp32 values on the fp16 grid) of a 2-D fp32 tensor, from each row's clip: the nearest-rank
-    percentile clip_param of |w| (at 100 and for short rows: the row max); clip_param standard deviations
-    (sdclip); or the fraction of the row max whose rounding error is smallest (search)."""
-    absw = w.abs()
-    n = w.shape[1]
-    k = math.ceil(round(clip_param * n / 100.0, 9))  # round: 99.9/100*1000 is 999.0000000000001 in floats
-    if method == "sdclip":
-        clip = clip_param * w.std(dim=1)
-    elif method == "search" or k >= n:
-        clip = absw.amax(dim=1)
-    else:
-        clip = absw.kthvalue(max(k, 1), dim=1).values
-    scale = round_to_fp16_grid((clip / max_level).clamp_min(MIN_SCALE))
-    if method == "search":
-        best_error = torch.full_like(scale, math.inf)
-        for fraction in SEARCH_CLIP_FRACTIONS:
-            s = round_to_fp16_grid((clip * fraction / max_level).clamp_min(MIN_SCALE))
-            error = (torch.clamp(torch.round(w / s[:, None]), -max_level, max_level) * s[:, None] - w).square().sum(1)
-            scale, best_error = torch.where(error < best_error, s, scale), torch.minimum(error, best_error)
-    return scale
-
-
-def quantize_per_row(w: Tensor, max_level: int, clip_param: float, method: str = "percentile") -> tuple[Tensor, Tensor]:
-    """Symmetric per-row quantization of a 2-D tensor: integer levels (int8) and fp16 scales (rows,)."""
-    w = w.float()
-    scale = row_scales(w, max_level, clip_param, method)
-    q = torch.clamp(torch.round(w / scale[:, None]), -max_level, max_level).to(torch.int8)
-    return q, scale.to(torch.float16)
-
-
-def dequantize_per_row(q: Tensor, scale: Tensor) -> Tensor:
-    return q.float() * scale.float()[:, None]
-
-
-def gptq_quantize(w: Tensor, hessian: Tensor, max_level: int, scale: Tensor, block: int = 128,
-                  damp: float = 0.01) -> Tensor:
-    """GPTQ (Frantar et al. 2022, arXiv:2210.17323): the levels of w (out, in) on the rows' grids, chosen column
-    by column in decreasing order of the Hessian's diagonal (act order), each column's rounding error fed
-    forward to the later columns through the upper Cholesky factor of the damped inverse Hessian, in blocks.
-    H = I gives round-to-nearest exactly."""
-    w, s = w.float().clone(), scale.float().to(w.device)
-    hessian = hessian.float().to(w.device).clone()
-    dead = hessian.diagonal() == 0  # inputs never seen: nothing to preserve
-    hessian[dead, dead], w[:, dead] = 1.0, 0.0
-    perm = torch.argsort(hessian.diagonal(), descending=True)
-    w, hessian = w[:, perm], hessian[perm][:, perm]
-    hessian.diagonal().add_(damp * hessian.diagonal().mean())
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
-    q = torch.zeros_like(w)
-    for i1 in range(0, w.shape[1], block):
-        i2 = min(i1 + block, w.shape[1])
-        errors = torch.zeros_like(w[:, i1:i2])
-        for i in range(i1, i2):
-            q[:, i] = torch.clamp(torch.round(w[:, i] / s), -max_level, max_level)
-            errors[:, i - i1] = (w[:, i] - q[:, i] * s) / u[i, i]
-            w[:, i:i2] -= errors[:, i - i1, None] * u[i, i:i2]
-        w[:, i2:] -= errors @ u[i1:i2, i2:]
-    return q[:, torch.argsort(perm)].to(torch.int8)
-
-
-def fake_quantize(w: Tensor, max_level: int, clip_param: float, method: str = "percentile",
-                  on: Tensor | float = 1.0) -> Tensor:
-    """Forward: the exported (dequantized) weight where on = 1, w itself where on = 0. Backward: identity (STE)."""
-    q, scale = quantize_per_row(w.detach(), max_level, clip_param, method)
-    return w + on * (dequantize_per_row(q, scale).to(w.dtype) - w).detach()
 
 
 # -----------------------------------------------------------------------------
 # Model
 # -----------------------------------------------------------------------------
-
-CONTROL_PARAM_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates", "smear",
-                       "attn_gate", "lane_")
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -629,12 +645,13 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weight, computed in the activation dtype; optionally fake-quantized when training."""
+    """fp32 master weight, computed in the activation dtype; fake-quantized in training on the
+    export's grid when `configure_qat` gives it one."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
-        self.qat = None  # (max_level, clip_param, clip method) of the export when fake-quantized (configure_qat)
-        # 1/0 at run time: a tensor, so late QAT switches with no recompile and cannot be constant-folded
+        self.qat = None  # (max_level, clip_param, clip method) of the export when fake-quantized
+        # 1/0 at run time: a tensor, so late QAT switches with no recompile and cannot be folded
         self.register_buffer("qat_on", torch.ones(()), persistent=False)
         if zero_init:
             nn.init.zeros_(self.weight)
@@ -649,24 +666,29 @@ class CastedLinear(nn.Linear):
 class Rotary(nn.Module):
     def __init__(self, dims: int, base: float):  # dims: how many of each head's dims rotate
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2).float() / dims), persistent=False)
+        inv_freq = 1.0 / base ** (torch.arange(0, dims, 2).float() / dims)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, seq_len: int, device) -> tuple[Tensor, Tensor]:
         t = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.to(device))  # (T, D/2), fp32: bf16 angles lose the position
+        freqs = torch.outer(t, self.inv_freq.to(device))  # (T, D/2), fp32: bf16 angles lose it
         return freqs.cos()[None, None], freqs.sin()[None, None]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate dims (i, i + half) by the position's angles for i < half = cos.size(-1); later dims pass through."""
+    """Rotate dims (i, i + half) by the position's angles for i < half = cos.size(-1); later dims
+    pass through."""
     half = cos.size(-1)
-    x1, x2 = x[..., :half], x[..., half:2 * half]
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
     rotated = (x1 * cos + x2 * sin, x2 * cos - x1 * sin)
-    return torch.cat(rotated if 2 * half == x.size(-1) else (*rotated, x[..., 2 * half:]), dim=-1)
+    if 2 * half == x.size(-1):
+        return torch.cat(rotated, dim=-1)
+    return torch.cat((*rotated, x[..., 2 * half :]), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
-    """GQA attention with RoPE (partial with ROPE_DIMS), XSA on the last XSA_LAST_N layers, optional head gate."""
+    """GQA attention with RoPE (partial with ROPE_DIMS), XSA on the last XSA_LAST_N layers, an
+    optional per-head output gate."""
 
     def __init__(self, h: Hyperparameters, layer_idx: int):
         super().__init__()
@@ -680,25 +702,28 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
         self.rotary = Rotary(h.rope_dims or self.head_dim, h.rope_base)
         self.xsa = layer_idx >= h.num_layers - h.xsa_last_n
-        self.attn_gate = nn.Parameter(torch.zeros(h.num_heads, h.model_dim)) if h.attn_gate else None
+        gate = nn.Parameter(torch.zeros(h.num_heads, h.model_dim)) if h.attn_gate else None
+        self.attn_gate = gate
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.c_q(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.c_k(x).view(B, T, KVH, D).transpose(1, 2)  # (B, KVH, T, D)
+        v = self.c_v(x).view(B, T, KVH, D).transpose(1, 2)
         cos, sin = self.rotary(T, x.device)
         # Norm, rotation and gain in fp32, then back to the compute dtype for attention.
-        q = (apply_rotary(rms_norm(q.float()), cos, sin) * self.q_gain[None, :, None, None]).to(v.dtype)
+        q = apply_rotary(rms_norm(q.float()), cos, sin) * self.q_gain[None, :, None, None]
+        q = q.to(v.dtype)
         k = apply_rotary(rms_norm(k.float()), cos, sin).to(v.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
-        if self.xsa:  # remove from each head's output its component along the token's own value vector
-            yg = y.view(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, T, self.head_dim)
-            vn = F.normalize(v, dim=-1)[:, :, None]  # (B, KVH, 1, T, D): shared by the heads of its group
-            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, self.num_heads, T, self.head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KVH != H)
+        if self.xsa:  # remove from each head's output its component along the token's own value
+            yg = y.view(B, KVH, H // KVH, T, D)
+            vn = F.normalize(v, dim=-1)[:, :, None]  # (B, KVH, 1, T, D): shared by the group
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, H, T, D)
         if self.attn_gate is not None:  # 2 sigmoid(0) = 1: transparent at init
-            y = y * 2 * torch.sigmoid(F.linear(x, self.attn_gate.to(x.dtype))).transpose(1, 2)[..., None]
+            gate = torch.sigmoid(F.linear(x, self.attn_gate.to(x.dtype)))  # (B, T, H)
+            y = y * 2 * gate.transpose(1, 2)[..., None]
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -722,7 +747,8 @@ class Block(nn.Module):
         self.mlp = MLP(h)
         self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
+        mix = torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim)))
+        self.resid_mix = nn.Parameter(mix)
         self.ln_scale = 1.0 / math.sqrt(layer_idx + 1) if h.ln_scale else None
 
     def norm(self, x: Tensor) -> Tensor:
@@ -734,18 +760,22 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x))
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
 
-    def parallel(self, lanes: tuple[Tensor, Tensor], x0: Tensor, resid: Tensor, post: Tensor) -> tuple[Tensor, Tensor]:
-        """Two lanes: attention reads lane 0 (blended with x0), the MLP lane 1, side by side; lane k keeps
-        resid[k] of itself and gets post[0, k] of the attention output and post[1, k] of the MLP's."""
+    def parallel(
+        self, lanes: list[Tensor], x0: Tensor, resid: Tensor, post: Tensor
+    ) -> list[Tensor]:
+        """Two lanes: attention reads lane 0 (blended with x0), the MLP lane 1, side by side; lane
+        k keeps resid[k] of itself and gets post[0, k] of the attention output and post[1, k] of
+        the MLP's."""
         mix = self.resid_mix.to(x0.dtype)
         a = self.attn_scale.to(x0.dtype) * self.attn(self.norm(mix[0] * lanes[0] + mix[1] * x0))
         m = self.mlp_scale.to(x0.dtype) * self.mlp(self.norm(lanes[1]))
         resid, post = resid.to(x0.dtype), post.to(x0.dtype)
-        return tuple(resid[k] * lanes[k] + post[0, k] * a + post[1, k] * m for k in range(2))
+        return [resid[k] * lanes[k] + post[0, k] * a + post[1, k] * m for k in range(2)]
 
 
 class SmearGate(nn.Module):
-    """x[t] <- (1-g) x[t] + g x[t-1] per channel, g = sigmoid(gate); no blend at a BOS or at position 0."""
+    """x[t] <- (1-g) x[t] + g x[t-1] per channel, g = sigmoid(gate); no blend at a BOS or at
+    position 0."""
 
     def __init__(self, dim: int, bos_id: int = BOS_ID):
         super().__init__()
@@ -761,22 +791,22 @@ class SmearGate(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """An embedding of hash(previous, current token), projected to the model width, added to the token's.
-
-    Position 0 and every BOS take the last bucket, a bucket of their own: no pair spans two documents.
-    """
+    """An embedding of hash(previous, current token), projected to the model width, added to the
+    token's. Position 0 and every BOS take the last bucket, a bucket of their own: no pair spans
+    two documents."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
         super().__init__()
         self.embed = nn.Embedding(buckets, dim)
-        nn.init.zeros_(self.embed.weight)  # contributes nothing until trained; the projection carries the gradient
+        nn.init.zeros_(self.embed.weight)  # adds nothing until trained; the projection learns
         self.proj = CastedLinear(dim, model_dim)
         self.scale = nn.Parameter(torch.tensor(0.05))
         self.bos_id = bos_id
 
     def indices(self, ids: Tensor) -> Tensor:
         own = self.embed.num_embeddings - 1
-        pair = torch.bitwise_xor(36313 * ids[:, 1:], 27191 * ids[:, :-1]) % own  # (B, T-1), int64: no overflow
+        # (B, T-1), int64: no overflow
+        pair = torch.bitwise_xor(36313 * ids[:, 1:], 27191 * ids[:, :-1]) % own
         pair = torch.where(ids[:, 1:] == self.bos_id, own, pair)
         return torch.cat((torch.full_like(ids[:, :1], own), pair), dim=1)
 
@@ -785,12 +815,13 @@ class BigramHash(nn.Module):
 
 
 def virtual_layers(h: Hyperparameters, looping: bool) -> tuple[list[int], list[int]]:
-    """(encoder, decoder): the physical layer each virtual layer runs. With the loops on, layers LOOP_START..
-    LOOP_END run 1 + NUM_LOOPS times in a row; the first half of the virtual layers is the encoder."""
+    """(encoder, decoder): the physical layer each virtual layer runs. With the loops on, layers
+    LOOP_START..LOOP_END run 1 + NUM_LOOPS times in a row; the first half is the encoder."""
     order = list(range(h.num_layers))
     if looping and h.num_loops:
-        order[h.loop_start:h.loop_end + 1] = list(range(h.loop_start, h.loop_end + 1)) * (h.num_loops + 1)
-    return order[:len(order) // 2], order[len(order) // 2:]
+        repeated = list(range(h.loop_start, h.loop_end + 1)) * (h.num_loops + 1)
+        order[h.loop_start : h.loop_end + 1] = repeated
+    return order[: len(order) // 2], order[len(order) // 2 :]
 
 
 class GPT(nn.Module):
@@ -802,36 +833,43 @@ class GPT(nn.Module):
         self.smear = SmearGate(h.model_dim, bos_id) if h.smear_gate else None
         self.num_encoder_layers = h.num_layers // 2
         self.layer_order = {looping: virtual_layers(h, looping) for looping in (False, True)}
-        self.looping = False  # run the repeated layers (a Python flag: each value has its own compiled graph)
+        # Run the repeated layers: a Python flag, each value has its own compiled graph. Training
+        # switches it (`train`); a trained model runs them.
+        self.looping = False
         self.num_skips = min(map(len, self.layer_order[h.num_loops > 0]))
         self.parallel_start = h.parallel_residual_start
         if self.parallel_start:
-            self.lane_resid = nn.Parameter(torch.ones(h.num_layers - self.parallel_start, 2))
-            self.lane_post = nn.Parameter(torch.ones(h.num_layers - self.parallel_start, 2, 2))
+            lanes = h.num_layers - self.parallel_start
+            self.lane_resid = nn.Parameter(torch.ones(lanes, 2))
+            self.lane_post = nn.Parameter(torch.ones(lanes, 2, 2))
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, h.model_dim))
-        self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, h.model_dim)) if h.skip_gates else None
+        gates = nn.Parameter(torch.zeros(self.num_skips, h.model_dim)) if h.skip_gates else None
+        self.skip_gates = gates
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
-        self.lm_head = None if h.tie_embeddings else CastedLinear(h.model_dim, h.vocab_size, zero_init=True)
-        self.bigram = BigramHash(h.bigram_buckets, h.bigram_dim, h.model_dim, bos_id) if h.bigram_buckets else None
+        self.lm_head = None
+        if not h.tie_embeddings:
+            self.lm_head = CastedLinear(h.model_dim, h.vocab_size, zero_init=True)
+        self.bigram = None
+        if h.bigram_buckets:
+            self.bigram = BigramHash(h.bigram_buckets, h.bigram_dim, h.model_dim, bos_id)
         if h.ortho_init:
             for name, module in self.blocks.named_modules():
                 if isinstance(module, CastedLinear):
                     nn.init.orthogonal_(module.weight)
-                    if name.endswith(".proj"):  # residual branches: their sum keeps a steady scale with depth
+                    if name.endswith(".proj"):  # residual branches: a steady sum with depth
                         module.weight.data.mul_(1.0 / math.sqrt(2 * h.num_layers))
-
-    def configure_qat(self, h: Hyperparameters) -> None:
-        """Fake-quantize (QAT on) exactly the matrices the export stores as intN, on the export's grid."""
-        for name, module in self.named_modules():
-            if isinstance(module, CastedLinear):
-                kind = export_kind(f"{name}.weight", module.weight, h)
-                quantized = h.qat and kind.startswith("int") and name != "lm_head"
-                module.qat = (level_of(kind), *clip_rule(f"{name}.weight", h)) if quantized else None
 
     def set_qat_active(self, active: bool) -> None:
         for module in self.modules():
             if isinstance(module, CastedLinear):
                 module.qat_on.fill_(float(active))
+
+    def add_skip(self, j: int, x: Tensor, skip: Tensor) -> Tensor:
+        """U-Net: the j-th decoder layer's input takes in the j-th last encoder output."""
+        skip = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + skip
+        return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
 
     def hidden(self, input_ids: Tensor) -> Tensor:
         x = self.tok_emb(input_ids)
@@ -845,15 +883,15 @@ class GPT(nn.Module):
         for i in encoder:
             x = self.blocks[i](x, x0)
             skips.append(x)
-        lanes = None  # from PARALLEL_RESIDUAL_START on: (attention lane, MLP lane); a skip joins lane 0
-        for j, i in enumerate(decoder):  # U-Net: the j-th decoder layer takes the j-th last encoder output
+        lanes = None  # from PARALLEL_RESIDUAL_START on: [attention lane, MLP lane]
+        for j, i in enumerate(decoder):
             parallel = self.parallel_start and i >= self.parallel_start
-            lanes = (x, x) if parallel and lanes is None else lanes
-            if skips:
-                skip, into = self.skip_weights[j].to(x.dtype) * skips.pop(), x if lanes is None else lanes[0]
-                into = into + skip if self.skip_gates is None else torch.lerp(skip, into, torch.sigmoid(
-                    self.skip_gates[j].to(x.dtype)))
-                x, lanes = (into, None) if lanes is None else (x, (into, lanes[1]))
+            if parallel and lanes is None:
+                lanes = [x, x]
+            if skips and lanes is None:
+                x = self.add_skip(j, x, skips.pop())
+            elif skips:  # a skip joins the attention lane
+                lanes[0] = self.add_skip(j, lanes[0], skips.pop())
             if parallel:
                 k = i - self.parallel_start
                 lanes = self.blocks[i].parallel(lanes, x0, self.lane_resid[k], self.lane_post[k])
@@ -861,12 +899,17 @@ class GPT(nn.Module):
                 x = self.blocks[i](x, x0)
         return rms_norm(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, *,
-                score_last: int = 0, reduction: str = "mean") -> Tensor:
-        """input_ids (B, T). No targets: logits (B, T, V). With targets: cross-entropy, mean or per token.
-
-        score_last=k sends only the last k positions through the head; target_ids is then (B, k).
-        """
+    def forward(
+        self,
+        input_ids: Tensor,
+        target_ids: Tensor | None = None,
+        *,
+        score_last: int = 0,
+        reduction: str = "mean",
+    ) -> Tensor:
+        """input_ids (B, T). No targets: logits (B, T, V). With targets: cross-entropy, mean or
+        per token. score_last=k sends only the last k positions through the head; target_ids is
+        then (B, k)."""
         x = self.hidden(input_ids)  # (B, T, C)
         if score_last:
             x = x[:, -score_last:]
@@ -875,37 +918,81 @@ class GPT(nn.Module):
         logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         if target_ids is None:
             return logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction=reduction)
+        flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1)
+        loss = F.cross_entropy(flat_logits, flat_targets, reduction=reduction)
         return loss if reduction == "mean" else loss.view(target_ids.shape)
 
 
+def build_model(h: Hyperparameters, device: torch.device, bos_id: int = BOS_ID) -> GPT:
+    model = GPT(h, bos_id).to(device)
+    configure_qat(model, h)
+    return model
+
+
 def model_flops_per_token(h: Hyperparameters, model: GPT) -> float:
-    """Training FLOPs per token: 6 per matmul weight plus attention scores (PaLM's 6N + 12 L d T)."""
+    """Training FLOPs per token: 6 per matmul weight plus attention (PaLM's 6N + 12 L d T)."""
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "blocks." in n)
     matmul += h.vocab_size * h.model_dim  # the output head, tied or not
     return 6.0 * matmul + 12.0 * h.num_layers * h.model_dim * h.train_seq_len
+
+
+# How each tensor is treated. Every per-tensor decision (optimizer group, QAT, export kind, clip,
+# GPTQ calibration) reads the tensor's role here and nowhere else.
+@dataclass(frozen=True)
+class RoleRules:
+    optimizer: str  # embed, head (Adam, own LR), matrix (Muon, QAT, GPTQ on its inputs), scalar
+    export: str  # the artifact's kind, or the setting that names it (embed_quant, *_bits)
+    sdclip_k: str  # the setting of its rows' SDClip k
+
+
+ROLE_RULES = {
+    "embedding": RoleRules("embed", "embed_quant", "sdclip_k_embed"),  # the token table
+    "head": RoleRules("head", "int8", "sdclip_k_embed"),  # an untied output head
+    "bigram_table": RoleRules("embed", "int8", "sdclip_k_embed"),
+    "attention": RoleRules("matrix", "attn_bits", "sdclip_k_attn"),  # Q, K, V, out
+    "projection": RoleRules("matrix", "attn_bits", "sdclip_k_attn"),  # BigramHash's to MODEL_DIM
+    "mlp": RoleRules("matrix", "mlp_bits", "sdclip_k_mlp"),
+    "gate": RoleRules("scalar", "int8", "sdclip_k_attn"),  # attention gates: controls, as matrices
+    "control": RoleRules("scalar", "float", ""),  # vectors, scalars, mixes, skip weights, lanes
+}
+
+
+def tensor_role(name: str, tensor: Tensor) -> str:
+    """The role (a key of ROLE_RULES) of a parameter of GPT, by its name and shape."""
+    named = {"tok_emb.weight": "embedding", "lm_head.weight": "head"}
+    named |= {"bigram.embed.weight": "bigram_table", "bigram.proj.weight": "projection"}
+    if name in named:
+        return named[name]
+    if name.endswith(".attn_gate"):
+        return "gate"
+    if tensor.ndim == 2 and name.startswith("blocks.") and name.endswith(".weight"):
+        return "mlp" if ".mlp." in name else "attention"
+    return "control"
 
 
 # -----------------------------------------------------------------------------
 # Optimizers and schedules
 # -----------------------------------------------------------------------------
 
-
 NEWTON_SCHULZ = {
     "quintic": ((3.4445, -4.7750, 2.0315),),  # one tuple for every iteration (Muon's original)
-    # Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932): one minimax-optimal tuple per
-    # iteration, the list the challenge's records use (PR #1344); later iterations repeat the last tuple.
-    "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
-              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+    # Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932): one minimax-optimal
+    # tuple per iteration, as the challenge's records use (PR #1344); later ones repeat the last.
+    "polar": (
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ),
 }
 
 
-def zeropower_via_newtonschulz5(g: Tensor, steps: int, eps: float = 1e-7,
-                                coefficients: tuple = NEWTON_SCHULZ["quintic"]) -> Tensor:
-    """Approximately orthogonalize g (singular values pushed into a band around 1) with a quintic iteration."""
+def zeropower_via_newtonschulz5(
+    g: Tensor, steps: int, eps: float = 1e-7, coefficients: tuple = NEWTON_SCHULZ["quintic"]
+) -> Tensor:
+    """Approximately orthogonalize g (singular values pushed into a band around 1) with a quintic
+    iteration."""
     x = g.bfloat16()
     x = x / (x.norm() + eps)
     transposed = g.size(0) > g.size(1)
@@ -921,16 +1008,45 @@ def zeropower_via_newtonschulz5(g: Tensor, steps: int, eps: float = 1e-7,
 class Muon(torch.optim.Optimizer):
     """Momentum + Newton-Schulz orthogonalized updates for 2-D matrices.
 
-    Rank r orthogonalizes parameters r, r+W, r+2W, ...; the flat updates are summed across ranks so every
-    rank applies the same update. Gradients must already be averaged across ranks (DDP does it).
+    Rank r orthogonalizes parameters r, r+W, r+2W, ...; the flat updates are summed across ranks
+    so every rank applies the same update. Gradients must already be averaged across ranks (DDP
+    does it). `row_norm` is MuonEq-R; `ns` names the Newton-Schulz coefficients.
     """
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True,
-                 zeropower=zeropower_via_newtonschulz5, weight_decay: float = 0.0, row_norm: bool = False,
-                 ns: str = "quintic"):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
-                                      weight_decay=weight_decay))
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float,
+        backend_steps: int,
+        nesterov=True,
+        zeropower=zeropower_via_newtonschulz5,
+        weight_decay=0.0,
+        row_norm=False,
+        ns="quintic",
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            backend_steps=backend_steps,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+        )
+        super().__init__(params, defaults)
         self.zeropower, self.row_norm, self.coefficients = zeropower, row_norm, NEWTON_SCHULZ[ns]
+
+    def update(self, p: Tensor, group: dict) -> Tensor:
+        """The orthogonalized update of one matrix from its gradient and momentum."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(p.grad)
+        g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        if self.row_norm:  # MuonEq-R: every row of the update gets the same norm
+            g = g / g.float().norm(dim=1, keepdim=True).clamp_min(1e-7).to(g.dtype)
+        g = self.zeropower(g, steps=group["backend_steps"], coefficients=self.coefficients)
+        return g * max(1.0, g.size(0) / g.size(1)) ** 0.5  # equal RMS for tall and wide matrices
 
     @torch.no_grad()
     def step(self):
@@ -939,21 +1055,12 @@ class Muon(torch.optim.Optimizer):
         rank = dist.get_rank() if distributed else 0
         for group in self.param_groups:
             params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
+            total = sum(p.numel() for p in params)
+            flat = torch.zeros(total, device=params[0].device, dtype=torch.bfloat16)
             offset = 0
             for i, p in enumerate(params):
                 if i % world_size == rank and p.grad is not None:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                    if self.row_norm:  # MuonEq-R: every row of the update gets the same norm
-                        g = g / g.float().norm(dim=1, keepdim=True).clamp_min(1e-7).to(g.dtype)
-                    g = self.zeropower(g, steps=group["backend_steps"], coefficients=self.coefficients)
-                    g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5  # equal RMS for tall and wide matrices
-                    flat[offset:offset + p.numel()] = g.reshape(-1)
+                    flat[offset : offset + p.numel()] = self.update(p, group).reshape(-1)
                 offset += p.numel()
             if world_size > 1:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -961,44 +1068,57 @@ class Muon(torch.optim.Optimizer):
             for p in params:
                 if group["weight_decay"]:  # decoupled, with the scheduled LR
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                update = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
+                p.add_(update, alpha=-group["lr"])
                 offset += p.numel()
 
 
 def optimizer_group(name: str, p: Tensor) -> str:
-    """embed (token and bigram tables), head (an untied output head), matrix (Muon), or scalar (Adam)."""
-    if name in ("tok_emb.weight", "bigram.embed.weight"):
-        return "embed"
-    if name == "lm_head.weight":
-        return "head"
-    return "matrix" if p.ndim == 2 and not any(c in name for c in CONTROL_PARAM_NAMES) else "scalar"
+    """embed (token and bigram tables), head (an untied output head), matrix (Muon), or scalar
+    (Adam): the tensor's role decides."""
+    return ROLE_RULES[tensor_role(name, p)].optimizer
 
 
-def build_optimizers(h: Hyperparameters, model: GPT, zeropower, fused: bool) -> list[torch.optim.Optimizer]:
-    """The baseline's groups: Muon for the matrices; Adam for the embeddings, the head, and vectors/scalars."""
+def build_optimizers(h: Hyperparameters, model: GPT, zeropower, fused: bool) -> list:
+    """Muon for the matrices; Adam for the embeddings, the head, and vectors/scalars."""
     groups = {"embed": [], "head": [], "matrix": [], "scalar": []}
     for name, p in model.named_parameters():
         groups[optimizer_group(name, p)].append(p)
-    matrices, scalars = groups["matrix"], groups["scalar"]
-    adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)  # AdamW: decoupled weight decay
+
+    def adam(params: list, lr: float, weight_decay: float) -> torch.optim.AdamW:
+        # AdamW: decoupled weight decay; base_lr is what the schedule scales
+        return torch.optim.AdamW(
+            [{"params": params, "lr": lr, "base_lr": lr}],
+            betas=(h.beta1, h.beta2),
+            eps=h.adam_eps,
+            fused=fused,
+            weight_decay=weight_decay,
+        )
+
     embed_lr = h.tied_embed_lr if h.tie_embeddings else h.embed_lr
-    optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW([{"params": groups["embed"], "lr": embed_lr, "base_lr": embed_lr}], **adam,
-                          weight_decay=h.embed_wd),
-        Muon([{"params": matrices, "base_lr": h.matrix_lr}], lr=h.matrix_lr, momentum=h.muon_momentum,
-             backend_steps=h.muon_backend_steps, zeropower=zeropower, weight_decay=h.muon_wd,
-             row_norm=h.muon_row_norm, ns=h.muon_ns),
-        torch.optim.AdamW([{"params": scalars, "lr": h.scalar_lr, "base_lr": h.scalar_lr}], **adam,
-                          weight_decay=h.adam_wd),
+    muon = Muon(
+        [{"params": groups["matrix"], "base_lr": h.matrix_lr}],
+        lr=h.matrix_lr,
+        momentum=h.muon_momentum,
+        backend_steps=h.muon_backend_steps,
+        zeropower=zeropower,
+        weight_decay=h.muon_wd,
+        row_norm=h.muon_row_norm,
+        ns=h.muon_ns,
+    )
+    optimizers = [
+        adam(groups["embed"], embed_lr, h.embed_wd),
+        muon,
+        adam(groups["scalar"], h.scalar_lr, h.adam_wd),
     ]
     if groups["head"]:
-        optimizers.append(torch.optim.AdamW([{"params": groups["head"], "lr": h.head_lr, "base_lr": h.head_lr}],
-                                            **adam, weight_decay=h.adam_wd))
+        optimizers.append(adam(groups["head"], h.head_lr, h.adam_wd))
     return optimizers
 
 
 class EMA:
-    """An fp32 exponential moving average of every parameter, updated on the device each step (no host sync)."""
+    """An fp32 exponential moving average of every parameter, updated on the device each step
+    (no host sync)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.names = decay, [n for n, _ in model.named_parameters()]
@@ -1007,36 +1127,50 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+        current = [p.detach().float() for p in self.params]
+        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return dict(zip(self.names, self.shadow))
+        return dict(zip(self.names, self.shadow, strict=True))
 
     @torch.no_grad()
     def load(self, state: dict[str, Tensor]) -> None:
-        for name, t in zip(self.names, self.shadow):
+        for name, t in zip(self.names, self.shadow, strict=True):
             t.copy_(state[name])
 
 
-def lr_multiplier(step: int, elapsed_ms: float, *, iterations: int, warmdown_iters: int,
-                  max_wallclock_ms: float | None, warmdown_frac: float = 0.0, min_lr: float = 0.0) -> float:
+def lr_multiplier(
+    step: int,
+    elapsed_ms: float,
+    *,
+    iterations: int,
+    warmdown_iters: int,
+    max_wallclock_ms: float | None,
+    warmdown_frac: float = 0.0,
+    min_lr: float = 0.0,
+) -> float:
     """LR scale: 1, then a linear warmdown to MIN_LR over the end of training.
 
-    WARMDOWN_FRAC > 0: the warmdown spans that fraction of the wall-clock cap (of ITERATIONS without one).
-    Else it spans the last WARMDOWN_ITERS steps; under a wall-clock cap it starts when the remaining time
-    equals WARMDOWN_ITERS steps at the average step time so far, so the LR reaches MIN_LR when the cap does.
+    WARMDOWN_FRAC > 0: the warmdown spans that fraction of the wall-clock cap (of ITERATIONS
+    without one). Else it spans the last WARMDOWN_ITERS steps; under a wall-clock cap it starts
+    when the remaining time equals WARMDOWN_ITERS steps at the average step time so far, so the
+    LR reaches MIN_LR when the cap does.
     """
     if warmdown_frac > 0:
-        total, done = (iterations, step) if max_wallclock_ms is None else (max_wallclock_ms, elapsed_ms)
+        if max_wallclock_ms is None:
+            total, done = iterations, step
+        else:
+            total, done = max_wallclock_ms, elapsed_ms
         remaining, span = max(total - done, 0.0), warmdown_frac * total
         frac = remaining / span if remaining < span else 1.0
     elif warmdown_iters <= 0:
         return 1.0
     elif max_wallclock_ms is None:
         warmdown_start = max(iterations - warmdown_iters, 0)
-        frac = max((iterations - step) / warmdown_iters, 0.0) if warmdown_start <= step < iterations else 1.0
+        in_warmdown = warmdown_start <= step < iterations
+        frac = max((iterations - step) / warmdown_iters, 0.0) if in_warmdown else 1.0
     else:
-        warmdown_ms = warmdown_iters * (elapsed_ms / max(step, 1))  # at the average step time so far
+        warmdown_ms = warmdown_iters * (elapsed_ms / max(step, 1))  # at the mean step time so far
         remaining_ms = max(max_wallclock_ms - elapsed_ms, 0.0)
         frac = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
     return min_lr + (1.0 - min_lr) * frac
@@ -1048,76 +1182,257 @@ def muon_momentum_at(step: int, *, start: float, end: float, warmup_steps: int) 
 
 
 # -----------------------------------------------------------------------------
-# The artifact: export, container, size accounting
+# Quantization and the artifact: one grid for the training forward (QAT) and the export
 # -----------------------------------------------------------------------------
+
+FP16_MAX = 65504.0
+MIN_SCALE = 2.0**-24  # smallest fp16 subnormal: keeps the scale representable, swallows nothing
+SEARCH_CLIP_FRACTIONS = tuple(1.0 - 0.05 * i for i in range(11))  # CLIP=search tries these
+
+
+def round_to_fp16_grid(x: Tensor) -> Tensor:
+    """x (positive fp32) rounded to the nearest fp16 value, kept in fp32.
+
+    Written as arithmetic because torch.compile drops an fp32->fp16->fp32 cast pair, which would
+    let the compiled training forward quantize with a different scale than the export.
+    """
+    _, exponent = torch.frexp(x)
+    # fp16: 11 significant bits, subnormal step 2^-24
+    ulp = torch.exp2((exponent - 11).clamp_min(-24).float())
+    return torch.round(x / ulp) * ulp
+
+
+def level_of(kind: str) -> int:
+    """The largest level of an intN kind: levels run -L..L, L = 2^(N-1) - 1 (int6: 31)."""
+    return 2 ** (int(kind[3:]) - 1) - 1
+
+
+def row_scales(w: Tensor, max_level: int, clip_param: float, method: str = "percentile") -> Tensor:
+    """Per-row scales (fp32 values on the fp16 grid) of a 2-D fp32 tensor, from each row's clip:
+    the nearest-rank percentile clip_param of |w| (at 100 and for short rows: the row max);
+    clip_param standard deviations (sdclip); or the fraction of the row max whose rounding error
+    is smallest (search)."""
+    absw = w.abs()
+    n = w.shape[1]
+    # round: 99.9/100*1000 is 999.0000000000001 in floats
+    k = math.ceil(round(clip_param * n / 100.0, 9))
+    if method == "sdclip":
+        clip = clip_param * w.std(dim=1)
+    elif method == "search" or k >= n:
+        clip = absw.amax(dim=1)
+    else:
+        clip = absw.kthvalue(max(k, 1), dim=1).values
+    scale = round_to_fp16_grid((clip / max_level).clamp_min(MIN_SCALE))
+    if method == "search":
+        best_error = torch.full_like(scale, math.inf)
+        for fraction in SEARCH_CLIP_FRACTIONS:
+            s = round_to_fp16_grid((clip * fraction / max_level).clamp_min(MIN_SCALE))[:, None]
+            q = torch.clamp(torch.round(w / s), -max_level, max_level)
+            error = (q * s - w).square().sum(1)
+            scale = torch.where(error < best_error, s[:, 0], scale)
+            best_error = torch.minimum(error, best_error)
+    return scale
+
+
+def quantize_per_row(
+    w: Tensor, max_level: int, clip_param: float, method: str = "percentile"
+) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row quantization of a 2-D tensor: integer levels (int8) and fp16 scales."""
+    w = w.float()
+    scale = row_scales(w, max_level, clip_param, method)
+    q = torch.clamp(torch.round(w / scale[:, None]), -max_level, max_level).to(torch.int8)
+    return q, scale.to(torch.float16)
+
+
+def dequantize_per_row(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def fake_quantize(
+    w: Tensor,
+    max_level: int,
+    clip_param: float,
+    method: str = "percentile",
+    on: Tensor | float = 1.0,
+) -> Tensor:
+    """Forward: the exported (dequantized) weight where on = 1, w itself where on = 0.
+    Backward: identity (STE)."""
+    q, scale = quantize_per_row(w.detach(), max_level, clip_param, method)
+    return w + on * (dequantize_per_row(q, scale).to(w.dtype) - w).detach()
+
+
+def export_kind(name: str, tensor: Tensor, h: Hyperparameters) -> str:
+    """How the artifact stores a tensor: fp16 (FP16_KEEP), else by its role (ROLE_RULES):
+    EMBED_QUANT, intN (MLP_BITS / ATTN_BITS), int8, or float."""
+    if any(fnmatch.fnmatchcase(name, p.strip()) for p in h.fp16_keep.split(",") if p.strip()):
+        return "fp16"
+    export = ROLE_RULES[tensor_role(name, tensor)].export
+    by_setting = {
+        "embed_quant": h.embed_quant,
+        "mlp_bits": f"int{h.mlp_bits}",
+        "attn_bits": f"int{h.attn_bits}",
+    }
+    return by_setting.get(export, export)
+
+
+def clip_rule(name: str, tensor: Tensor, h: Hyperparameters) -> tuple[float, str]:
+    """(clip_param, method) of a tensor's per-row clip: CLIP, with SDClip's k by its role."""
+    if h.clip != "sdclip":
+        return h.quant_clip_percentile, h.clip
+    return getattr(h, ROLE_RULES[tensor_role(name, tensor)].sdclip_k), "sdclip"
+
+
+def quantized_matrix(name: str, tensor: Tensor, h: Hyperparameters) -> bool:
+    """A Muon matrix the artifact stores as integers: fake-quantized in training (QAT) and
+    calibrated by GPTQ on its inputs."""
+    matrix = ROLE_RULES[tensor_role(name, tensor)].optimizer == "matrix"
+    return matrix and export_kind(name, tensor, h).startswith("int")
+
+
+def configure_qat(model: GPT, h: Hyperparameters) -> None:
+    """QAT on: every quantized matrix fake-quantized on exactly the export's grid."""
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear):
+            key, w = f"{name}.weight", module.weight
+            on = h.qat and quantized_matrix(key, w, h)
+            module.qat = (level_of(export_kind(key, w, h)), *clip_rule(key, w, h)) if on else None
+
+
+def collect_hessians(model: GPT, h: Hyperparameters, rt: Runtime, grad_accum_steps: int) -> dict:
+    """GPTQ's H = sum of x^T x over the inputs of every quantized matrix, from training batches
+    only (calibration never reads the validation split), summed over the ranks. The tied
+    embedding's inputs as the output head are the final hidden states."""
+    hessians: dict[str, Tensor] = {}
+
+    def add(name: str, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        hessians[name] = hessians[name] + x.T @ x if name in hessians else x.T @ x
+
+    hooks = [
+        m.register_forward_pre_hook(lambda _, args, key=f"{n}.weight": add(key, args[0]))
+        for n, m in model.named_modules()
+        if isinstance(m, CastedLinear) and quantized_matrix(f"{n}.weight", m.weight, h)
+    ]
+    loader = DistributedTokenLoader(
+        train_shards(h), rt.rank, rt.world_size, rt.device, h.vocab_size
+    )
+    local_tokens = h.train_batch_tokens // (rt.world_size * grad_accum_steps)
+    batches = max(1, math.ceil(h.gptq_calib_tokens / (local_tokens * rt.world_size)))
+    emb = model.tok_emb.weight
+    tied = model.lm_head is None and export_kind("tok_emb.weight", emb, h).startswith("int")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), rt.autocast():
+            for _ in range(batches):
+                hidden = model.hidden(loader.next_batch(local_tokens, h.train_seq_len)[0])
+                if tied:
+                    add("tok_emb.weight", hidden)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    for hessian in hessians.values() if rt.distributed else ():
+        dist.all_reduce(hessian)
+    return hessians
+
+
+def gptq_quantize(
+    w: Tensor, hessian: Tensor, max_level: int, scale: Tensor, block: int = 128, damp: float = 0.01
+) -> Tensor:
+    """GPTQ (Frantar et al. 2022, arXiv:2210.17323): the levels of w (out, in) on the rows' grids,
+    chosen column by column in decreasing order of the Hessian's diagonal (act order), each
+    column's rounding error fed forward to the later columns through the upper Cholesky factor of
+    the damped inverse Hessian, in blocks. H = I gives round-to-nearest exactly."""
+    w, s = w.float().clone(), scale.float().to(w.device)
+    hessian = hessian.float().to(w.device).clone()
+    dead = hessian.diagonal() == 0  # inputs never seen: nothing to preserve
+    hessian[dead, dead], w[:, dead] = 1.0, 0.0
+    perm = torch.argsort(hessian.diagonal(), descending=True)
+    w, hessian = w[:, perm], hessian[perm][:, perm]
+    hessian.diagonal().add_(damp * hessian.diagonal().mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    q = torch.zeros_like(w)
+    for i1 in range(0, w.shape[1], block):
+        i2 = min(i1 + block, w.shape[1])
+        errors = torch.zeros_like(w[:, i1:i2])
+        for i in range(i1, i2):
+            q[:, i] = torch.clamp(torch.round(w[:, i] / s), -max_level, max_level)
+            errors[:, i - i1] = (w[:, i] - q[:, i] * s) / u[i, i]
+            w[:, i:i2] -= errors[:, i - i1, None] * u[i, i:i2]
+        w[:, i2:] -= errors @ u[i1:i2, i2:]
+    return q[:, torch.argsort(perm)].to(torch.int8)
+
 
 ARTIFACT_MAGIC = b"PGOLF-Q\x00"  # 8 bytes before the zstd frame
 ARTIFACT_FORMAT_VERSION = 2  # 2: the tensors packed into a few long runs (pack_payload)
 ARTIFACT_KINDS = ("int5", "int6", "int7", "int8", "fp16", "float")
+XZ_MAGIC = b"\xfd7zXZ\x00"  # an lzma (xz) stream; anything else after ARTIFACT_MAGIC is zstd
 
 
 class ArtifactError(ValueError):
     pass
 
 
-def export_kind(name: str, tensor: Tensor, h: Hyperparameters) -> str:
-    """How a tensor is stored: intN (the matrices QAT sees: MLP_BITS / ATTN_BITS), EMBED_QUANT (the token
-    embedding), int8 (head, bigram table, attention gates), fp16 (FP16_KEEP), float (vectors and scalars)."""
-    if any(fnmatch.fnmatchcase(name, p.strip()) for p in h.fp16_keep.split(",") if p.strip()):
-        return "fp16"
-    if name == "tok_emb.weight":
-        return h.embed_quant
-    if name in ("lm_head.weight", "bigram.embed.weight") or "attn_gate" in name:  # no fake-quant in training
-        return "int8"
-    if name.startswith(("blocks.", "bigram.")) and tensor.ndim == 2 and not any(c in name for c in CONTROL_PARAM_NAMES):
-        return f"int{h.mlp_bits if '.mlp.' in name else h.attn_bits}"
-    return "float"
-
-
-def clip_rule(name: str, h: Hyperparameters) -> tuple[float, str]:
-    """(clip_param, method) of a tensor's per-row clip: CLIP, with SDClip's k by the tensor's group."""
-    if h.clip != "sdclip":
-        return h.quant_clip_percentile, h.clip
-    k = h.sdclip_k_mlp if ".mlp." in name else h.sdclip_k_embed if "emb" in name or "head" in name else h.sdclip_k_attn
-    return k, "sdclip"
-
-
-def quantize_state_dict(state: dict[str, Tensor], h: Hyperparameters, hessians: dict | None = None) -> dict:
-    """The artifact's payload: every tensor in its export kind; GPTQ for the matrices that have a Hessian."""
+def quantize_state_dict(
+    state: dict[str, Tensor], h: Hyperparameters, hessians: dict | None = None
+) -> dict:
+    """The artifact's payload: every tensor in its export kind; GPTQ for the matrices that have a
+    Hessian."""
     entries = {}
     for name, t in state.items():
         kind = export_kind(name, t, h)
-        if kind.startswith("int"):
-            max_level, (clip_param, method) = level_of(kind), clip_rule(name, h)
-            if hessians and name in hessians:
-                scale = row_scales(t.detach().float(), max_level, clip_param, method)
-                q, scale = gptq_quantize(t.detach(), hessians[name], max_level, scale), scale.to(torch.float16)
-            else:
-                q, scale = quantize_per_row(t.detach(), max_level, clip_param, method)
-            entries[name] = {"kind": kind, "q": q.cpu(), "scale": scale.cpu()}
-        else:
+        if not kind.startswith("int"):
             data = t.detach().cpu()
-            entries[name] = {"kind": kind, "data": data.half() if kind == "fp16" else data.float().clone()}
-    return {"format": "pgolf-int6", "version": ARTIFACT_FORMAT_VERSION, "tensors": entries,
-            "made_with": {"quant_method": h.quant_method, "clip": h.clip, "compressor": h.compressor}}
+            entries[name] = {
+                "kind": kind,
+                "data": data.half() if kind == "fp16" else data.float().clone(),
+            }
+            continue
+        max_level, (clip_param, method) = level_of(kind), clip_rule(name, t, h)
+        if hessians and name in hessians:
+            scale = row_scales(t.detach().float(), max_level, clip_param, method)
+            q = gptq_quantize(t.detach(), hessians[name], max_level, scale)
+            scale = scale.to(torch.float16)
+        else:
+            q, scale = quantize_per_row(t.detach(), max_level, clip_param, method)
+        entries[name] = {"kind": kind, "q": q.cpu(), "scale": scale.cpu()}
+    made_with = {"quant_method": h.quant_method, "clip": h.clip, "compressor": h.compressor}
+    return {
+        "format": "pgolf-int6",
+        "version": ARTIFACT_FORMAT_VERSION,
+        "tensors": entries,
+        "made_with": made_with,
+    }
 
 
 def dequantize_state_dict(payload: dict) -> dict[str, Tensor]:
-    return {name: dequantize_per_row(e["q"], e["scale"]) if "q" in e else e["data"].float()
-            for name, e in payload["tensors"].items()}
+    return {
+        name: dequantize_per_row(e["q"], e["scale"]) if "q" in e else e["data"].float()
+        for name, e in payload["tensors"].items()
+    }
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def check_exportable(state: dict[str, Tensor], h: Hyperparameters) -> None:
+    """A broken model is never shipped: every weight finite and within the range its export
+    format holds."""
+    for name, t in state.items():
+        kind = export_kind(name, t, h)
+        limit = (
+            math.inf
+            if kind == "float"
+            else FP16_MAX * (level_of(kind) if kind.startswith("int") else 1)
+        )
+        if not torch.isfinite(t).all():
+            raise BrokenModel(
+                f"weight {name} has non-finite values: training diverged (lower the learning "
+                "rates or set GRAD_CLIP_NORM); the raw weights are kept"
+            )
+        if t.abs().max() > limit:
+            raise BrokenModel(
+                f"weight {name} reaches {t.abs().max().item():.4g}, beyond what its {kind} export "
+                f"holds (fp16 max {FP16_MAX:.0f}); the raw weights are kept"
+            )
 
 
 def torch_save_bytes(obj) -> bytes:
@@ -1126,13 +1441,11 @@ def torch_save_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-XZ_MAGIC = b"\xfd7zXZ\x00"  # an lzma (xz) stream; anything else after ARTIFACT_MAGIC is a zstd frame
-
-
 def pack_payload(payload: dict) -> dict:
-    """The payload as an index plus one run per kind of content (levels grouped by kind, scales, fp32 data, fp16
-    data as a low-byte plane then a high-byte plane): 2-8 % smaller than one record per tensor on a trained tiny
-    model, within 0.7 % either side on the dense stand-in (README, "Measured")."""
+    """The payload as an index plus one run per kind of content (levels grouped by kind, scales,
+    fp32 data, fp16 data as a low-byte plane then a high-byte plane): 2-8 % smaller than one
+    record per tensor on a trained tiny model, within 0.7 % either side on the dense stand-in
+    (README, "Measured")."""
     tensors = payload["tensors"]
     names = sorted(tensors, key=lambda n: tensors[n]["kind"])
 
@@ -1140,27 +1453,38 @@ def pack_payload(payload: dict) -> dict:
         parts = [tensors[n][key].flatten() for n in names if tensors[n]["kind"] in kinds]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
 
+    def shape(n: str) -> list[int]:
+        return list(tensors[n]["q" if "q" in tensors[n] else "data"].shape)
+
     ints = tuple(k for k in ARTIFACT_KINDS if k.startswith("int"))
     fp16 = run("data", ("fp16",), torch.float16)
-    return {**{k: v for k, v in payload.items() if k != "tensors"}, "q": run("q", ints, torch.int8),
-            "scale": run("scale", ints, torch.float16), "float": run("data", ("float",), torch.float32),
-            "fp16_planes": fp16.view(torch.uint8).view(-1, 2).T.contiguous(),
-            "index": [[n, tensors[n]["kind"], list((tensors[n].get("q", tensors[n].get("data"))).shape)]
-                      for n in names]}
+    return {
+        **{k: v for k, v in payload.items() if k != "tensors"},
+        "q": run("q", ints, torch.int8),
+        "scale": run("scale", ints, torch.float16),
+        "float": run("data", ("float",), torch.float32),
+        "fp16_planes": fp16.view(torch.uint8).view(-1, 2).T.contiguous(),
+        "index": [[n, tensors[n]["kind"], shape(n)] for n in names],
+    }
 
 
 def unpack_payload(packed: dict) -> dict[str, dict]:
     """The tensors back from pack_payload's runs; any inconsistency raises ValueError."""
     runs = {k: packed[k] for k in ("q", "scale", "float")}
     runs["fp16"] = packed["fp16_planes"].T.contiguous().view(torch.float16).flatten()
-    dtypes = {"q": torch.int8, "scale": torch.float16, "float": torch.float32, "fp16": torch.float16}
+    dtypes = {
+        "q": torch.int8,
+        "scale": torch.float16,
+        "float": torch.float32,
+        "fp16": torch.float16,
+    }
     if any(not isinstance(t, Tensor) or t.dtype != dtypes[k] for k, t in runs.items()):
         raise ValueError("a run has the wrong type")
     taken, tensors = dict.fromkeys(runs, 0), {}
 
     def take(key: str, shape: list) -> Tensor:
         n = math.prod(shape)
-        part = runs[key].flatten()[taken[key]:taken[key] + n]
+        part = runs[key].flatten()[taken[key] : taken[key] + n]
         if part.numel() != n:
             raise ValueError(f"the {key} run ends early")
         taken[key] += n
@@ -1169,8 +1493,10 @@ def unpack_payload(packed: dict) -> dict[str, dict]:
     for name, kind, shape in packed["index"]:
         if kind not in ARTIFACT_KINDS or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise ValueError(f"entry {name!r} is malformed")
-        tensors[name] = ({"kind": kind, "q": take("q", shape), "scale": take("scale", shape[:1])}
-                         if kind.startswith("int") else {"kind": kind, "data": take(kind, shape)})
+        if kind.startswith("int"):
+            tensors[name] = {"kind": kind, "q": take("q", shape), "scale": take("scale", shape[:1])}
+        else:
+            tensors[name] = {"kind": kind, "data": take(kind, shape)}
     if any(taken[k] != runs[k].numel() for k in runs):
         raise ValueError("the runs hold more than the index names")
     return tensors
@@ -1180,34 +1506,47 @@ def artifact_bytes(payload: dict, zstd_level: int, compressor: str = "zstd") -> 
     raw = torch_save_bytes(pack_payload(payload))
     if compressor == "lzma":
         return ARTIFACT_MAGIC + lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
-    return ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(raw)
+    zstd = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
+    return ARTIFACT_MAGIC + zstd.compress(raw)
 
 
 def read_artifact(path: Path) -> dict:
-    """Load an artifact without executing code from it (weights_only), with clear errors on damage."""
+    """Load an artifact without executing code from it (weights_only), with clear errors on
+    damage."""
     blob = Path(path).read_bytes()
     if not blob.startswith(ARTIFACT_MAGIC):
         raise ArtifactError(f"{path}: not an artifact of this script (bad magic)")
-    body = blob[len(ARTIFACT_MAGIC):]
-    try:
-        raw = lzma.decompress(body) if body.startswith(XZ_MAGIC) else zstandard.ZstdDecompressor().decompress(body)
-    except (zstandard.ZstdError, lzma.LZMAError, MemoryError) as e:  # a damaged header can declare an absurd size
-        raise ArtifactError(f"{path}: truncated or corrupt artifact ({str(e) or type(e).__name__}); "
-                            "re-export it from the raw checkpoint") from None
+    body = blob[len(ARTIFACT_MAGIC) :]
+    try:  # MemoryError: a damaged header can declare an absurd size
+        if body.startswith(XZ_MAGIC):
+            raw = lzma.decompress(body)
+        else:
+            raw = zstandard.ZstdDecompressor().decompress(body)
+    except (zstandard.ZstdError, lzma.LZMAError, MemoryError) as e:
+        raise ArtifactError(
+            f"{path}: truncated or corrupt artifact ({str(e) or type(e).__name__}); "
+            "re-export it from the raw checkpoint"
+        ) from None
     try:
         payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise ArtifactError(f"{path}: unreadable artifact payload ({type(e).__name__}: {e})") from None
+        raise ArtifactError(
+            f"{path}: unreadable artifact payload ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != "pgolf-int6":
         raise ArtifactError(f"{path}: payload is not a pgolf-int6 artifact")
     if payload.get("version") != ARTIFACT_FORMAT_VERSION:
-        raise ArtifactError(f"{path}: artifact format version {payload.get('version')}, this script reads "
-                            f"version {ARTIFACT_FORMAT_VERSION}")
+        raise ArtifactError(
+            f"{path}: artifact format version {payload.get('version')}, this script reads "
+            f"version {ARTIFACT_FORMAT_VERSION}"
+        )
     try:
         payload["tensors"] = unpack_payload(payload)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-        raise ArtifactError(f"{path}: malformed artifact payload ({type(e).__name__}: {e}); re-export it from the "
-                            "raw checkpoint") from None
+        raise ArtifactError(
+            f"{path}: malformed artifact payload ({type(e).__name__}: {e}); re-export it from the "
+            "raw checkpoint"
+        ) from None
     return payload
 
 
@@ -1216,19 +1555,35 @@ def read_artifact(path: Path) -> dict:
 # -----------------------------------------------------------------------------
 
 
-def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
-    """Windows as (start, scored): targets [start, start+w) go in, the last `scored` of them are scored.
+def window_stride(stride: int, window: int) -> int:
+    """How far each evaluation window ends after the previous one: EVAL_STRIDE, or the whole
+    window (non-overlapping, plain evaluation) when it is 0 or at least the window."""
+    return stride if 0 < stride < window else window
 
-    w = min(seq_len, num_targets). The first window scores all its targets; each later window ends `stride`
-    further (the last one ends at the end of the split) and scores only the targets no earlier window
-    scored, so each target is scored once, after at least min(position, w - stride) tokens of context.
-    stride <= 0 or >= w means non-overlapping windows (plain evaluation).
+
+def windows_per_batch(
+    h: Hyperparameters, world_size: int, grad_accum_steps: int, seq_len: int
+) -> int:
+    """Evaluation windows per batch and rank: EVAL_BATCH_SEQS, or VAL_BATCH_SIZE split like a
+    training batch."""
+    return h.eval_batch_seqs or max(
+        1, h.val_batch_size // (world_size * grad_accum_steps * seq_len)
+    )
+
+
+def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
+    """Windows as (start, scored): targets [start, start+w) go in, the last `scored` of them are
+    scored.
+
+    w = min(seq_len, num_targets). The first window scores all its targets; each later window ends
+    `window_stride(stride, w)` further (the last one ends at the end of the split) and scores only
+    the targets no earlier window scored, so each target is scored once, after at least
+    min(position, w - stride) tokens of context.
     """
     if num_targets <= 0:
         return []
     w = min(seq_len, num_targets)
-    if stride <= 0 or stride >= w:
-        stride = w
+    stride = window_stride(stride, w)
     windows = [(0, w)]
     scored_end = w
     while scored_end < num_targets:
@@ -1250,42 +1605,84 @@ class EvalResult:
 
 
 def compile_stats() -> tuple[int, float]:
-    """(graphs built, seconds spent compiling) so far in this process, from dynamo's own counters."""
+    """(graphs built, seconds spent compiling) so far in this process, from dynamo's counters."""
     from torch._dynamo import utils
-    return (int(utils.counters["stats"]["unique_graphs"]),
-            float(sum(utils.compilation_time_metrics.get("_compile.compile_inner", []))))
+
+    compile_s = sum(utils.compilation_time_metrics.get("_compile.compile_inner", []))
+    return int(utils.counters["stats"]["unique_graphs"]), float(compile_s)
 
 
-def window_batch(tokens: Tensor, batch: list, batch_seqs: int, w: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Exactly batch_seqs windows (start, scored), a short batch padded with windows that score nothing:
-    inputs (B, w), the targets of the last n positions (B, n), and the mask of those each window scores."""
+class EvalClock:
+    """Times one evaluation, and counts the graphs it compiled."""
+
+    def __init__(self):
+        self.t0, (self.graphs0, self.compile0) = time.perf_counter(), compile_stats()
+
+    def result(self, loss_sum: float, count: float, byte_count: float) -> EvalResult:
+        """Mean loss (nats) and bits per byte from the sums over the scored targets."""
+        graphs, compile_s = compile_stats()
+        val_loss = loss_sum / count
+        return EvalResult(
+            val_loss=val_loss,
+            val_bpb=val_loss / math.log(2.0) * count / byte_count,
+            scored_tokens=int(count),
+            scored_bytes=int(byte_count),
+            eval_time_ms=1000.0 * (time.perf_counter() - self.t0),
+            graphs=graphs - self.graphs0,
+            compile_ms=1000.0 * (compile_s - self.compile0),
+        )
+
+
+def window_batch(
+    tokens: Tensor, batch: list, batch_seqs: int, w: int, n: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exactly batch_seqs windows (start, scored), a short batch padded with windows that score
+    nothing: inputs (B, w), the targets of the last n positions (B, n), and the mask of those each
+    window scores."""
     batch = batch + [(0, 0)] * (batch_seqs - len(batch))
     starts = torch.tensor([start for start, _ in batch], device=tokens.device)
     scored = torch.tensor([k for _, k in batch], device=tokens.device)
     seqs = tokens[starts[:, None] + torch.arange(w + 1, device=tokens.device)].long()  # (B, w + 1)
     mask = torch.arange(n, device=tokens.device)[None, :] >= (n - scored)[:, None]  # (B, n)
-    return seqs[:, :-1], seqs[:, w - n + 1:], mask
+    return seqs[:, :-1], seqs[:, w - n + 1 :], mask
+
+
+def rank_share(items: list, rank: int, world_size: int) -> list:
+    """This rank's contiguous part of a list split across ranks."""
+    return items[len(items) * rank // world_size : len(items) * (rank + 1) // world_size]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLuts, *, seq_len: int, stride: int, batch_seqs: int,
-             rank: int = 0, world_size: int = 1, autocast=contextlib.nullcontext,
-             windows: list[tuple[int, int]] | None = None) -> EvalResult:
-    """Mean cross-entropy (nats) and bits per byte over all targets of `tokens` (a 1-D tensor on the device),
-    or over those of `windows`, a part of the plan (plan_windows(tokens.numel() - 1, seq_len, stride)).
+def evaluate(
+    model: nn.Module,
+    tokens: Tensor,
+    luts: ByteLuts,
+    *,
+    seq_len: int,
+    stride: int,
+    batch_seqs: int,
+    rank: int = 0,
+    world_size: int = 1,
+    autocast=contextlib.nullcontext,
+    windows: list[tuple[int, int]] | None = None,
+) -> EvalResult:
+    """Mean cross-entropy (nats) and bits per byte over all targets of `tokens` (a 1-D tensor on
+    the device), or over those of `windows`, a part of plan_windows(tokens.numel() - 1, seq_len,
+    stride).
 
-    Always in eval mode (no fake-quant, whatever mode the model was in; the mode is restored). The windows
-    are split into contiguous ranges per rank and run in batches of exactly `batch_seqs` windows, each
-    scoring the last `s` positions (s = the stride; the split's first window alone scores all w): a short
-    batch is padded with windows that score nothing, and positions a window does not score (padding, and
-    the last window's overlap with the one before) are masked out of the sums. So an evaluation calls the
-    model with at most two shapes, and a compiled model builds at most two graphs.
+    Always in eval mode (no fake-quant, whatever mode the model was in; the mode is restored). The
+    windows are split into contiguous ranges per rank and run in batches of exactly `batch_seqs`
+    windows, each scoring the last `s` positions (s = the stride; the split's first window alone
+    scores all w): a short batch is padded with windows that score nothing, and positions a window
+    does not score (padding, and the last window's overlap with the one before) are masked out of
+    the sums. So an evaluation calls the model with at most two shapes, and a compiled model
+    builds at most two graphs.
     """
-    t0, (graphs0, compile0) = time.perf_counter(), compile_stats()
+    clock = EvalClock()
     windows = plan_windows(tokens.numel() - 1, seq_len, stride) if windows is None else windows
-    mine = windows[len(windows) * rank // world_size:len(windows) * (rank + 1) // world_size]
+    mine = rank_share(windows, rank, world_size)
     w = min(seq_len, tokens.numel() - 1)
-    s = stride if 0 < stride < w else w
+    s = window_stride(stride, w)
     batch_seqs = max(batch_seqs, 1)
     sums = torch.zeros(3, device=tokens.device, dtype=torch.float64)  # loss, targets, bytes
     was_training = model.training
@@ -1293,67 +1690,90 @@ def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLuts, *, seq_len: int, 
     try:
         for n, group in ((w, [m for m in mine if m[1] > s]), (s, [m for m in mine if m[1] <= s])):
             for b in range(0, len(group), batch_seqs):
-                x, y, mask = window_batch(tokens, group[b:b + batch_seqs], batch_seqs, w, n)
+                x, y, mask = window_batch(tokens, group[b : b + batch_seqs], batch_seqs, w, n)
                 with autocast():
                     losses = model(x, y, score_last=n, reduction="none")
                 sums[0] += torch.where(mask, losses.double(), 0.0).sum()
                 sums[1] += mask.sum()
-                sums[2] += torch.where(mask, luts.count(x[:, w - n:], y), 0).sum()
+                sums[2] += torch.where(mask, luts.count(x[:, w - n :], y), 0).sum()
     finally:
         model.train(was_training)
     if world_size > 1:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    loss_sum, count, byte_count = sums.tolist()
-    val_loss = loss_sum / count
-    graphs1, compile1 = compile_stats()
-    return EvalResult(val_loss=val_loss, val_bpb=val_loss / math.log(2.0) * count / byte_count,
-                      scored_tokens=int(count), scored_bytes=int(byte_count),
-                      eval_time_ms=1000.0 * (time.perf_counter() - t0), graphs=graphs1 - graphs0,
-                      compile_ms=1000.0 * (compile1 - compile0))
+    return clock.result(*sums.tolist())
 
 
-def evaluate_ttt(model: nn.Module, tokens: Tensor, luts: ByteLuts, h: Hyperparameters, *, seq_len: int,
-                 stride: int, batch_seqs: int, rank: int = 0, world_size: int = 1,
-                 autocast=contextlib.nullcontext) -> EvalResult:
-    """Score-first test-time training over evaluate()'s windows, taken in chunks of about TTT_CHUNK_TOKENS
-    targets: each chunk is scored, then the model takes TTT_EPOCHS SGD steps on exactly the targets it has just
-    scored; the last chunk is only scored. So every target is scored once, by a model trained only on targets
-    scored before it.
+def evaluate_ttt(
+    model: nn.Module,
+    tokens: Tensor,
+    luts: ByteLuts,
+    h: Hyperparameters,
+    *,
+    seq_len: int,
+    stride: int,
+    batch_seqs: int,
+    rank: int = 0,
+    world_size: int = 1,
+    autocast=contextlib.nullcontext,
+) -> EvalResult:
+    """Score-first test-time training over evaluate()'s windows, taken in chunks of about
+    TTT_CHUNK_TOKENS targets: each chunk is scored, then the model takes TTT_EPOCHS SGD steps on
+    exactly the targets it has just scored; the last chunk is only scored. So every target is
+    scored once, by a model trained only on targets scored before it.
 
-    A window belongs to the chunk of its last target. The chunk's targets [lo, hi) are cut into windows of w
-    targets (the last one a full window ending at hi, its earlier targets masked), split across ranks and run in
-    padded micro-batches of one shape. Each step's gradient is the mean over the whole chunk (each rank's loss
-    sum over the chunk's target count, summed across ranks): every rank applies the same update, whatever the
-    number of ranks. The model stays in eval mode (the artifact's weights, no fake-quant).
+    A window belongs to the chunk of its last target. The chunk's targets [lo, hi) are cut into
+    windows of w targets (the last one a full window ending at hi, its earlier targets masked),
+    split across ranks and run in padded micro-batches of one shape. Each step's gradient is the
+    mean over the whole chunk (each rank's loss sum over the chunk's target count, summed across
+    ranks): every rank applies the same update, whatever the number of ranks. The model stays in
+    eval mode (the artifact's weights, no fake-quant).
     """
-    t0, (graphs0, compile0) = time.perf_counter(), compile_stats()
+    clock = EvalClock()
     w = min(seq_len, tokens.numel() - 1)
     by_chunk: dict[int, list] = {}
     for start, scored in plan_windows(tokens.numel() - 1, seq_len, stride):
         by_chunk.setdefault((start + w - 1) // h.ttt_chunk_tokens, []).append((start, scored))
     chunks = list(by_chunk.values())
-    spans = [(c[0][0] + w - c[0][1], c[-1][0] + w) for c in chunks]  # the targets [lo, hi) each chunk scores
-    most_seqs = max([-(-(hi - lo) // w) for lo, hi in spans[:-1]], default=0)  # training windows of a chunk
-    # One scoring and one training batch shape for the whole pass, no larger than the largest chunk needs.
-    score_batch, micro = (max(1, min(batch_seqs, -(-n // world_size))) for n in (max(map(len, chunks)), most_seqs))
+    spans = [(c[0][0] + w - c[0][1], c[-1][0] + w) for c in chunks]  # targets [lo, hi) scored
+    # One scoring and one training batch shape for the whole pass, no larger than needed.
+    most_windows = max(map(len, chunks))
+    most_seqs = max([-(-(hi - lo) // w) for lo, hi in spans[:-1]], default=0)  # to train on
+    score_batch = max(1, min(batch_seqs, -(-most_windows // world_size)))
+    micro = max(1, min(batch_seqs, -(-most_seqs // world_size)))
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
     model.eval()
-    loss_sum, count, byte_count = 0.0, 0, 0
-    for c, (windows, (lo, hi)) in enumerate(zip(chunks, spans)):
-        r = evaluate(model, tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=score_batch, rank=rank,
-                     world_size=world_size, autocast=autocast, windows=windows)
-        loss_sum, count, byte_count = loss_sum + r.val_loss * r.scored_tokens, count + r.scored_tokens, \
-            byte_count + r.scored_bytes
+    sums = [0.0, 0, 0]  # loss, targets, bytes
+    for c, (windows, (lo, hi)) in enumerate(zip(chunks, spans, strict=True)):
+        r = evaluate(
+            model,
+            tokens,
+            luts,
+            seq_len=seq_len,
+            stride=stride,
+            batch_seqs=score_batch,
+            rank=rank,
+            world_size=world_size,
+            autocast=autocast,
+            windows=windows,
+        )
+        sums = [
+            sums[0] + r.val_loss * r.scored_tokens,
+            sums[1] + r.scored_tokens,
+            sums[2] + r.scored_bytes,
+        ]
         if c == len(chunks) - 1:
             break  # nothing is scored after the last chunk: training on it would change no score
-        seqs = [(min(a + w, hi) - w, min(a + w, hi) - a) for a in range(lo, hi, w)]  # (start, scored) over [lo, hi)
-        mine = seqs[len(seqs) * rank // world_size:len(seqs) * (rank + 1) // world_size]
-        opt.param_groups[0]["lr"] = h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / (len(chunks) - 1)))
+        # (start, scored) windows of w targets over [lo, hi), the last one ending at hi
+        seqs = [(min(a + w, hi) - w, min(a + w, hi) - a) for a in range(lo, hi, w)]
+        mine = rank_share(seqs, rank, world_size)
+        opt.param_groups[0]["lr"] = (
+            h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / (len(chunks) - 1)))
+        )
         for _ in range(h.ttt_epochs):
             opt.zero_grad(set_to_none=True)
-            for b in range(0, -(-len(seqs) // world_size), micro):  # as many micro-batches on every rank
-                x, y, mask = window_batch(tokens, mine[b:b + micro], micro, w, w)
+            for b in range(0, -(-len(seqs) // world_size), micro):  # as many on every rank
+                x, y, mask = window_batch(tokens, mine[b : b + micro], micro, w, w)
                 with torch.enable_grad():
                     with autocast():
                         losses = model(x, y, score_last=w, reduction="none")  # (micro, w)
@@ -1362,159 +1782,43 @@ def evaluate_ttt(model: nn.Module, tokens: Tensor, luts: ByteLuts, h: Hyperparam
             if world_size > 1:
                 flat = torch.cat([g.reshape(-1) for g in grads])
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)]
-            for p, g in zip(params, grads):
+                grads = [
+                    g.view_as(p)
+                    for g, p in zip(flat.split([p.numel() for p in params]), params, strict=True)
+                ]
+            for p, g in zip(params, grads, strict=True):
                 p.grad = g
             if h.ttt_grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
             opt.step()
-    graphs1, compile1 = compile_stats()
-    return EvalResult(val_loss=loss_sum / count, val_bpb=loss_sum / math.log(2.0) / byte_count, scored_tokens=count,
-                      scored_bytes=byte_count, eval_time_ms=1000.0 * (time.perf_counter() - t0),
-                      graphs=graphs1 - graphs0, compile_ms=1000.0 * (compile1 - compile0))
+    return clock.result(*sums)
 
 
-# -----------------------------------------------------------------------------
-# Runtime: processes, devices, logging
-# -----------------------------------------------------------------------------
+def projected_fineweb_eval_seconds(scored_tokens_per_s: float, world_size: int) -> float:
+    """How long the whole published split would take on 8 devices at this run's rate per device."""
+    return FINEWEB_VAL_TOKENS / (scored_tokens_per_s / world_size * 8)
 
 
-@dataclass
-class Runtime:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    use_compile: bool
-    host_group: object  # group for host-side agreement (run id, stop decision); None = the device group
-    attention: str = "math"  # the SDPA backend in use
-    notes: list = field(default_factory=list)  # lines for the log once it exists (fallbacks taken)
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def host_sync(self) -> str:
-        return "device" if self.distributed and self.host_group is None else "gloo"
-
-    def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def agree(self, *flags: int) -> list[int]:
-        """Element-wise max of small integers over all ranks: host-only through gloo, else a device round trip."""
-        if not self.distributed:
-            return list(flags)
-        t = torch.tensor(flags, dtype=torch.int64, device="cpu" if self.host_group is not None else self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier(group=self.host_group)
-
-
-def select_attention_backend(h: Hyperparameters, device: torch.device) -> str:
-    """Enable exactly one SDPA backend on CUDA, checked on this model's head shape with GQA; CPU uses math."""
-    if device.type != "cuda":
-        return "math"
-    head_dim = h.model_dim // h.num_heads
-    q = torch.randn(1, h.num_heads, 16, head_dim, device=device, dtype=torch.bfloat16)
-    kv = torch.randn(1, h.num_kv_heads, 16, head_dim, device=device, dtype=torch.bfloat16)
-    errors = []
-    for name in (SDPA_BACKENDS if h.sdpa_backend == "auto" else (h.sdpa_backend,)):
-        for other in SDPA_BACKENDS:
-            getattr(torch.backends.cuda, f"enable_{'mem_efficient' if other == 'efficient' else other}_sdp")(
-                other == name)
-        try:
-            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=h.num_kv_heads != h.num_heads)
-            return name
-        except RuntimeError as e:
-            errors.append(f"{name}: {str(e).splitlines()[0]}")
-    raise ValueError(f"SDPA_BACKEND={h.sdpa_backend}: no attention backend runs this model here "
-                     f"({'; '.join(errors)}); try another SDPA_BACKEND ({', '.join(SDPA_BACKENDS)})")
-
-
-def init_runtime(h: Hyperparameters, env) -> Runtime:
-    world_size = int(env.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
-    want = h.device if h.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ValueError("DEVICE=cuda but no CUDA device is available; use DEVICE=cpu or DEVICE=auto")
-    device = torch.device("cuda", local_rank) if want == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    rt = Runtime(rank, local_rank, world_size, device, h.compile == "1" or (h.compile == "auto" and device.type ==
-                 "cuda"), None, select_attention_backend(h, device))
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-        if device.type == "cpu" and h.host_sync != "gloo":
-            rt.host_group = dist.group.WORLD  # already gloo
-        elif h.host_sync != "device":
-            try:  # a gloo group beside NCCL keeps the per-step agreement off the device
-                rt.host_group = dist.new_group(backend="gloo")
-                dist.barrier(group=rt.host_group)
-            except Exception as e:
-                rt.host_group = None
-                rt.notes.append(f"warning: host_sync gloo group failed ({type(e).__name__}: {e}); host-side "
-                                "agreement falls back to device all-reduces (HOST_SYNC=device)")
-    return rt
-
-
-class Logger:
-    """Rank 0 writes; each line is appended and closed at once, so the log survives a crash as it stands."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.open("xb").close()
-
-    def __call__(self, msg: str, console: bool = True, data: bytes | None = None) -> None:
-        if self.path is not None:
-            if console:
-                print(msg, flush=True)
-            with open(self.path, "ab") as f:
-                f.write((msg + "\n").encode("utf-8") if data is None else data)
-
-    def write_code(self, code: bytes, name: str) -> None:
-        header = f"code_begin path:{name} bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}\n"
-        self(header, console=False, data=header.encode() + code + b"\ncode_end\n")
-
-
-BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
-
-
-def device_peak_flops(device: torch.device) -> float | None:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
-
-
-def broadcast_run_id(h: Hyperparameters, rt: Runtime) -> str:
-    run_id = [h.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]]
-    if rt.distributed:
-        dist.broadcast_object_list(run_id, src=0, group=rt.host_group)
-    return run_id[0]
+def log_eval_projection(
+    log: Logger,
+    scored_tokens_per_s: float,
+    world_size: int,
+    what: str = "",
+    remedy: str = "raise EVAL_STRIDE",
+) -> None:
+    projected_s = projected_fineweb_eval_seconds(scored_tokens_per_s, world_size)
+    log(f"projected_fineweb_8gpu{what}:{projected_s:.1f}s")
+    if projected_s > EVAL_BUDGET_SECONDS:
+        log(
+            f"WARNING: at this rate the full {FINEWEB_VAL_TOKENS}-token split would take "
+            f"{projected_s:.0f}s on 8 such devices, over the {EVAL_BUDGET_SECONDS:.0f}s "
+            f"evaluation budget; {remedy}"
+        )
 
 
 # -----------------------------------------------------------------------------
 # Training
 # -----------------------------------------------------------------------------
-
-CHECKPOINT_FORMAT = "pgolf-checkpoint"  # resume checkpoints; raw checkpoints are a bare state dict
 
 
 class NonFiniteLoss(RuntimeError):
@@ -1522,44 +1826,145 @@ class NonFiniteLoss(RuntimeError):
 
 
 class BrokenModel(RuntimeError):
-    """The trained model cannot be a result: a non-finite score or weight, or a value fp16 cannot hold."""
+    """The trained model cannot be a result: a non-finite score or weight, or a value fp16 cannot
+    hold."""
 
 
-class StopRequested(Exception):
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
+@dataclass
+class TrainState:
+    """Where training stands: what a resume restores besides weights and optimizer state."""
+
+    step: int = 0
+    train_time_ms: float = 0.0
+    loader_position: tuple = (0, 0)  # (shard index, token offset) of the shared stream
+    val_history: list = field(default_factory=list)
+    started: bool = False  # the first real step has begun (the warm-up is undone, not counted)
 
 
-class StopSignals:
-    """While active, SIGINT/SIGTERM only record themselves; the loop stops at the next step boundary."""
+@dataclass
+class Session:
+    """What the phases of a run share: settings, processes, files, log, data and the model."""
 
-    def __enter__(self) -> "StopSignals":
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self._record) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
+    h: Hyperparameters
+    rt: Runtime
+    files: RunFiles
+    log: Logger
+    state: TrainState
+    grad_accum_steps: int
+    bos_id: int
+    val_tokens: Tensor  # on the device
+    luts: ByteLuts  # on the device
+    base_model: GPT
+    compile_fn: Callable  # torch.compile with the run's options, or the identity
+    compiled: nn.Module  # base_model compiled: what evaluations call
+    model: nn.Module  # what training calls: compiled, in DDP when distributed
+    optimizers: list
+    ema: EMA | None
 
-    def _record(self, signum, frame) -> None:
-        self.signum = self.signum or signum
+    def loader(self) -> DistributedTokenLoader:
+        """The training data from where the state says training stands."""
+        rt = self.rt
+        return DistributedTokenLoader(
+            train_shards(self.h),
+            rt.rank,
+            rt.world_size,
+            rt.device,
+            self.h.vocab_size,
+            tuple(self.state.loader_position),
+        )
 
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+    def score(self, model: nn.Module, final: bool = False, method=evaluate) -> EvalResult:
+        """The validation split scored on plain windows of TRAIN_SEQ_LEN, or (final) on the final
+        evaluation's windows (EVAL_SEQ_LEN, EVAL_STRIDE)."""
+        h, rt = self.h, self.rt
+        seq_len = h.effective_eval_seq_len if final else h.train_seq_len
+        batch_seqs = windows_per_batch(h, rt.world_size, self.grad_accum_steps, seq_len)
+        rt.sync()
+        return method(
+            model,
+            self.val_tokens,
+            self.luts,
+            seq_len=seq_len,
+            stride=h.final_stride if final else 0,
+            batch_seqs=batch_seqs,
+            rank=rt.rank,
+            world_size=rt.world_size,
+            autocast=rt.autocast,
+        )
+
+    def record_validation(self, step: int, result: EvalResult) -> None:
+        state = self.state
+        state.val_history.append(
+            {
+                "step": step,
+                "train_time_ms": round(state.train_time_ms, 1),
+                "val_loss": result.val_loss,
+                "val_bpb": result.val_bpb,
+            }
+        )
+        self.log(
+            f"step:{step}/{self.h.iterations} val_loss:{result.val_loss:.4f} "
+            f"val_bpb:{result.val_bpb:.4f} train_time:{state.train_time_ms:.0f}ms "
+            f"step_avg:{state.train_time_ms / max(step, 1):.2f}ms"
+        )
+
+
+def training_cap_ms(h: Hyperparameters) -> float | None:
+    """The wall-clock cap of the training loop; GPTQ's calibration is training time and keeps
+    GPTQ_RESERVE_SECONDS of it."""
+    if h.max_wallclock_seconds <= 0:
+        return None
+    reserve_s = h.gptq_reserve_seconds if h.quant_method == "gptq" else 0.0
+    return 1000.0 * (h.max_wallclock_seconds - reserve_s)
+
+
+def schedule(h: Hyperparameters, step: int, elapsed_ms: float) -> tuple[float, float]:
+    """(LR scale, Muon momentum) of a step."""
+    lr_scale = lr_multiplier(
+        step,
+        elapsed_ms,
+        iterations=h.iterations,
+        warmdown_iters=h.warmdown_iters,
+        max_wallclock_ms=training_cap_ms(h),
+        warmdown_frac=h.warmdown_frac,
+        min_lr=h.min_lr,
+    )
+    momentum = muon_momentum_at(
+        step,
+        start=h.muon_momentum_warmup_start,
+        end=h.muon_momentum,
+        warmup_steps=h.muon_momentum_warmup_steps,
+    )
+    return lr_scale, momentum
 
 
 def check_finite(first_bad_step: Tensor, rt: Runtime) -> None:
-    """Raise on every rank if any rank saw a non-finite loss (first_bad_step >= 0); syncs the host."""
+    """Raise on every rank if any rank saw a non-finite loss (first_bad_step >= 0); syncs the
+    host."""
     bad = torch.where(first_bad_step < 0, torch.iinfo(torch.int64).max, first_bad_step)
     if rt.distributed:
         dist.all_reduce(bad, op=dist.ReduceOp.MIN)
     if bad.item() != torch.iinfo(torch.int64).max:
-        raise NonFiniteLoss(f"non-finite training loss at step {bad.item() + 1}; lower the learning rates or "
-                            "GRAD_CLIP_NORM, or check the data")
+        raise NonFiniteLoss(
+            f"non-finite training loss at step {bad.item() + 1}; lower the learning rates or "
+            "GRAD_CLIP_NORM, or check the data"
+        )
 
 
-def train_step(*, model, loader, optimizers, base_model, h: Hyperparameters, rt: Runtime, grad_accum_steps: int,
-               lr_scale: float, momentum: float) -> Tensor:
-    """One optimizer step (all micro-steps); returns the mean training loss as a device tensor (no sync)."""
+def train_step(
+    *,
+    model,
+    loader,
+    optimizers,
+    base_model,
+    h: Hyperparameters,
+    rt: Runtime,
+    grad_accum_steps: int,
+    lr_scale: float,
+    momentum: float,
+) -> Tensor:
+    """One optimizer step (all micro-steps); returns the mean training loss as a device tensor
+    (no sync)."""
     local_tokens = h.train_batch_tokens // (rt.world_size * grad_accum_steps)
     total = torch.zeros((), device=rt.device)
     for micro in range(grad_accum_steps):
@@ -1584,164 +1989,151 @@ def train_step(*, model, loader, optimizers, base_model, h: Hyperparameters, rt:
     return total / grad_accum_steps
 
 
-@dataclass
-class TrainState:
-    """Where training stands: what a resume restores besides weights and optimizer state."""
-
-    step: int = 0
-    train_time_ms: float = 0.0
-    loader_position: tuple = (0, 0)  # (shard index, token offset) of the shared stream
-    val_history: list = field(default_factory=list)
-    started: bool = False  # the first real step has begun (the warm-up is undone and does not count)
-
-
-def write_checkpoint(path: Path, *, base_model: GPT, optimizers, state: TrainState, h: Hyperparameters,
-                     rt: Runtime, ema: EMA | None) -> None:
-    """A resume checkpoint (every rank calls this): weights, all optimizer state, position, clock and RNG."""
-    opt_states = [opt.state_dict() for opt in optimizers]
-    if rt.distributed:  # Muon keeps each matrix's momentum only on the rank that orthogonalizes it
-        mine = [{k: {n: t.cpu() for n, t in v.items()} for k, v in s["state"].items()} for s in opt_states]
-        everyone = [None] * rt.world_size
-        dist.all_gather_object(everyone, mine, group=rt.host_group)
-        for i, s in enumerate(opt_states):
-            s["state"] = {k: v for shard in everyone for k, v in shard[i].items()}
-    if rt.master:
-        atomic_write_bytes(path, torch_save_bytes({
-            "format": CHECKPOINT_FORMAT, "model": base_model.state_dict(), "optimizers": opt_states,
-            "step": state.step, "train_time_ms": state.train_time_ms, "loader_position": list(state.loader_position),
-            "val_history": state.val_history, "rng": torch.get_rng_state(), "world_size": rt.world_size,
-            "ema": ema.state_dict() if ema is not None else None,
-            "hyperparameters": {k: str(v) for k, v in h.as_env().items()}}))
-    rt.barrier()
+def session_step(s: Session, loader, lr_scale: float, momentum: float) -> Tensor:
+    return train_step(
+        model=s.model,
+        loader=loader,
+        optimizers=s.optimizers,
+        base_model=s.base_model,
+        h=s.h,
+        rt=s.rt,
+        grad_accum_steps=s.grad_accum_steps,
+        lr_scale=lr_scale,
+        momentum=momentum,
+    )
 
 
-def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model: GPT, model, optimizers,
-          val_tokens: Tensor, luts: ByteLuts, log: Logger, eval_model, state: TrainState, files,
-          signals: StopSignals, ema: EMA | None) -> None:
-    """Train from `state` until ITERATIONS or the wall-clock cap; `state` always says how far it got."""
-    train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
+def warm_up(s: Session) -> None:
+    """Prime compilation and the allocator on real steps (both layer orders when there are
+    loops), then undo every effect: weights, optimizer state and the data position are restored,
+    so training starts exactly as with no warm-up."""
+    h, base_model = s.h, s.base_model
+    model_state = copy.deepcopy(base_model.state_dict())
+    opt_states = [copy.deepcopy(opt.state_dict()) for opt in s.optimizers]
+    t_warm, loader = time.perf_counter(), s.loader()
+    lr_scale, momentum = schedule(h, s.state.step, s.state.train_time_ms)
+    for i in range(h.warmup_steps):
+        base_model.looping = h.num_loops > 0 and 2 * i >= h.warmup_steps
+        session_step(s, loader, lr_scale, momentum)
+    base_model.looping = False
+    s.rt.sync()
+    base_model.load_state_dict(model_state)
+    for opt, opt_state in zip(s.optimizers, opt_states, strict=True):
+        opt.load_state_dict(opt_state)
+    warm_ms = 1000 * (time.perf_counter() - t_warm)
+    s.log(f"warmup_steps:{h.warmup_steps} warmup_time:{warm_ms:.0f}ms (undone)")
 
-    def new_loader() -> DistributedTokenLoader:
-        return DistributedTokenLoader(train_pattern, rt.rank, rt.world_size, rt.device, h.vocab_size,
-                                      tuple(state.loader_position))
 
-    loader = new_loader()
-    reserve_s = h.gptq_reserve_seconds if h.quant_method == "gptq" else 0.0  # GPTQ's time is training time
-    max_wallclock_ms = 1000.0 * (h.max_wallclock_seconds - reserve_s) if h.max_wallclock_seconds > 0 else None
-    flops_per_step = model_flops_per_token(h, base_model) * h.train_batch_tokens
+def log_train_loss(s: Session, loss: Tensor, approx_ms: float, flops_per_step: float) -> None:
+    """The mean training loss over the ranks (logging steps may sync the host; others never)."""
+    h, rt, step = s.h, s.rt, s.state.step
+    loss_value = loss.detach().clone()
+    if rt.distributed:
+        dist.all_reduce(loss_value, op=dist.ReduceOp.SUM)
+        loss_value /= rt.world_size
+    seconds = max(approx_ms / 1000.0, 1e-9)
+    tok_s = h.train_batch_tokens * step / seconds
     peak = device_peak_flops(rt.device)
-    eval_batch = windows_per_batch(h, rt.world_size, grad_accum_steps, h.train_seq_len)
+    mfu = (
+        f" mfu:{100 * flops_per_step * step / seconds / (peak * rt.world_size):.1f}%"
+        if peak
+        else ""
+    )
+    s.log(
+        f"step:{step}/{h.iterations} train_loss:{loss_value.item():.4f} "
+        f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms tok_s:{tok_s:.0f}{mfu}"
+    )
 
-    def step_kwargs(step: int, elapsed_ms: float) -> dict:
-        return dict(model=model, loader=loader, optimizers=optimizers, base_model=base_model, h=h, rt=rt,
-                    grad_accum_steps=grad_accum_steps,
-                    lr_scale=lr_multiplier(step, elapsed_ms, iterations=h.iterations,
-                                           warmdown_iters=h.warmdown_iters, max_wallclock_ms=max_wallclock_ms,
-                                           warmdown_frac=h.warmdown_frac, min_lr=h.min_lr),
-                    momentum=muon_momentum_at(step, start=h.muon_momentum_warmup_start, end=h.muon_momentum,
-                                              warmup_steps=h.muon_momentum_warmup_steps))
 
+def train(s: Session, signals: StopSignals) -> None:
+    """Train from s.state until ITERATIONS or the wall-clock cap; s.state always says how far it
+    got."""
+    h, rt, state, base_model, log = s.h, s.rt, s.state, s.base_model, s.log
     if h.warmup_steps > 0 and h.iterations > state.step:
-        # Prime compilation and allocator on real steps, then undo every effect: weights, optimizer
-        # state and the data position are all restored, so training starts exactly as with no warm-up.
-        model_state = copy.deepcopy(base_model.state_dict())
-        opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        t_warm = time.perf_counter()
-        for i in range(h.warmup_steps):
-            base_model.looping = h.num_loops > 0 and 2 * i >= h.warmup_steps  # compile both layer orders now
-            train_step(**step_kwargs(state.step, state.train_time_ms))
-        base_model.looping = False
-        rt.sync()
-        base_model.load_state_dict(model_state)
-        for opt, opt_state in zip(optimizers, opt_states):
-            opt.load_state_dict(opt_state)
-        loader = new_loader()
-        log(f"warmup_steps:{h.warmup_steps} warmup_time:{1000 * (time.perf_counter() - t_warm):.0f}ms (undone)")
-
+        warm_up(s)
+    loader, cap_ms = s.loader(), training_cap_ms(h)
+    flops_per_step = model_flops_per_token(h, base_model) * h.train_batch_tokens
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
     start_step, stop_after_step = state.step, None
-    late_qat = h.qat and h.late_qat_threshold > 0  # off until the LR multiplier first drops below the threshold
+    late_qat = h.qat and h.late_qat_threshold > 0  # off until the LR scale drops below it
     base_model.set_qat_active(not late_qat)
-
-    def loops_due(ms: float) -> bool:
-        progress = ms / max_wallclock_ms if max_wallclock_ms else state.step / max(h.iterations, 1)
-        return h.num_loops > 0 and not base_model.looping and progress >= h.enable_looping_at
-
-    def start_looping() -> None:  # the log line lets a reader price the loops: step time before and after
-        base_model.looping = True
-        log(f"looping_on step:{state.step} train_time:{clock_ms():.0f}ms virtual_layers:"
-            f"{sum(base_model.layer_order[True], [])} graphs:{compile_stats()[0]}")
     rt.sync()
     t0 = last_checkpoint = time.perf_counter()
 
     def clock_ms() -> float:
         return state.train_time_ms + 1000.0 * (time.perf_counter() - t0)
 
+    def loops_due(ms: float) -> bool:
+        progress = ms / cap_ms if cap_ms else state.step / max(h.iterations, 1)
+        return h.num_loops > 0 and progress >= h.enable_looping_at
+
     state.started = True
-    if loops_due(state.train_time_ms):  # a resumed run past the switch
-        start_looping()
+    loop_now = loops_due(state.train_time_ms)  # a resumed run may be past the switch
     while True:
         step = state.step
+        if loop_now and not base_model.looping:  # the step time before and after prices the loops
+            base_model.looping = True
+            virtual = sum(base_model.layer_order[True], [])
+            log(
+                f"looping_on step:{step} train_time:{clock_ms():.0f}ms virtual_layers:{virtual} "
+                f"graphs:{compile_stats()[0]}"
+            )
         if step >= h.iterations or (stop_after_step is not None and step >= stop_after_step):
             rt.sync()
             state.train_time_ms = clock_ms()
             if step < h.iterations:
-                log(f"stopping_early: wallclock_cap train_time:{state.train_time_ms:.0f}ms "
-                    f"step:{step}/{h.iterations}")
+                log(
+                    f"stopping_early: wallclock_cap train_time:{state.train_time_ms:.0f}ms "
+                    f"step:{step}/{h.iterations}"
+                )
             break
-        if h.val_loss_every > 0 and step % h.val_loss_every == 0 and (step > start_step or step == 0):
+        validate_now = h.val_loss_every > 0 and step % h.val_loss_every == 0
+        if validate_now and (step > start_step or step == 0):
             rt.sync()
             state.train_time_ms = clock_ms()
-            result = evaluate(eval_model, val_tokens, luts, seq_len=h.train_seq_len, stride=0,
-                              batch_seqs=eval_batch, rank=rt.rank, world_size=rt.world_size,
-                              autocast=rt.autocast)
+            result = s.score(s.compiled)
             if not math.isfinite(result.val_loss):
                 raise BrokenModel(f"validation loss is {result.val_loss} at step {step}")
-            state.val_history.append({"step": step, "train_time_ms": round(state.train_time_ms, 1),
-                                      "val_loss": result.val_loss, "val_bpb": result.val_bpb})
-            log(f"step:{step}/{h.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
-                f"train_time:{state.train_time_ms:.0f}ms step_avg:{state.train_time_ms / max(step, 1):.2f}ms")
+            s.record_validation(step, result)
             rt.sync()
             t0 = time.perf_counter()
-        kwargs = step_kwargs(step, clock_ms())
-        if late_qat and kwargs["lr_scale"] < h.late_qat_threshold:
+        lr_scale, momentum = schedule(h, step, clock_ms())
+        if late_qat and lr_scale < h.late_qat_threshold:
             late_qat = False
             base_model.set_qat_active(True)
-            log(f"late_qat_on step:{step} lr_scale:{kwargs['lr_scale']:.4f}")
-        loss = train_step(**kwargs)
-        if ema is not None:
-            ema.update()
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+            log(f"late_qat_on step:{step} lr_scale:{lr_scale:.4f}")
+        loss = session_step(s, loader, lr_scale, momentum)
+        if s.ema is not None:
+            s.ema.update()
+        bad = (first_bad_step < 0) & ~torch.isfinite(loss)
+        first_bad_step = torch.where(bad, step, first_bad_step)
         state.step, state.loader_position = step + 1, loader.position
         approx_ms = clock_ms()
-        if state.step <= 5 or (h.train_log_every > 0 and state.step % h.train_log_every == 0) \
-                or state.step == h.iterations:
-            loss_value = loss.detach().clone()
-            if rt.distributed:  # logging steps may sync the host; ordinary steps never do
-                dist.all_reduce(loss_value, op=dist.ReduceOp.SUM)
-                loss_value /= rt.world_size
+        log_every = h.train_log_every > 0 and state.step % h.train_log_every == 0
+        if state.step <= 5 or log_every or state.step == h.iterations:
             check_finite(first_bad_step, rt)
-            seconds = max(approx_ms / 1000.0, 1e-9)
-            tok_s = h.train_batch_tokens * state.step / seconds
-            mfu = f" mfu:{100 * flops_per_step * state.step / seconds / (peak * rt.world_size):.1f}%" if peak else ""
-            log(f"step:{state.step}/{h.iterations} train_loss:{loss_value.item():.4f} train_time:{approx_ms:.0f}ms "
-                f"step_avg:{approx_ms / state.step:.2f}ms tok_s:{tok_s:.0f}{mfu}")
-        # One host-side agreement per step: wall-clock cap, a stop signal on any rank, a checkpoint due, the loops.
-        reached_cap, stop, checkpoint_due, loop_now = rt.agree(
-            int(max_wallclock_ms is not None and approx_ms >= max_wallclock_ms), signals.signum,
-            int(h.checkpoint_every_seconds > 0
-                and time.perf_counter() - last_checkpoint >= h.checkpoint_every_seconds), int(loops_due(approx_ms)))
-        if loop_now:
-            start_looping()
+            log_train_loss(s, loss, approx_ms, flops_per_step)
+        # One host-side agreement per step: the cap, a stop signal on any rank, a checkpoint due,
+        # the loops.
+        since_checkpoint = time.perf_counter() - last_checkpoint
+        checkpoint_due = 0 < h.checkpoint_every_seconds <= since_checkpoint
+        reached_cap, stop, checkpoint_now, loop_now = rt.agree(
+            int(cap_ms is not None and approx_ms >= cap_ms),
+            signals.signum,
+            int(checkpoint_due),
+            int(loops_due(approx_ms)),
+        )
         if stop:
             state.train_time_ms = clock_ms()
             raise StopRequested(stop)
-        if checkpoint_due:
+        if checkpoint_now:
             state.train_time_ms, t_ckpt = clock_ms(), time.perf_counter()
-            write_checkpoint(files.checkpoint, base_model=base_model, optimizers=optimizers, state=state, h=h,
-                             rt=rt, ema=ema)
-            log(f"checkpoint:{files.checkpoint} step:{state.step} "
-                f"time:{1000 * (time.perf_counter() - t_ckpt):.0f}ms (not counted as training)")
+            write_checkpoint(s)
+            ckpt_ms = 1000 * (time.perf_counter() - t_ckpt)
+            log(
+                f"checkpoint:{s.files.checkpoint} step:{state.step} time:{ckpt_ms:.0f}ms "
+                "(not counted as training)"
+            )
             t0 = last_checkpoint = time.perf_counter()
         if stop_after_step is None and reached_cap:
             stop_after_step = state.step
@@ -1749,13 +2141,210 @@ def train(*, h: Hyperparameters, rt: Runtime, grad_accum_steps: int, base_model:
 
 
 # -----------------------------------------------------------------------------
-# main
+# Run management: processes and devices, logging, stop signals, files, checkpoints, preflight
 # -----------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    use_compile: bool
+    host_group: object  # for host-side agreement (run id, stop decision); None = device group
+    attention: str = "math"  # the SDPA backend in use
+    notes: list = field(default_factory=list)  # lines for the log once it exists (fallbacks)
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def host_sync(self) -> str:
+        return "device" if self.distributed and self.host_group is None else "gloo"
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def agree(self, *flags: int) -> list[int]:
+        """Element-wise max of small integers over all ranks: host-only through gloo, else a
+        device round trip."""
+        if not self.distributed:
+            return list(flags)
+        device = "cpu" if self.host_group is not None else self.device
+        t = torch.tensor(flags, dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.host_group)
+
+
+def select_attention_backend(h: Hyperparameters, device: torch.device) -> str:
+    """Enable exactly one SDPA backend on CUDA, checked on this model's head shape with GQA; CPU
+    uses math."""
+    if device.type != "cuda":
+        return "math"
+    head_dim = h.model_dim // h.num_heads
+    q = torch.randn(1, h.num_heads, 16, head_dim, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(1, h.num_kv_heads, 16, head_dim, device=device, dtype=torch.bfloat16)
+    errors = []
+    for name in SDPA_BACKENDS if h.sdpa_backend == "auto" else (h.sdpa_backend,):
+        for other in SDPA_BACKENDS:
+            flag = "mem_efficient" if other == "efficient" else other
+            getattr(torch.backends.cuda, f"enable_{flag}_sdp")(other == name)
+        try:
+            gqa = h.num_kv_heads != h.num_heads
+            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=gqa)
+            return name
+        except RuntimeError as e:
+            errors.append(f"{name}: {str(e).splitlines()[0]}")
+    raise ValueError(
+        f"SDPA_BACKEND={h.sdpa_backend}: no attention backend runs this model here "
+        f"({'; '.join(errors)}); try another SDPA_BACKEND ({', '.join(SDPA_BACKENDS)})"
+    )
+
+
+def init_runtime(h: Hyperparameters, env) -> Runtime:
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
+    want = h.device if h.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "DEVICE=cuda but no CUDA device is available; use DEVICE=cpu or DEVICE=auto"
+        )
+    device = torch.device("cuda", local_rank) if want == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
+    rt = Runtime(
+        rank, local_rank, world_size, device, use_compile, None, select_attention_backend(h, device)
+    )
+    if world_size > 1:
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            device_id=device if device.type == "cuda" else None,
+        )
+        if device.type == "cpu" and h.host_sync != "gloo":
+            rt.host_group = dist.group.WORLD  # already gloo
+        elif h.host_sync != "device":
+            try:  # a gloo group beside NCCL keeps the per-step agreement off the device
+                rt.host_group = dist.new_group(backend="gloo")
+                dist.barrier(group=rt.host_group)
+            except Exception as e:
+                rt.host_group = None
+                rt.notes.append(
+                    f"warning: host_sync gloo group failed ({type(e).__name__}: {e}); host-side "
+                    "agreement falls back to device all-reduces (HOST_SYNC=device)"
+                )
+    return rt
+
+
+class Logger:
+    """Rank 0 writes; each line is appended and closed at once, so the log survives a crash as it
+    stands."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.open("xb").close()
+
+    def __call__(self, msg: str, console: bool = True, data: bytes | None = None) -> None:
+        if self.path is not None:
+            if console:
+                print(msg, flush=True)
+            with open(self.path, "ab") as f:
+                f.write((msg + "\n").encode("utf-8") if data is None else data)
+
+    def write_code(self, code: bytes, name: str) -> None:
+        sha256 = hashlib.sha256(code).hexdigest()
+        header = f"code_begin path:{name} bytes:{len(code)} sha256:{sha256}\n"
+        self(header, console=False, data=header.encode() + code + b"\ncode_end\n")
+
+
+BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4": 121e12,
+                   "A10G": 70e12}  # fmt: skip
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
+
+
+def versions() -> str:
+    parts = [
+        f"python:{platform.python_version()}",
+        f"torch:{torch.__version__}",
+        f"numpy:{np.__version__}",
+        f"sentencepiece:{spm.__version__}",
+        f"zstandard:{zstandard.__version__}",
+    ]
+    if torch.cuda.is_available():
+        parts += [f"cuda:{torch.version.cuda}", f"gpu:{torch.cuda.get_device_name()}"]
+    return " ".join(parts)
+
+
+class StopRequested(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class StopSignals:
+    """While active, SIGINT/SIGTERM only record themselves; the loop stops at the next step
+    boundary."""
+
+    def __enter__(self) -> StopSignals:
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self._record) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def broadcast_run_id(h: Hyperparameters, rt: Runtime) -> str:
+    run_id = [h.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]]
+    if rt.distributed:
+        dist.broadcast_object_list(run_id, src=0, group=rt.host_group)
+    return run_id[0]
 
 
 @dataclass(frozen=True)
 class RunFiles:
-    """Every file a run writes; none may exist before it starts, so nothing is ever overwritten."""
+    """Every file a run writes; none may exist before it starts, so nothing is overwritten."""
 
     run_id: str
     log: Path
@@ -1765,10 +2354,105 @@ class RunFiles:
     checkpoint: Path  # resume checkpoints (CHECKPOINT_EVERY_SECONDS, or a stop signal)
 
     @classmethod
-    def of(cls, h: Hyperparameters, run_id: str) -> "RunFiles":
+    def of(cls, h: Hyperparameters, run_id: str) -> RunFiles:
         logs, arts = Path(h.log_dir), Path(h.artifact_dir)
-        return cls(run_id, logs / f"{run_id}.txt", logs / f"{run_id}.json", arts / f"{run_id}_raw.pt",
-                   arts / f"{run_id}.int6.ptz", arts / f"{run_id}_ckpt.pt")
+        return cls(
+            run_id,
+            logs / f"{run_id}.txt",
+            logs / f"{run_id}.json",
+            arts / f"{run_id}_raw.pt",
+            arts / f"{run_id}.int6.ptz",
+            arts / f"{run_id}_ckpt.pt",
+        )
+
+    def taken(self) -> Path | None:
+        paths = (self.log, self.summary, self.raw, self.artifact, self.checkpoint)
+        return next((p for p in paths if p.exists()), None)
+
+
+CHECKPOINT_FORMAT = "pgolf-checkpoint"  # resume checkpoints; raw checkpoints are a bare state dict
+
+
+def write_checkpoint(s: Session) -> None:
+    """A resume checkpoint (every rank calls this): weights, all optimizer state, position, clock
+    and RNG."""
+    rt, state = s.rt, s.state
+    opt_states = [opt.state_dict() for opt in s.optimizers]
+    if rt.distributed:  # Muon keeps each matrix's momentum only on the rank that orthogonalizes it
+        mine = [
+            {k: {n: t.cpu() for n, t in v.items()} for k, v in o["state"].items()}
+            for o in opt_states
+        ]
+        everyone = [None] * rt.world_size
+        dist.all_gather_object(everyone, mine, group=rt.host_group)
+        for i, o in enumerate(opt_states):
+            o["state"] = {k: v for shard in everyone for k, v in shard[i].items()}
+    if rt.master:
+        atomic_write_bytes(s.files.checkpoint, torch_save_bytes({
+            "format": CHECKPOINT_FORMAT, "model": s.base_model.state_dict(),
+            "optimizers": opt_states, "step": state.step, "train_time_ms": state.train_time_ms,
+            "loader_position": list(state.loader_position), "val_history": state.val_history,
+            "rng": torch.get_rng_state(), "world_size": rt.world_size,
+            "ema": s.ema.state_dict() if s.ema is not None else None,
+            "hyperparameters": {k: str(v) for k, v in s.h.as_env().items()},
+        }))  # fmt: skip
+    rt.barrier()
+
+
+def restore_checkpoint(s: Session, ckpt: dict) -> None:
+    """Continue a stopped run: weights, optimizer state, EMA, RNG, step, clock and data position."""
+    s.base_model.load_state_dict(ckpt["model"], strict=True)
+    for opt, opt_state in zip(s.optimizers, ckpt["optimizers"], strict=False):
+        opt.load_state_dict(opt_state)
+    if s.ema is not None:
+        s.ema.load(ckpt["ema"] or ckpt["model"])
+    torch.set_rng_state(ckpt["rng"])
+    state = s.state
+    state.step, state.train_time_ms = ckpt["step"], ckpt["train_time_ms"]
+    state.loader_position = tuple(ckpt["loader_position"])
+    state.val_history = list(ckpt["val_history"])
+    changed = [
+        k
+        for k, v in s.h.as_env().items()
+        if k not in ("RUN_ID", "RESUME_FROM") and ckpt["hyperparameters"].get(k) != str(v)
+    ]
+    warning = f" warning: settings differ from the checkpoint's: {', '.join(changed)}"
+    s.log(
+        f"resumed_from:{s.h.resume_from} step:{state.step} "
+        f"train_time:{state.train_time_ms:.0f}ms" + (warning if changed else "")
+    )
+
+
+def export_weights(s: Session) -> dict[str, Tensor]:
+    """The weights the artifact is made from (and a raw checkpoint keeps): the EMA's when on."""
+    return s.ema.state_dict() if s.ema is not None else s.base_model.state_dict()
+
+
+def save_stopped_run(s: Session, e: BaseException) -> None:
+    """Training ended early: rank 0 keeps the weights; a stop signal (every rank alive) also gets
+    a resume checkpoint. A failure while saving is logged and does not hide the original error."""
+    files, log = s.files, s.log
+    try:
+        if isinstance(e, StopRequested):
+            write_checkpoint(s)
+        if s.rt.master:
+            atomic_write_bytes(files.raw, torch_save_bytes(export_weights(s)))
+    except Exception as save_error:
+        log(f"error: could not save the weights ({type(save_error).__name__}: {save_error})")
+        return
+    log(
+        f"interrupted step:{s.state.step}/{s.h.iterations} "
+        f"train_time:{s.state.train_time_ms:.0f}ms ({e}) raw_checkpoint:{files.raw}"
+    )
+    log(
+        f"to re-export: ITERATIONS=0 INIT_CHECKPOINT={files.raw} RUN_ID=<new id> (other "
+        "settings as this run)"
+    )
+    if files.checkpoint.exists():
+        log(
+            f"to resume: RESUME_FROM={files.checkpoint} RUN_ID=<new id> (other settings as this "
+            "run)"
+        )
 
 
 @dataclass
@@ -1790,18 +2474,27 @@ def check_writable(folder: str, setting: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"{setting}={folder} is not a writable folder ({e.strerror or e}); fix its permissions "
-                         f"or choose another {setting}") from None
+        raise ValueError(
+            f"{setting}={folder} is not a writable folder ({e.strerror or e}); fix its "
+            f"permissions or choose another {setting}"
+        ) from None
 
 
 def check_shapes(state: dict, expected: dict, where: str) -> dict:
-    hint = "the settings (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE, ...) differ from the run that wrote it"
+    hint = (
+        "the settings (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE, ...) differ from the run "
+        "that wrote it"
+    )
     for name, shape in expected.items():
         if name not in state:
-            raise ValueError(f"{where}: no tensor {name} (shape {tuple(shape)} in this model); {hint}")
+            raise ValueError(
+                f"{where}: no tensor {name} (shape {tuple(shape)} in this model); {hint}"
+            )
         if state[name].shape != shape:
-            raise ValueError(f"{where}: tensor {name} has shape {tuple(state[name].shape)} in the file, "
-                             f"{tuple(shape)} in this model; {hint}")
+            raise ValueError(
+                f"{where}: tensor {name} has shape {tuple(state[name].shape)} in the file, "
+                f"{tuple(shape)} in this model; {hint}"
+            )
     extra = sorted(set(state) - set(expected))
     if extra:
         raise ValueError(f"{where}: tensor {extra[0]} is not in this model; {hint}")
@@ -1809,151 +2502,69 @@ def check_shapes(state: dict, expected: dict, where: str) -> dict:
 
 
 def read_weights(path: str, setting: str, expected: dict) -> tuple[dict, str, dict | None]:
-    """(state dict, what the file is, the resume checkpoint or None) from a raw checkpoint, a resume checkpoint
-    or an artifact (its dequantized weights), shape-checked. Never runs code from the file."""
+    """(state dict, what the file is, the resume checkpoint or None) from a raw checkpoint, a
+    resume checkpoint or an artifact (its dequantized weights), shape-checked. Never runs code
+    from the file."""
+    where = f"{setting}={path}"
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{setting}={path} does not exist")
+        raise FileNotFoundError(f"{where} does not exist")
     with open(path, "rb") as f:
         if f.read(len(ARTIFACT_MAGIC)) == ARTIFACT_MAGIC:
             state = dequantize_state_dict(read_artifact(Path(path)))
-            return check_shapes(state, expected, f"{setting}={path}"), "artifact (dequantized weights)", None
+            return check_shapes(state, expected, where), "artifact (dequantized weights)", None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{setting}={path} is not a checkpoint of this script "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(
+            f"{where} is not a checkpoint of this script ({type(e).__name__}: {first_line})"
+        ) from None
     ckpt = obj if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT else None
     state = ckpt["model"] if ckpt else obj
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{setting}={path} holds no weights of this script; give a raw checkpoint (*_raw.pt), "
-                         "a resume checkpoint (*_ckpt.pt) or an artifact (*.ptz)")
-    return check_shapes(state, expected, f"{setting}={path}"), "resume checkpoint" if ckpt else "raw checkpoint", ckpt
+        raise ValueError(
+            f"{where} holds no weights of this script; give a raw checkpoint (*_raw.pt), a "
+            "resume checkpoint (*_ckpt.pt) or an artifact (*.ptz)"
+        )
+    kind = "resume checkpoint" if ckpt else "raw checkpoint"
+    return check_shapes(state, expected, where), kind, ckpt
 
 
 def preflight(h: Hyperparameters, rt: Runtime, files: RunFiles) -> Inputs:
     """Every check that needs no device, on every rank, before the run writes anything."""
     check_writable(h.log_dir, "LOG_DIR")
     check_writable(h.artifact_dir, "ARTIFACT_DIR")
-    taken = next((p for p in (files.log, files.summary, files.raw, files.artifact, files.checkpoint) if p.exists()),
-                 None)
-    if taken:
-        raise ValueError(f"RUN_ID={files.run_id}: {taken} already exists; choose another RUN_ID (nothing is "
-                         "overwritten)")
-    inputs = Inputs(resolve_grad_accum_steps(h, rt.world_size), load_tokenizer(h),
-                    load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"),
-                                           max(h.train_seq_len, h.effective_eval_seq_len), h.vocab_size))
-    for path in shard_files(os.path.join(h.data_path, "fineweb_train_*.bin")):
-        read_shard_header(path)  # token ids are checked as each shard is read (a background thread)
+    if taken := files.taken():
+        raise ValueError(
+            f"RUN_ID={files.run_id}: {taken} already exists; choose another RUN_ID (nothing is "
+            "overwritten)"
+        )
+    grad_accum_steps, sp = resolve_grad_accum_steps(h, rt.world_size), load_tokenizer(h)
+    min_tokens = max(h.train_seq_len, h.effective_eval_seq_len)
+    val_tokens = load_validation_tokens(val_shards(h), min_tokens, h.vocab_size)
+    inputs = Inputs(grad_accum_steps, sp, val_tokens)
+    for path in shard_files(train_shards(h)):
+        read_shard_header(path)  # token ids are checked as each shard is read (in the background)
     if h.init_checkpoint or h.resume_from:
         with torch.device("meta"):
             expected = {k: v.shape for k, v in GPT(h).state_dict().items()}
         if h.init_checkpoint:
-            inputs.init_weights, inputs.init_kind, _ = read_weights(h.init_checkpoint, "INIT_CHECKPOINT", expected)
+            weights, kind, _ = read_weights(h.init_checkpoint, "INIT_CHECKPOINT", expected)
+            inputs.init_weights, inputs.init_kind = weights, kind
         if h.resume_from:
             _, kind, inputs.resume = read_weights(h.resume_from, "RESUME_FROM", expected)
             if inputs.resume is None:
-                raise ValueError(f"RESUME_FROM={h.resume_from} is a {kind}: it holds no optimizer state or data "
-                                 "position; give a *_ckpt.pt file, or start from its weights with INIT_CHECKPOINT")
+                raise ValueError(
+                    f"RESUME_FROM={h.resume_from} is a {kind}: it holds no optimizer state or "
+                    "data position; give a *_ckpt.pt file, or start from its weights with "
+                    "INIT_CHECKPOINT"
+                )
     return inputs
 
 
-def build_model(h: Hyperparameters, device: torch.device, bos_id: int = BOS_ID) -> GPT:
-    model = GPT(h, bos_id).to(device)
-    model.configure_qat(h)
-    return model
-
-
-def versions() -> str:
-    parts = [f"python:{platform.python_version()}", f"torch:{torch.__version__}", f"numpy:{np.__version__}",
-             f"sentencepiece:{spm.__version__}", f"zstandard:{zstandard.__version__}"]
-    if torch.cuda.is_available():
-        parts += [f"cuda:{torch.version.cuda}", f"gpu:{torch.cuda.get_device_name()}"]
-    return " ".join(parts)
-
-
-def collect_hessians(model: GPT, h: Hyperparameters, rt: Runtime, grad_accum_steps: int) -> dict[str, Tensor]:
-    """GPTQ's H = sum of x^T x over the inputs of every matrix the export stores as intN, from training batches
-    only (calibration never reads the validation split), summed over the ranks. The tied embedding's inputs
-    as the output head are the final hidden states."""
-    hessians: dict[str, Tensor] = {}
-
-    def add(name: str, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        hessians[name] = hessians[name] + x.T @ x if name in hessians else x.T @ x
-
-    hooks = [m.register_forward_pre_hook(lambda _, args, key=f"{n}.weight": add(key, args[0]))
-             for n, m in model.named_modules()
-             if isinstance(m, CastedLinear) and export_kind(f"{n}.weight", m.weight, h).startswith("int")]
-    loader = DistributedTokenLoader(os.path.join(h.data_path, "fineweb_train_*.bin"), rt.rank, rt.world_size,
-                                    rt.device, h.vocab_size)
-    local_tokens, was_training = h.train_batch_tokens // (rt.world_size * grad_accum_steps), model.training
-    tied = model.lm_head is None and export_kind("tok_emb.weight", model.tok_emb.weight, h).startswith("int")
-    model.eval()
-    try:
-        with torch.no_grad(), rt.autocast():
-            for _ in range(max(1, math.ceil(h.gptq_calib_tokens / (local_tokens * rt.world_size)))):
-                hidden = model.hidden(loader.next_batch(local_tokens, h.train_seq_len)[0])
-                if tied:
-                    add("tok_emb.weight", hidden)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    for hessian in hessians.values() if rt.distributed else ():
-        dist.all_reduce(hessian)
-    return hessians
-
-
-def export_weights(base_model: GPT, ema: EMA | None) -> dict[str, Tensor]:
-    """The weights the artifact is made from (and a raw checkpoint keeps): the EMA's when it is on."""
-    return ema.state_dict() if ema is not None else base_model.state_dict()
-
-
-def save_stopped_run(e: BaseException, *, files: RunFiles, base_model: GPT, optimizers, state: TrainState,
-                     h: Hyperparameters, rt: Runtime, log: Logger, ema: EMA | None) -> None:
-    """Training ended early: rank 0 keeps the weights; a stop signal (every rank alive) also gets a resume
-    checkpoint. A failure while saving is logged and does not hide the original error."""
-    try:
-        if isinstance(e, StopRequested):
-            write_checkpoint(files.checkpoint, base_model=base_model, optimizers=optimizers, state=state, h=h, rt=rt,
-                             ema=ema)
-        if rt.master:
-            atomic_write_bytes(files.raw, torch_save_bytes(export_weights(base_model, ema)))
-    except Exception as save_error:
-        log(f"error: could not save the weights ({type(save_error).__name__}: {save_error})")
-        return
-    log(f"interrupted step:{state.step}/{h.iterations} train_time:{state.train_time_ms:.0f}ms ({e}) "
-        f"raw_checkpoint:{files.raw}")
-    log(f"to re-export: ITERATIONS=0 INIT_CHECKPOINT={files.raw} RUN_ID=<new id> (other settings as this run)")
-    if files.checkpoint.exists():
-        log(f"to resume: RESUME_FROM={files.checkpoint} RUN_ID=<new id> (other settings as this run)")
-
-
-def check_exportable(state: dict[str, Tensor], h: Hyperparameters) -> None:
-    """A broken model is never shipped: every weight finite and within the range its export format holds."""
-    for name, t in state.items():
-        kind = export_kind(name, t, h)
-        limit = math.inf if kind == "float" else FP16_MAX * (level_of(kind) if kind.startswith("int") else 1)
-        if not torch.isfinite(t).all():
-            raise BrokenModel(f"weight {name} has non-finite values: training diverged (lower the learning rates "
-                              f"or set GRAD_CLIP_NORM); the raw weights are kept")
-        if t.abs().max() > limit:
-            raise BrokenModel(f"weight {name} reaches {t.abs().max().item():.4g}, beyond what its {kind} export "
-                              f"holds (fp16 max {FP16_MAX:.0f}); the raw weights are kept")
-
-
-def projected_fineweb_eval_seconds(scored_tokens_per_s: float, world_size: int) -> float:
-    """How long the whole published split would take on 8 devices at this run's rate per device."""
-    return FINEWEB_VAL_TOKENS / (scored_tokens_per_s / world_size * 8)
-
-
-def log_eval_projection(log: Logger, scored_tokens_per_s: float, world_size: int, what: str = "",
-                        remedy: str = "raise EVAL_STRIDE") -> None:
-    projected_s = projected_fineweb_eval_seconds(scored_tokens_per_s, world_size)
-    log(f"projected_fineweb_8gpu{what}:{projected_s:.1f}s")
-    if projected_s > EVAL_BUDGET_SECONDS:
-        log(f"WARNING: at this rate the full {FINEWEB_VAL_TOKENS}-token split would take {projected_s:.0f}s on 8 such "
-            f"devices, over the {EVAL_BUDGET_SECONDS:.0f}s evaluation budget; {remedy}")
+# -----------------------------------------------------------------------------
+# main: the phases of a run
+# -----------------------------------------------------------------------------
 
 
 def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> dict | None:
@@ -1963,10 +2574,22 @@ def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> di
     log = Logger(files.log if rt.master else None)
     state = TrainState()
     try:
-        return run_phases(h, rt, env, code, code_name, files, inputs, log, state)
+        log_start(h, rt, env, code, code_name, files, inputs, log)
+        s = start_session(h, rt, files, inputs, log, state)
+        train_and_keep(s)
+        if not h.final_eval:
+            log(
+                f"throughput_run_complete run_id:{files.run_id} steps:{state.step} (FINAL_EVAL=0: "
+                "no evaluation, no artifact)"
+            )
+            return None
+        prequant = score_trained(s)
+        bytes_model = export(s, len(code))
+        results = final_evaluations(s, prequant)
+        return write_summary(s, code, bytes_model, results)
     except BaseException as e:
-        log(f"error: {e}" if isinstance(e, (ValueError, RuntimeError, StopRequested)) else
-            f"error: {type(e).__name__}: {e}")
+        known = isinstance(e, (ValueError, RuntimeError, StopRequested))
+        log(f"error: {e}" if known else f"error: {type(e).__name__}: {e}")
         if rt.master and not state.started:  # nothing trained: free the RUN_ID, keep the log aside
             failed = files.log.with_name(f"{files.run_id}.failed.txt")
             os.replace(files.log, failed)
@@ -1974,192 +2597,264 @@ def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> di
         raise
 
 
-def run_phases(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str, files: RunFiles,
-               inputs: Inputs, log: Logger, state: TrainState) -> dict | None:
+def log_start(
+    h: Hyperparameters,
+    rt: Runtime,
+    env,
+    code: bytes,
+    code_name: str,
+    files: RunFiles,
+    inputs: Inputs,
+    log: Logger,
+) -> None:
+    """The code, the warnings, every setting, and what this run runs on and with."""
     log.write_code(code, code_name)
     for line in setting_warnings(env, h) + rt.notes:
         log(line)
     for name, value in h.as_env().items():
         log(f"setting {name}:{value}", console=False)
     log("overrides: " + " ".join(f"{k}={v}" for k, v in h.overrides().items()))
-    grad_accum_steps, val_tokens = inputs.grad_accum_steps, inputs.val_tokens.to(rt.device)
-    log(f"run_id:{files.run_id} preset:{h.preset or 'none'} world_size:{rt.world_size} "
-        f"grad_accum_steps:{grad_accum_steps} device:{rt.device} "
-        f"compile:{int(rt.use_compile)} attention:{rt.attention} host_sync:{rt.host_sync} {versions()}")
+    log(
+        f"run_id:{files.run_id} preset:{h.preset or 'none'} world_size:{rt.world_size} "
+        f"grad_accum_steps:{inputs.grad_accum_steps} device:{rt.device} "
+        f"compile:{int(rt.use_compile)} attention:{rt.attention} host_sync:{rt.host_sync} "
+        f"{versions()}"
+    )
+    log(
+        f"val_tokens:{inputs.val_tokens.numel()} tokenizer:{h.tokenizer_path} "
+        f"bos_id:{inputs.sp.bos_id()} data:{h.data_path}"
+    )
+
+
+def start_session(
+    h: Hyperparameters, rt: Runtime, files: RunFiles, inputs: Inputs, log: Logger, state: TrainState
+) -> Session:
+    """The model (initialized, or from INIT_CHECKPOINT), compiled and wrapped, its optimizers and
+    EMA; a resumed run's state restored."""
     torch.manual_seed(h.seed)
     luts = build_byte_luts(inputs.sp, h.vocab_size).to(rt.device)
-    log(f"val_tokens:{val_tokens.numel()} tokenizer:{h.tokenizer_path} bos_id:{inputs.sp.bos_id()} "
-        f"data:{h.data_path}")
-
     base_model = build_model(h, rt.device, inputs.sp.bos_id())
     if inputs.init_weights is not None:
         base_model.load_state_dict(inputs.init_weights, strict=True)
         log(f"init_checkpoint:{h.init_checkpoint} kind:{inputs.init_kind}")
     n_params = sum(p.numel() for p in base_model.parameters())
-    log(f"model_params:{n_params} layers:{h.num_layers} dim:{h.model_dim} heads:{h.num_heads}/{h.num_kv_heads} "
-        f"mlp_mult:{h.mlp_mult} smear_gate:{int(h.smear_gate)} qat:{int(h.qat)} "
+    log(
+        f"model_params:{n_params} layers:{h.num_layers} dim:{h.model_dim} "
+        f"heads:{h.num_heads}/{h.num_kv_heads} mlp_mult:{h.mlp_mult} "
+        f"smear_gate:{int(h.smear_gate)} qat:{int(h.qat)} "
         f"flops_per_token:{model_flops_per_token(h, base_model):.0f} "
-        f"peak_flops_per_device:{device_peak_flops(rt.device) or 0:.4g}")
-    compile_fn = (lambda m: torch.compile(m, dynamic=False, fullgraph=True)) if rt.use_compile else (lambda m: m)
+        f"peak_flops_per_device:{device_peak_flops(rt.device) or 0:.4g}"
+    )
+    compile_fn, zeropower = (lambda m: m), zeropower_via_newtonschulz5
     if rt.use_compile:  # training plus the evaluations' (at most two) shapes each, with headroom
+        compile_fn = functools.partial(torch.compile, dynamic=False, fullgraph=True)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    zeropower = torch.compile(zeropower_via_newtonschulz5) if rt.use_compile else zeropower_via_newtonschulz5
+        zeropower = torch.compile(zeropower_via_newtonschulz5)
     compiled = compile_fn(base_model)
-    model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                broadcast_buffers=False) if rt.distributed else compiled
+    model = compiled
+    if rt.distributed:
+        device_ids = [rt.local_rank] if rt.device.type == "cuda" else None
+        model = DDP(compiled, device_ids=device_ids, broadcast_buffers=False)
     optimizers = build_optimizers(h, base_model, zeropower, fused=rt.device.type == "cuda")
     ema = EMA(base_model, h.ema_decay) if h.ema_decay > 0 else None
+    s = Session(
+        h,
+        rt,
+        files,
+        log,
+        state,
+        inputs.grad_accum_steps,
+        inputs.sp.bos_id(),
+        inputs.val_tokens.to(rt.device),
+        luts,
+        base_model,
+        compile_fn,
+        compiled,
+        model,
+        optimizers,
+        ema,
+    )
     if inputs.resume is not None:
-        ckpt = inputs.resume
-        base_model.load_state_dict(ckpt["model"], strict=True)
-        for opt, opt_state in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(opt_state)
-        if ema is not None:
-            ema.load(ckpt["ema"] or ckpt["model"])
-        torch.set_rng_state(ckpt["rng"])
-        state.step, state.train_time_ms = ckpt["step"], ckpt["train_time_ms"]
-        state.loader_position, state.val_history = tuple(ckpt["loader_position"]), list(ckpt["val_history"])
-        changed = [k for k, v in h.as_env().items()
-                   if k not in ("RUN_ID", "RESUME_FROM") and ckpt["hyperparameters"].get(k) != str(v)]
-        log(f"resumed_from:{h.resume_from} step:{state.step} train_time:{state.train_time_ms:.0f}ms"
-            + (f" warning: settings differ from the checkpoint's: {', '.join(changed)}" if changed else ""))
+        restore_checkpoint(s, inputs.resume)
+    return s
 
+
+def train_and_keep(s: Session) -> None:
+    """Train, then keep the weights the artifact is made from before anything else can fail; a
+    stopped or failed run keeps them too."""
+    h, state, log = s.h, s.state, s.log
     t_train = time.perf_counter()
     with StopSignals() as signals:  # also while saving: a second signal must not cut a write short
         try:
-            train(h=h, rt=rt, grad_accum_steps=grad_accum_steps, base_model=base_model, model=model,
-                  optimizers=optimizers, val_tokens=val_tokens, luts=luts, log=log, eval_model=compiled,
-                  state=state, files=files, signals=signals, ema=ema)
+            train(s, signals)
         except BaseException as e:
             if state.started:
-                save_stopped_run(e, files=files, base_model=base_model, optimizers=optimizers, state=state, h=h,
-                                 rt=rt, log=log, ema=ema)
+                save_stopped_run(s, e)
             raise
-        if rt.master:  # the weights first (those the artifact is made from): they stay whatever happens next
-            atomic_write_bytes(files.raw, torch_save_bytes(export_weights(base_model, ema)))
+        if s.rt.master:
+            atomic_write_bytes(s.files.raw, torch_save_bytes(export_weights(s)))
     if signals.signum:
         raise StopRequested(signals.signum)
-    train_tokens = sum(read_shard_header(p) for p in shard_files(os.path.join(h.data_path, "fineweb_train_*.bin")))
-    log(f"training_done steps:{state.step} train_time:{state.train_time_ms:.0f}ms graphs:{compile_stats()[0]} "
-        f"wall_time:{1000 * (time.perf_counter() - t_train):.0f}ms raw_checkpoint:{files.raw} "
-        f"data_epochs:{state.step * h.train_batch_tokens / max(train_tokens, 1):.3f}")
-    if rt.device.type == "cuda":
-        log(f"peak memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
-            f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
+    train_tokens = sum(read_shard_header(p) for p in shard_files(train_shards(h)))
+    epochs = state.step * h.train_batch_tokens / max(train_tokens, 1)
+    wall_ms = 1000 * (time.perf_counter() - t_train)
+    log(
+        f"training_done steps:{state.step} train_time:{state.train_time_ms:.0f}ms "
+        f"graphs:{compile_stats()[0]} wall_time:{wall_ms:.0f}ms raw_checkpoint:{s.files.raw} "
+        f"data_epochs:{epochs:.3f}"
+    )
+    if s.rt.device.type == "cuda":
+        log(
+            f"peak memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
+            f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB"
+        )
     else:
         log(f"peak memory rss:{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}MiB")
-    if not h.final_eval:
-        log(f"throughput_run_complete run_id:{files.run_id} steps:{state.step} (FINAL_EVAL=0: no evaluation, "
-            "no artifact)")
-        return None
-    return finish(h, rt, code, files, inputs, log, state, base_model, compiled, compile_fn, val_tokens, luts, ema)
 
 
-def finish(h: Hyperparameters, rt: Runtime, code: bytes, files: RunFiles, inputs: Inputs, log: Logger,
-           state: TrainState, base_model: GPT, compiled, compile_fn, val_tokens: Tensor, luts: ByteLuts,
-           ema: EMA | None) -> dict:
-    """The final evaluations, the artifact and its round trip, the summary."""
-    eval_seq_len = h.effective_eval_seq_len
-    stride = h.eval_stride if 0 < h.eval_stride < eval_seq_len else eval_seq_len
+def log_final(
+    log: Logger, name: str, r: EvalResult, lead: str = "", tail: str = "", timed: bool = True
+) -> None:
+    """One final_<name>_exact line: the score at full precision, and what it cost."""
+    cost = f" eval_time:{r.eval_time_ms:.0f}ms graphs:{r.graphs} compile_time:{r.compile_ms:.0f}ms"
+    log(
+        f"final_{name}_exact {lead}val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{tail}"
+        + (cost if timed else "")
+    )
 
-    def score(model, final: bool = False, method=evaluate) -> EvalResult:  # plain windows, or the final ones
-        seq_len = eval_seq_len if final else h.train_seq_len
-        rt.sync()
-        return method(model, val_tokens, luts, seq_len=seq_len, stride=stride if final else 0, rank=rt.rank,
-                      batch_seqs=windows_per_batch(h, rt.world_size, inputs.grad_accum_steps, seq_len),
-                      world_size=rt.world_size, autocast=rt.autocast)
 
-    base_model.looping = h.num_loops > 0  # the final model runs its loops, whenever they switched on
-    if ema is not None:  # score the trained weights, then continue with the average the artifact is made from
-        raw = score(compiled)
-        log(f"final_prequant_raw_exact val_loss:{raw.val_loss:.8f} val_bpb:{raw.val_bpb:.8f}")
-        base_model.load_state_dict(ema.state_dict())
-    prequant = score(compiled)
+def score_trained(s: Session) -> EvalResult:
+    """The weights the artifact is made from, scored before quantization (with EMA on, the raw
+    trained weights are scored first)."""
+    s.base_model.looping = s.h.num_loops > 0  # the final model runs its loops
+    if s.ema is not None:
+        log_final(s.log, "prequant_raw", s.score(s.compiled), timed=False)
+        s.base_model.load_state_dict(s.ema.state_dict())
+    prequant = s.score(s.compiled)
     if not math.isfinite(prequant.val_loss):
-        raise BrokenModel(f"the final validation loss is {prequant.val_loss}: training diverged (lower the "
-                          f"learning rates or set GRAD_CLIP_NORM); the raw weights are kept in {files.raw}")
-    state.val_history.append({"step": state.step, "train_time_ms": round(state.train_time_ms, 1),
-                              "val_loss": prequant.val_loss, "val_bpb": prequant.val_bpb})
-    log(f"step:{state.step}/{h.iterations} val_loss:{prequant.val_loss:.4f} val_bpb:{prequant.val_bpb:.4f} "
-        f"train_time:{state.train_time_ms:.0f}ms step_avg:{state.train_time_ms / max(state.step, 1):.2f}ms")
-    check_exportable(base_model.state_dict(), h)
+        raise BrokenModel(
+            f"the final validation loss is {prequant.val_loss}: training diverged (lower the "
+            f"learning rates or set GRAD_CLIP_NORM); the raw weights are kept in {s.files.raw}"
+        )
+    s.record_validation(s.state.step, prequant)
+    check_exportable(s.base_model.state_dict(), s.h)
+    return prequant
+
+
+def export(s: Session, bytes_code: int) -> int:
+    """Quantize (GPTQ calibrated on training data, or round to nearest), compress and write the
+    artifact; log its size against the limit. Returns the artifact's bytes."""
+    h, rt, log, files = s.h, s.rt, s.log, s.files
     t_export, hessians = time.perf_counter(), None
-    if h.quant_method == "gptq":  # calibration and quantization count as training: GPTQ_RESERVE_SECONDS
-        hessians = collect_hessians(base_model, h, rt, inputs.grad_accum_steps)
-        log(f"gptq_calibration tokens:{h.gptq_calib_tokens} time:{1000 * (time.perf_counter() - t_export):.0f}ms")
+    if h.quant_method == "gptq":  # calibration and quantization are training time (the reserve)
+        hessians = collect_hessians(s.base_model, h, rt, s.grad_accum_steps)
+        calib_ms = 1000 * (time.perf_counter() - t_export)
+        log(f"gptq_calibration tokens:{h.gptq_calib_tokens} time:{calib_ms:.0f}ms")
     if rt.master:
-        payload = quantize_state_dict(base_model.state_dict(), h, hessians)
+        payload = quantize_state_dict(s.base_model.state_dict(), h, hessians)
         quantized_s = time.perf_counter() - t_export
         atomic_write_bytes(files.artifact, artifact_bytes(payload, h.zstd_level, h.compressor))
-        log(f"artifact:{files.artifact} export_time:{1000 * (time.perf_counter() - t_export):.0f}ms")
+        export_ms = 1000 * (time.perf_counter() - t_export)
+        log(f"artifact:{files.artifact} export_time:{export_ms:.0f}ms")
         if hessians is not None:
             over = quantized_s > h.gptq_reserve_seconds
-            log(f"gptq calibration+quantization:{1000 * quantized_s:.0f}ms reserved:{1000 * h.gptq_reserve_seconds:.0f}"
-                "ms" + (" WARNING: over the reserve, raise GPTQ_RESERVE_SECONDS" if over else ""))
+            log(
+                f"gptq calibration+quantization:{1000 * quantized_s:.0f}ms "
+                f"reserved:{1000 * h.gptq_reserve_seconds:.0f}ms"
+                + (" WARNING: over the reserve, raise GPTQ_RESERVE_SECONDS" if over else "")
+            )
     rt.barrier()
-    bytes_model, bytes_code = files.artifact.stat().st_size, len(code)
+    bytes_model = files.artifact.stat().st_size
     bytes_total = bytes_model + bytes_code
-    fits = bytes_total <= SIZE_LIMIT_BYTES
-    label = ("int6" if h.mlp_bits == h.attn_bits == 6 else f"int{h.mlp_bits}/{h.attn_bits}") + (
-        f"+zstd-{h.zstd_level}" if h.compressor == "zstd" else "+lzma")
+    bits = "int6" if h.mlp_bits == h.attn_bits == 6 else f"int{h.mlp_bits}/{h.attn_bits}"
+    label = bits + (f"+zstd-{h.zstd_level}" if h.compressor == "zstd" else "+lzma")
     log(f"Serialized model {label}: {bytes_model} bytes")
     log(f"Code size: {bytes_code} bytes")
     log(f"Total submission size {label}: {bytes_total} bytes")
-    log(f"fits_16mb:{str(fits).lower()} margin:{SIZE_LIMIT_BYTES - bytes_total}")
-    if not fits:
-        log(f"WARNING: the submission is {bytes_total - SIZE_LIMIT_BYTES} bytes OVER the {SIZE_LIMIT_BYTES}-byte "
-            "limit; shrink the model or change the quantization settings")
+    log(
+        f"fits_16mb:{str(bytes_total <= SIZE_LIMIT_BYTES).lower()} "
+        f"margin:{SIZE_LIMIT_BYTES - bytes_total}"
+    )
+    if bytes_total > SIZE_LIMIT_BYTES:
+        log(
+            f"WARNING: the submission is {bytes_total - SIZE_LIMIT_BYTES} bytes OVER the "
+            f"{SIZE_LIMIT_BYTES}-byte limit; shrink the model or change the quantization "
+            "settings"
+        )
+    return bytes_model
 
-    # Round trip: a fresh model from the file on disk, scored on the whole validation split.
-    eval_model = build_model(h, rt.device, inputs.sp.bos_id())
-    eval_model.load_state_dict(dequantize_state_dict(read_artifact(files.artifact)), strict=True)
+
+def final_evaluations(s: Session, prequant: EvalResult) -> dict[str, EvalResult | None]:
+    """The artifact read back from disk into a fresh model and scored: plain windows (the round
+    trip), the sliding windows when they differ, then test-time training when on."""
+    h, rt, log = s.h, s.rt, s.log
+    eval_model = build_model(h, rt.device, s.bos_id)
+    eval_model.load_state_dict(dequantize_state_dict(read_artifact(s.files.artifact)), strict=True)
     eval_model.looping = h.num_loops > 0
-    eval_fn = compile_fn(eval_model)
-    roundtrip = score(eval_fn)
-    log(f"final_prequant_exact val_loss:{prequant.val_loss:.8f} val_bpb:{prequant.val_bpb:.8f}")
-    log(f"final_int6_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f} "
-        f"quant_penalty_bpb:{roundtrip.val_bpb - prequant.val_bpb:+.5f} eval_time:{roundtrip.eval_time_ms:.0f}ms "
-        f"graphs:{roundtrip.graphs} compile_time:{roundtrip.compile_ms:.0f}ms")
+    shipped = s.compile_fn(eval_model)
+    roundtrip = s.score(shipped)
+    log_final(log, "prequant", prequant, timed=False)
+    penalty = roundtrip.val_bpb - prequant.val_bpb
+    log_final(log, "int6_roundtrip", roundtrip, tail=f" quant_penalty_bpb:{penalty:+.5f}")
     if not math.isfinite(roundtrip.val_loss):
-        raise BrokenModel(f"the artifact scores val_loss {roundtrip.val_loss}; the raw weights are kept in {files.raw}")
-
-    sliding = ttt = None  # the final evaluations, when they differ from the round trip's plain windows
-    if 0 < h.eval_stride < eval_seq_len or eval_seq_len != h.train_seq_len:
-        sliding = score(eval_fn, final=True)
+        raise BrokenModel(
+            f"the artifact scores val_loss {roundtrip.val_loss}; the raw weights are kept in "
+            f"{s.files.raw}"
+        )
+    sliding = ttt = None
+    if h.sliding:
+        sliding = s.score(shipped, final=True)
         rate = sliding.scored_tokens / max(sliding.eval_time_ms / 1000.0, 1e-9)
         log(f"sliding_rate scored_tok_s:{rate:.0f} per_rank:{rate / rt.world_size:.0f}")
-        log(f"final_sliding_window_exact stride:{stride} seq_len:{eval_seq_len} "
-            f"val_loss:{sliding.val_loss:.8f} val_bpb:{sliding.val_bpb:.8f} scored_tokens:{sliding.scored_tokens} "
-            f"eval_time:{sliding.eval_time_ms:.0f}ms graphs:{sliding.graphs} compile_time:{sliding.compile_ms:.0f}ms")
-        if rt.device.type == "cuda":  # a CPU rate says nothing about the 8xH100 evaluation budget
+        lead = f"stride:{h.final_stride} seq_len:{h.effective_eval_seq_len} "
+        log_final(log, "sliding_window", sliding, lead, f" scored_tokens:{sliding.scored_tokens}")
+        if rt.device.type == "cuda":  # a CPU rate says nothing about the 8xH100 budget
             log_eval_projection(log, rate, rt.world_size)
-    if h.ttt_enabled:  # last: it trains the artifact's model, and nothing may score that model afterwards
-        ttt = score(eval_fn, final=True, method=functools.partial(evaluate_ttt, h=h))
-        log(f"final_ttt_exact val_loss:{ttt.val_loss:.8f} val_bpb:{ttt.val_bpb:.8f} scored_tokens:{ttt.scored_tokens} "
-            f"eval_time:{ttt.eval_time_ms:.0f}ms graphs:{ttt.graphs} compile_time:{ttt.compile_ms:.0f}ms")
+    if h.ttt_enabled:  # last: it trains the artifact's model, and nothing may score it afterwards
+        ttt = s.score(shipped, final=True, method=functools.partial(evaluate_ttt, h=h))
+        log_final(log, "ttt", ttt, tail=f" scored_tokens:{ttt.scored_tokens}")
         if not math.isfinite(ttt.val_loss):
-            raise BrokenModel(f"test-time training diverged (val_loss {ttt.val_loss}); lower TTT_LR")
+            raise BrokenModel(
+                f"test-time training diverged (val_loss {ttt.val_loss}); lower TTT_LR"
+            )
         if rt.device.type == "cuda":
-            log_eval_projection(log, ttt.scored_tokens / max(ttt.eval_time_ms / 1000.0, 1e-9), rt.world_size,
-                                "_ttt", "lower TTT_EPOCHS or raise EVAL_STRIDE")
-    final = ttt or sliding or roundtrip
-    summary = {
-        "run_id": files.run_id, "preset": h.preset, "seed": h.seed, "val_bpb": final.val_bpb,
-        "val_loss": final.val_loss, **{f"{name}_val_{m}": getattr(r, f"val_{m}") if r else None for m in ("bpb", "loss")
-                                       for name, r in (("prequant", prequant), ("roundtrip", roundtrip),
-                                                       ("sliding", sliding), ("ttt", ttt))},
-        "scored_tokens": final.scored_tokens, "val_tokens": val_tokens.numel(),
-        "bytes_model": bytes_model, "bytes_code": bytes_code, "bytes_total": bytes_total, "fits": fits,
-        "steps": state.step, "train_time_ms": round(state.train_time_ms, 1),
-        "step_avg_ms": round(state.train_time_ms / max(state.step, 1), 3), "world_size": rt.world_size,
-        "artifact_path": str(files.artifact), "raw_checkpoint_path": str(files.raw),
-        "code_sha256": hashlib.sha256(code).hexdigest(),
-        "hyperparameters": {**h.as_env(), "RUN_ID": files.run_id}, "env_overrides": h.overrides(),
-        "val_history": state.val_history,
+            rate = ttt.scored_tokens / max(ttt.eval_time_ms / 1000.0, 1e-9)
+            log_eval_projection(
+                log, rate, rt.world_size, "_ttt", "lower TTT_EPOCHS or raise EVAL_STRIDE"
+            )
+    return {"prequant": prequant, "roundtrip": roundtrip, "sliding": sliding, "ttt": ttt}
+
+
+def write_summary(s: Session, code: bytes, bytes_model: int, results: dict) -> dict:
+    """{RUN_ID}.json: the run's score (TTT, else sliding, else round trip), every final score,
+    the bytes, the clock and the settings."""
+    h, state = s.h, s.state
+    final = results["ttt"] or results["sliding"] or results["roundtrip"]
+    scores = {
+        f"{name}_val_{m}": getattr(r, f"val_{m}") if r else None
+        for m in ("bpb", "loss")
+        for name, r in results.items()
     }
-    if rt.master:
-        atomic_write_bytes(files.summary, (json.dumps(summary, indent=2) + "\n").encode())
-        log(f"run_complete run_id:{files.run_id} val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}")
+    bytes_total = bytes_model + len(code)
+    summary = {
+        "run_id": s.files.run_id, "preset": h.preset, "seed": h.seed,
+        "val_bpb": final.val_bpb, "val_loss": final.val_loss, **scores,
+        "scored_tokens": final.scored_tokens, "val_tokens": s.val_tokens.numel(),
+        "bytes_model": bytes_model, "bytes_code": len(code), "bytes_total": bytes_total,
+        "fits": bytes_total <= SIZE_LIMIT_BYTES, "steps": state.step,
+        "train_time_ms": round(state.train_time_ms, 1),
+        "step_avg_ms": round(state.train_time_ms / max(state.step, 1), 3),
+        "world_size": s.rt.world_size, "artifact_path": str(s.files.artifact),
+        "raw_checkpoint_path": str(s.files.raw), "code_sha256": hashlib.sha256(code).hexdigest(),
+        "hyperparameters": {**h.as_env(), "RUN_ID": s.files.run_id},
+        "env_overrides": h.overrides(), "val_history": state.val_history,
+    }  # fmt: skip
+    if s.rt.master:
+        atomic_write_bytes(s.files.summary, (json.dumps(summary, indent=2) + "\n").encode())
+        s.log(
+            f"run_complete run_id:{s.files.run_id} val_loss:{final.val_loss:.8f} "
+            f"val_bpb:{final.val_bpb:.8f}"
+        )
     return summary
 
 
@@ -2177,15 +2872,26 @@ def main(env=None) -> dict | None:
 
 
 def cli() -> int:
-    """The command: an `error:` line and a non-zero status on failure. A failing rank of a distributed run exits
-    at once, without tearing down, so that peers blocked in a collective fail promptly instead of waiting."""
+    """The command: an `error:` line and a non-zero status on failure. A failing rank of a
+    distributed run exits at once, without tearing down, so that peers blocked in a collective
+    fail promptly instead of waiting."""
     try:
         main()
         return 0
     except BaseException as e:
-        status = 128 + e.signum if isinstance(e, StopRequested) else 130 if isinstance(e, KeyboardInterrupt) else 1
-        if not isinstance(e, (ValueError, FileNotFoundError, NonFiniteLoss, BrokenModel, StopRequested,
-                              KeyboardInterrupt)):
+        if isinstance(e, StopRequested):
+            status = 128 + e.signum
+        else:
+            status = 130 if isinstance(e, KeyboardInterrupt) else 1
+        expected = (
+            ValueError,
+            FileNotFoundError,
+            NonFiniteLoss,
+            BrokenModel,
+            StopRequested,
+            KeyboardInterrupt,
+        )
+        if not isinstance(e, expected):
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr, flush=True)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -98,7 +98,7 @@ def randomized_model(h: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
     model = tg.build_model(h, torch.device("cpu"))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            control = p.ndim < 2 or any(c in name for c in tg.CONTROL_PARAM_NAMES)
+            control = tg.tensor_role(name, p) in ("control", "gate")
             p.copy_(torch.randn_like(p) * (0.5 if name == "tok_emb.weight" else 0.05) + float(control))
     return model
 
@@ -405,7 +405,7 @@ def test_fake_quantize_is_straight_through():
 def hand_quantized(model: tg.GPT, percentile: float) -> tg.GPT:
     """A copy with QAT off whose int6 weights were replaced by quantize -> dequantize."""
     ref = copy.deepcopy(model)
-    ref.configure_qat(tg.Hyperparameters(qat=False))
+    tg.configure_qat(ref, tg.Hyperparameters(qat=False))
     with torch.no_grad():
         for name in expected_int6_names(len(ref.blocks)):
             p = ref.get_parameter(name)
@@ -488,7 +488,7 @@ def test_qat_gradients_flow_straight_through_the_compiled_model():
         ref_grad = ref.get_parameter(name).grad
         assert torch.allclose(p.grad, ref_grad, rtol=1e-4, atol=1e-6), name
     plain = randomized_model(h, seed=3)  # the same weights, QAT off: other gradients
-    plain.configure_qat(tg.Hyperparameters(qat=False))
+    tg.configure_qat(plain, tg.Hyperparameters(qat=False))
     plain(ids[:, :-1], ids[:, 1:]).backward()
     name = "blocks.0.mlp.fc.weight"
     assert not torch.allclose(model.get_parameter(name).grad, plain.get_parameter(name).grad, rtol=1e-3, atol=1e-6)

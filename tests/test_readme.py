@@ -13,22 +13,39 @@ from conftest import ROOT
 import train_gpt as tg
 
 
-def readme_settings_table() -> dict[str, str]:
+def readme_settings_table() -> dict[str, list[str]]:
+    """The settings table's rows: variable -> [default, allowed, meaning]."""
     rows = {}
     for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
-        m = re.match(r"\| `([A-Z0-9_]+)` \| (.*?) \| .* \|$", line)
+        m = re.match(r"\| `([A-Z0-9_]+)` \| (.*?) \| (.*?) \| (.*) \|$", line)
         if m:
-            rows[m.group(1)] = m.group(2)
+            rows[m.group(1)] = [m.group(2), m.group(3), m.group(4)]
     return rows
 
 
-def test_every_setting_is_in_the_readme_with_its_default():
+def test_every_setting_is_in_the_readme_with_its_default_rule_and_meaning():
     rows = readme_settings_table()
     assert set(rows) == set(tg.Hyperparameters.env_names())
     for f in dataclasses.fields(tg.Hyperparameters):
         default = int(f.default) if isinstance(f.default, bool) else f.default
-        shown = rows[f.name.upper()]
-        assert shown == ("(empty)" if default == "" else f"`{default}`"), f.name.upper()
+        shown = "(empty)" if default == "" else f"`{default}`"
+        allowed = tg.describe_rule(type(f.default), f.metadata["rule"])
+        assert rows[f.name.upper()] == [shown, allowed, f.metadata["doc"]], f.name.upper()
+
+
+def test_every_declared_rule_is_enforced_and_every_default_keeps_it():
+    """Each rule is a string `validate` reads: the defaults pass it, and a value outside it is
+    refused with an error naming the variable."""
+    outside = {">0": 0, ">=0": -1, "[0, 1)": 1.0, "[0, 1]": 1.5, "(0, 100]": 0.0, "5..8": 9,
+               "1..22": 0, "1..65536": 65537, "0 or >=2": 1, "name": "a/b"}
+    for f in dataclasses.fields(tg.Hyperparameters):
+        rule, name = f.metadata["rule"], f.name.upper()
+        assert tg.rule_error(name, f.default, rule) is None, name
+        if not rule:
+            continue
+        bad = "no-such-choice" if "|" in rule else outside[rule]
+        with pytest.raises(ValueError, match=re.escape(f"{name}=")):
+            tg.Hyperparameters(**{f.name: bad}).validate()
 
 
 def test_readme_commands_exist():

@@ -254,7 +254,7 @@ BAD_SETTINGS = [
     ({"MODEL_DIM": "24", "NUM_HEADS": "8", "NUM_KV_HEADS": "4"}, "MODEL_DIM/NUM_HEADS=3 must be even"),
     ({"MUON_MOMENTUM": "1.0"}, "MUON_MOMENTUM=1.0 must be in [0, 1)"),
     ({"EMBED_QUANT": "int4"}, "EMBED_QUANT='int4' must be one of fp16, int8"),
-    ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE=70000 does not fit the uint16 shard format"),
+    ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE=70000 must be in 1..65536"),
 ]
 
 
