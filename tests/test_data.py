@@ -34,7 +34,9 @@ from shard_format import (  # noqa: E402
     read_header,
     read_shard,
     shard_paths,
+    write_bytes_atomic,
     write_shard,
+    write_text_atomic,
 )
 
 VOCAB = 384  # 4 special + 256 byte pieces + the corpus' characters + some merges
@@ -153,6 +155,23 @@ def test_read_header_rejects_damaged_shards(tmp_path):
     path.write_bytes(bytes(bad_magic))
     with pytest.raises(ShardError, match=f"magic {SHARD_MAGIC}"):
         read_header(path)
+
+
+def test_atomic_writes_publish_whole_files_with_default_permissions(tmp_path, monkeypatch):
+    path = tmp_path / "new" / "out.txt"
+    write_text_atomic(path, "héllo\n")
+    assert path.read_bytes() == "héllo\n".encode() and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~current_umask()
+    write_bytes_atomic(path, b"replaced")
+    assert path.read_bytes() == b"replaced"
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_bytes_atomic(path, b"lost")
+    assert path.read_bytes() == b"replaced"  # the old file is untouched, the temporary one gone
+    assert sorted(p.name for p in path.parent.iterdir()) == ["out.txt"]
 
 
 # -----------------------------------------------------------------------------
