@@ -9,6 +9,7 @@ tiny run (and a re-export of its raw checkpoint) left on disk.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 import zstandard
 
 import train_gpt as tg
-from conftest import ROOT, run_script, tiny_env
+from conftest import ROOT, run_script, small_hparams, tiny_env
 
 KEEP = "blocks.1.attn.c_k.weight"  # an FP16_KEEP pattern used throughout
 RUN_ID = "artifact_run"
@@ -80,10 +81,9 @@ def rows_with_outliers(rows: int, n: int, seed: int) -> torch.Tensor:
     return w
 
 
-def tiny_hparams(**overrides) -> tg.Hyperparameters:
-    base = dict(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, vocab_size=64,
-                train_seq_len=16, fp16_keep=KEEP)
-    return tg.Hyperparameters(**{**base, **overrides})
+tiny_hparams = functools.partial(small_hparams, num_layers=2, num_heads=2, num_kv_heads=1, train_seq_len=16,
+                                 fp16_keep=KEEP)
+
 
 
 def expected_int6_names(num_layers: int, keep: str = KEEP) -> set[str]:

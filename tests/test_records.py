@@ -23,7 +23,7 @@ import pytest
 from scipy import stats
 
 from conftest import run_script, tiny_env
-from records_tinyrun import REPO, TINY_SETTINGS, run_trainers
+from records_tinyrun import REPO, run_trainers
 
 sys.path.insert(0, str(REPO / "records"))
 import make_submission  # noqa: E402
@@ -48,9 +48,11 @@ class TinyRuns:
         return [self.run(f"seed{s}") for s in SEEDS]
 
 
-def tiny_settings(tiny_data: dict) -> dict[str, str]:
-    return {**TINY_SETTINGS, "DATA_PATH": tiny_data["data_path"],
-            "TOKENIZER_PATH": tiny_data["tokenizer_path"], "VOCAB_SIZE": str(tiny_data["vocab_size"])}
+def tiny_settings(tiny_data: dict, root: Path) -> dict[str, str]:
+    """conftest's tiny model with two heads, trained for 20 steps with validation and a sliding evaluation:
+    a few seconds on one CPU core. Its logs go to root/logs."""
+    return tiny_env(tiny_data, root, NUM_HEADS=2, NUM_KV_HEADS=1, VAL_BATCH_SIZE=4096, ITERATIONS=20,
+                    VAL_LOSS_EVERY=10, TRAIN_LOG_EVERY=10, WARMDOWN_ITERS=5, EVAL_STRIDE=32, COMPILE=0)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +60,7 @@ def tiny(tmp_path_factory, tiny_data) -> TinyRuns:
     root = tmp_path_factory.mktemp("tiny_runs")
     code = root / "train_gpt.py"
     shutil.copyfile(REPO / "train_gpt.py", code)
-    settings = tiny_settings(tiny_data)
+    settings = tiny_settings(tiny_data, root)
     runs = {f"seed{s}": {**settings, "SEED": str(s)} for s in SEEDS}
     runs |= {f"short{s}": {**settings, "SEED": str(s), "ITERATIONS": "5"} for s in (1, 2)}
     run_trainers(root, runs, code)
@@ -426,7 +428,7 @@ def packed(tmp_path_factory, tiny, tiny_data) -> TinyRuns:
     root = tmp_path_factory.mktemp("packed_runs")
     code = root / "train_gpt.py"
     assert make_submission.main(["pack", str(tiny.code), "-o", str(code)]) == 0
-    runs = {f"seed{s}": {**tiny_settings(tiny_data), "SEED": str(s)} for s in PACKED_SEEDS}
+    runs = {f"seed{s}": {**tiny_settings(tiny_data, root), "SEED": str(s)} for s in PACKED_SEEDS}
     run_trainers(root, runs, code)
     return TinyRuns(root=root, logs=root / "logs", code=code)
 

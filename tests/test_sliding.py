@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import run_script, tiny_env
+from conftest import run_script, small_hparams, tiny_env
 
 TRAIN_SEQ_LEN = 128
 EVAL_STRIDE = 32
@@ -145,8 +145,7 @@ def snippet(val_tokens) -> torch.Tensor:
 def random_model(tiny_data) -> tg.GPT:
     """A tiny GPT in float64 with every parameter perturbed, so each position depends on its whole context
     (at init the zero-initialized projections would make the output depend on the current token only)."""
-    h = tg.Hyperparameters.from_env({"VOCAB_SIZE": str(tiny_data["vocab_size"]), "NUM_LAYERS": "3",
-                                     "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2"})
+    h = small_hparams(num_layers=3, vocab_size=tiny_data["vocab_size"])
     torch.manual_seed(0)
     model = tg.GPT(h).double().eval()
     gen = torch.Generator().manual_seed(1)
@@ -342,8 +341,7 @@ def test_padded_batches_call_the_model_with_at_most_two_shapes(random_model, sni
 
 
 def test_evaluation_scores_in_eval_mode_and_restores_the_mode(tiny_data, snippet, luts):
-    h = tg.Hyperparameters(vocab_size=tiny_data["vocab_size"], num_layers=2, model_dim=32, num_heads=4,
-                           num_kv_heads=2, mlp_mult=2)
+    h = small_hparams(num_layers=2, vocab_size=tiny_data["vocab_size"])
     model = tg.build_model(h, CPU)  # QAT on: in training mode the forward is fake-quantized
     with torch.no_grad():
         for p in model.parameters():

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train_gpt as tg
-from conftest import run_script, tiny_env
+from conftest import run_script, small_hparams, tiny_env
 
 CPU = torch.device("cpu")
 TTT_LINE = re.compile(r"^final_ttt_exact val_loss:(\S+) val_bpb:(\S+) scored_tokens:(\d+) eval_time:(\d+)ms "
@@ -48,8 +48,7 @@ def val_tokens(tiny_data) -> torch.Tensor:
 
 
 def settings(tiny_data, **ttt) -> tg.Hyperparameters:
-    return tg.Hyperparameters(vocab_size=tiny_data["vocab_size"], num_layers=2, model_dim=32, num_heads=4,
-                              num_kv_heads=2, mlp_mult=2, ttt_enabled=True, **ttt)
+    return small_hparams(num_layers=2, vocab_size=tiny_data["vocab_size"], ttt_enabled=True, **ttt)
 
 
 def random_model(h: tg.Hyperparameters, dtype=torch.float64) -> tg.GPT:
