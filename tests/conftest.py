@@ -117,14 +117,36 @@ def small_hparams(num_layers: int = 3, **overrides):
     return h
 
 
-def randomized(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
-    """The module in float64 with random values added to every parameter: the zero-initialized projections
-    would otherwise hide every block."""
+def randomized(module: torch.nn.Module, seed: int = 0, std: float = 0.3,
+               dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """The module in `dtype` (float64 unless told) with random values added to every parameter: the
+    zero-initialized projections would otherwise hide every block."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
-    return module.double()
+    return module.to(dtype)
+
+
+def random_gpt(h) -> torch.nn.Module:
+    """A GPT in float64 (its initialization seeded) with every parameter perturbed, so each position depends
+    on its whole context (at init the zero-initialized projections make it depend on the current token only)."""
+    import train_gpt
+
+    torch.manual_seed(0)
+    return randomized(train_gpt.GPT(h).double(), seed=1)
+
+
+class ShapeRecorder(torch.nn.Module):
+    """The model, recording each call: (gradients enabled, shape of x, shape of y, score_last)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x, y, **kwargs):
+        self.calls.append((torch.is_grad_enabled(), tuple(x.shape), tuple(y.shape), kwargs["score_last"]))
+        return self.model(x, y, **kwargs)
 
 
 def assert_causal(model: torch.nn.Module, ids: torch.Tensor, vocab: int = 64) -> None:

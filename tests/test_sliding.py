@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import run_script, small_hparams, tiny_env
+from conftest import ShapeRecorder, random_gpt, run_script, small_hparams, tiny_env
 
 TRAIN_SEQ_LEN = 128
 EVAL_STRIDE = 32
@@ -145,14 +145,7 @@ def snippet(val_tokens) -> torch.Tensor:
 def random_model(tiny_data) -> tg.GPT:
     """A tiny GPT in float64 with every parameter perturbed, so each position depends on its whole context
     (at init the zero-initialized projections would make the output depend on the current token only)."""
-    h = small_hparams(num_layers=3, vocab_size=tiny_data["vocab_size"])
-    torch.manual_seed(0)
-    model = tg.GPT(h).double().eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
+    return random_gpt(small_hparams(num_layers=3, vocab_size=tiny_data["vocab_size"])).eval()
 
 
 @pytest.fixture(scope="module")
@@ -316,26 +309,15 @@ def test_batching_does_not_change_the_sums(random_model, snippet, luts):
                 stride_results[0].val_loss, stride_results[0].scored_tokens, stride_results[0].scored_bytes)
 
 
-class ShapeRecorder(torch.nn.Module):
-    """The model, recording the shape of every call."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.calls = model, []
-
-    def forward(self, x, y, **kwargs):
-        self.calls.append((tuple(x.shape), tuple(y.shape), kwargs["score_last"]))
-        return self.model(x, y, **kwargs)
-
-
 @pytest.mark.parametrize("stride, shapes", [(5, 2), (24, 1), (0, 1)])
 def test_padded_batches_call_the_model_with_at_most_two_shapes(random_model, snippet, luts, stride, shapes):
     unpadded = tg.evaluate(random_model, snippet, luts, seq_len=24, stride=stride, batch_seqs=1)
     recorder = ShapeRecorder(random_model)
     padded = tg.evaluate(recorder, snippet, luts, seq_len=24, stride=stride, batch_seqs=7)
     windows = tg.plan_windows(snippet.numel() - 1, 24, stride)
-    assert len(windows) % 7 and len(set(recorder.calls)) == shapes  # a short last batch was padded
-    assert all(x[0] == 7 for x, _, _ in recorder.calls)
+    calls = [(x, y, score_last) for _, x, y, score_last in recorder.calls]
+    assert len(windows) % 7 and len(set(calls)) == shapes  # a short last batch was padded
+    assert all(x[0] == 7 for x, _, _ in calls)
     assert (padded.val_loss, padded.scored_tokens, padded.scored_bytes) == \
         (unpadded.val_loss, unpadded.scored_tokens, unpadded.scored_bytes)
 

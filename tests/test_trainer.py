@@ -25,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import ROOT, run_script, small_hparams, tiny_env, write_shard
+from conftest import ROOT, randomized, run_script, small_hparams, tiny_env, write_shard
 from trainer_helpers import MUON_SHAPES, muon_trajectory, muon_worker
 
 CPU = torch.device("cpu")
@@ -39,18 +39,9 @@ CPU = torch.device("cpu")
 small_h = functools.partial(small_hparams, num_layers=3)
 
 
-def randomize_(module: torch.nn.Module, seed: int, std: float = 0.3) -> None:
-    """Random values everywhere: the zero-initialized projections would otherwise hide every block."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
 def test_changing_later_tokens_never_changes_earlier_logits():
     h = small_h(smear_gate=True)
-    model = tg.GPT(h).eval()
-    randomize_(model, seed=1)
+    model = randomized(tg.GPT(h), seed=1, dtype=torch.float32).eval()
     assert model.smear.gate.abs().min() > 0
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(4, h.vocab_size, (2, 24), generator=gen)
@@ -128,8 +119,7 @@ def reference_attention(attn: tg.CausalSelfAttention, x: torch.Tensor, rope_base
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 def test_attention_equals_hand_attention_with_repeated_kv_heads(num_kv_heads):
     h = small_h(num_heads=4, num_kv_heads=num_kv_heads, model_dim=32)
-    attn = tg.CausalSelfAttention(h, layer_idx=0).eval()
-    randomize_(attn, seed=4)
+    attn = randomized(tg.CausalSelfAttention(h, layer_idx=0), seed=4, dtype=torch.float32).eval()
     with torch.no_grad():
         attn.q_gain.copy_(torch.tensor([1.0, 2.0, 3.0, 1.5]))  # peaked attention, a demanding comparison
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5))

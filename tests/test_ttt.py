@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train_gpt as tg
-from conftest import run_script, small_hparams, tiny_env
+from conftest import ShapeRecorder, random_gpt, run_script, small_hparams, tiny_env
 
 CPU = torch.device("cpu")
 TTT_LINE = re.compile(r"^final_ttt_exact val_loss:(\S+) val_bpb:(\S+) scored_tokens:(\d+) eval_time:(\d+)ms "
@@ -49,17 +49,6 @@ def val_tokens(tiny_data) -> torch.Tensor:
 
 def settings(tiny_data, **ttt) -> tg.Hyperparameters:
     return small_hparams(num_layers=2, vocab_size=tiny_data["vocab_size"], ttt_enabled=True, **ttt)
-
-
-def random_model(h: tg.Hyperparameters, dtype=torch.float64) -> tg.GPT:
-    """A tiny GPT with every parameter perturbed (each position depends on its whole context), QAT off."""
-    torch.manual_seed(0)
-    model = tg.GPT(h).to(dtype)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
 
 
 def random_stream(tiny_data, num_targets: int) -> torch.Tensor:
@@ -106,7 +95,7 @@ def instrumented_pass(monkeypatch, tokens, luts, h, *, seq_len, stride, batch_se
     """Run evaluate_ttt recording scoring (the windows each evaluate() call scores) and updates (SGD steps)."""
     n = tokens.numel() - 1
     w = min(seq_len, n)
-    recorder = TrainingRecorder(random_model(h), tokens, w)
+    recorder = TrainingRecorder(random_gpt(h), tokens, w)
     updates = []  # per SGD step: the targets that carried its gradient, and those its windows held
     scored_at = [[] for _ in range(n)]  # per target: updates done when it was scored (once, if all is well)
     chunks = []  # per evaluate() call: the targets it scored
@@ -232,23 +221,23 @@ def test_matches_a_per_target_reference(tiny_data, val_tokens, luts, seq_len, st
     tokens = val_tokens[:161]
     h = settings(tiny_data, ttt_chunk_tokens=chunk_tokens, ttt_lr=0.05, ttt_epochs=2, ttt_momentum=0.9,
                  ttt_grad_clip=clip)
-    reference = reference_ttt(random_model(h), tokens, seq_len=seq_len, stride=stride, chunk_tokens=chunk_tokens,
+    reference = reference_ttt(random_gpt(h), tokens, seq_len=seq_len, stride=stride, chunk_tokens=chunk_tokens,
                               lr=0.05, epochs=2, momentum=0.9, clip=clip)
-    r = tg.evaluate_ttt(random_model(h), tokens, luts, h, seq_len=seq_len, stride=stride, batch_seqs=3)
+    r = tg.evaluate_ttt(random_gpt(h), tokens, luts, h, seq_len=seq_len, stride=stride, batch_seqs=3)
     assert not reference.isnan().any()
     assert r.scored_tokens == tokens.numel() - 1
     # Float64 weights, fp32 losses: batched and one-at-a-time sums agree to ~1e-9 (measured: 0 to 3e-9).
     assert r.val_loss * r.scored_tokens == pytest.approx(reference.sum().item(), rel=1e-7)
     # Teeth: without training the sum differs by over a thousand times that tolerance (measured: 3e-4 with the
     # tightest clip, up to 5e-2).
-    plain = tg.evaluate(random_model(h), tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=3)
+    plain = tg.evaluate(random_gpt(h), tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=3)
     assert abs(plain.val_loss - r.val_loss) > 1e-4 * r.val_loss
 
 
 def test_lr_zero_is_the_sliding_score(tiny_data, val_tokens, luts):
     tokens = val_tokens[:1201]
     h = settings(tiny_data, ttt_chunk_tokens=100, ttt_lr=0.0, ttt_epochs=3)
-    model = random_model(h)
+    model = random_gpt(h)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sliding = tg.evaluate(model, tokens, luts, seq_len=32, stride=8, batch_seqs=16)
     ttt = tg.evaluate_ttt(model, tokens, luts, h, seq_len=32, stride=8, batch_seqs=16)
@@ -257,19 +246,9 @@ def test_lr_zero_is_the_sliding_score(tiny_data, val_tokens, luts):
     assert ttt.scored_bytes == sliding.scored_bytes
     assert ttt.val_loss * ttt.scored_tokens == pytest.approx(sliding.val_loss * sliding.scored_tokens, rel=1e-12)
     assert ttt.val_bpb == pytest.approx(sliding.val_bpb, rel=1e-12)
-    moved = tg.evaluate_ttt(random_model(h), tokens, luts, dataclasses.replace(h, ttt_lr=0.01), seq_len=32,
+    moved = tg.evaluate_ttt(random_gpt(h), tokens, luts, dataclasses.replace(h, ttt_lr=0.01), seq_len=32,
                             stride=8, batch_seqs=16)
     assert abs(moved.val_loss - sliding.val_loss) > 1e-4 * sliding.val_loss  # lr > 0 does move the score
-
-
-class ShapeRecorder(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.shapes = model, []
-
-    def forward(self, x, y, **kwargs):
-        self.shapes.append((torch.is_grad_enabled(), tuple(x.shape), kwargs["score_last"]))
-        return self.model(x, y, **kwargs)
 
 
 def test_fixed_shapes_and_no_fake_quant(tiny_data, val_tokens, luts, monkeypatch):
@@ -294,8 +273,9 @@ def test_fixed_shapes_and_no_fake_quant(tiny_data, val_tokens, luts, monkeypatch
     most_windows = max(map(len, chunks))
     most_seqs = max(math.ceil((c[-1][0] + 32 - (c[0][0] + 32 - c[0][1])) / 32) for c in chunks[:-1])
     assert (most_windows, most_seqs) == (10, 3)  # the last chunk ends with the split: one more window
-    assert set(recorder.shapes) == {(False, (10, 32), 32), (False, (10, 32), 8), (True, (3, 32), 32)}
-    assert sum(s[0] for s in recorder.shapes) == len(chunks) - 1  # one step (one micro-batch) per chunk
+    shapes = [(grad, x, score_last) for grad, x, _, score_last in recorder.calls]
+    assert set(shapes) == {(False, (10, 32), 32), (False, (10, 32), 8), (True, (3, 32), 32)}
+    assert sum(s[0] for s in shapes) == len(chunks) - 1  # one step (one micro-batch) per chunk
 
 
 # -----------------------------------------------------------------------------
