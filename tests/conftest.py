@@ -107,6 +107,47 @@ def run_script(env: dict, nproc: int = 1, timeout: int = 300, check: bool = True
     return proc
 
 
+# What importing a train_gpt.py does, run as `python -c IMPORT_PROBE FOLDER` (the folder holding it):
+# the environment variables it reads, whether it starts a process group or CUDA, its public names, and
+# (through an audit hook) the source a packed file compiles, the code it executes, the files it opens and
+# any socket it touches. Prints one JSON line.
+IMPORT_PROBE = r"""
+import json, os, sys
+import numpy, sentencepiece, zstandard, torch, torch.distributed as dist, torch.nn.functional, torch.nn.parallel
+
+events = {"compile": [], "exec": [], "open": [], "socket": []}
+def audit(event, args):
+    if event == "compile" and args[1] == "<unpacked train_gpt.py>":
+        events["compile"].append(args[0] if isinstance(args[0], str) else args[0].decode("utf-8"))
+    elif event == "exec":
+        events["exec"].append(args[0].co_filename)
+    elif event == "open" and isinstance(args[0], str):
+        events["open"].append(os.path.abspath(args[0]))
+    elif event.startswith("socket."):
+        events["socket"].append(event)
+sys.addaudithook(audit)
+
+class RecordingEnviron(dict):
+    reads = []
+    def __getitem__(self, key): self.reads.append(key); return super().__getitem__(key)
+    def get(self, key, default=None): self.reads.append(key); return super().get(key, default)
+    def __contains__(self, key): self.reads.append(key); return super().__contains__(key)
+    def __iter__(self): self.reads.append("<iter>"); return super().__iter__()
+    def items(self): self.reads.append("<items>"); return super().items()
+    def keys(self): self.reads.append("<keys>"); return super().keys()
+    def copy(self): self.reads.append("<copy>"); return super().copy()
+
+real_environ = os.environ
+os.environ = RecordingEnviron(real_environ)
+sys.path.insert(0, sys.argv[1])
+import train_gpt
+reads, os.environ = os.environ.reads, real_environ
+print(json.dumps({"reads": reads, "dist": dist.is_initialized(), "cuda": torch.cuda.is_initialized(),
+                  "has_main": callable(getattr(train_gpt, "main", None)),
+                  "names": sorted(n for n in vars(train_gpt) if not n.startswith("_")), **events}))
+"""
+
+
 def small_hparams(num_layers: int = 3, **overrides):
     """Validated settings of a tiny model for unit tests: vocab 64, width 32, 4 heads of 8 on 2 KV heads."""
     import train_gpt
