@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny real dataset (SentencePiece + shards) and helpers to run train_gpt.py."""
+"""Shared fixtures and helpers: a tiny real dataset (SentencePiece + shards), tiny settings and models, and
+helpers to run train_gpt.py and read what it writes."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "data"))  # the tools' shared module (shard_format) and the data scripts
 
 TINY_VOCAB = 384  # 4 specials + 256 byte pieces + characters and merges
+BOS_ID = 1  # every document starts with it, in the datasets data/ builds and those train_gpt.py reads
+CPU = torch.device("cpu")
 
 
 def stdlib_documents(limit: int) -> list[str]:
@@ -48,6 +52,26 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
         f.write(np.asarray(tokens, dtype="<u2").tobytes())
 
 
+def split_tokens(dataset_dir: Path, split: str) -> np.ndarray:
+    """The tokens of every shard of a split, in order."""
+    from shard_format import read_shard, shard_paths
+
+    return np.concatenate([np.asarray(read_shard(p)) for p in shard_paths(dataset_dir, split)])
+
+
+def split_documents(tokens: np.ndarray) -> list[list[int]]:
+    """Cuts a split's token stream at each BOS; every document must start with one."""
+    starts = np.flatnonzero(tokens == BOS_ID)
+    assert tokens.size and starts[0] == 0, "a split must begin with BOS"
+    ends = list(starts[1:]) + [tokens.size]
+    return [tokens[s + 1 : e].tolist() for s, e in zip(starts, ends)]
+
+
+def decoded_document_bytes(sp: spm.SentencePieceProcessor, tokens: np.ndarray) -> int:
+    """UTF-8 bytes of every document's text (documents start at BOS), as SentencePiece decodes it."""
+    return sum(len(sp.decode(doc).encode("utf-8")) for doc in split_documents(tokens))
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
     """A SentencePiece BPE tokenizer with the challenge's settings and train/val shards, all tiny."""
@@ -72,6 +96,28 @@ def tiny_data(tmp_path_factory) -> dict:
     write_shard(data / "fineweb_train_000001.bin", train[half:])
     return {"data_path": str(data), "tokenizer_path": f"{prefix}.model", "vocab_size": TINY_VOCAB,
             "val_tokens": len(val), "train_tokens": len(train)}
+
+
+@pytest.fixture(scope="module")
+def tiny_sp(tiny_data) -> spm.SentencePieceProcessor:
+    """The tiny dataset's tokenizer."""
+    return spm.SentencePieceProcessor(model_file=tiny_data["tokenizer_path"])
+
+
+@pytest.fixture(scope="module")
+def luts(tiny_sp, tiny_data):
+    """train_gpt.py's byte-counting tables of the tiny tokenizer."""
+    import train_gpt
+
+    return train_gpt.build_byte_luts(tiny_sp, tiny_data["vocab_size"])
+
+
+@pytest.fixture(scope="module")
+def val_tokens(tiny_data) -> torch.Tensor:
+    """The tiny validation split, as train_gpt.py loads it."""
+    import train_gpt
+
+    return train_gpt.load_validation_tokens(os.path.join(tiny_data["data_path"], "fineweb_val_*.bin"), 1)
 
 
 def tiny_env(tiny_data: dict, tmp_path: Path, **overrides) -> dict:
@@ -105,6 +151,11 @@ def run_script(env: dict, nproc: int = 1, timeout: int = 300, check: bool = True
     if check and proc.returncode != 0:
         raise AssertionError(f"train_gpt.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def log_events(path: Path) -> str:
+    """A run's log without the copy of the source code at its top: the lines the run wrote."""
+    return Path(path).read_bytes().split(b"\ncode_end\n", 1)[1].decode("utf-8")
 
 
 # What importing a train_gpt.py does, run as `python -c IMPORT_PROBE FOLDER` (the folder holding it):

@@ -27,20 +27,15 @@ import torch.nn.functional as F
 import zstandard
 
 import train_gpt as tg
-from conftest import ROOT, run_script, small_hparams, tiny_env
+from conftest import ROOT, log_events, run_script, small_hparams, tiny_env
 
 KEEP = "blocks.1.attn.c_k.weight"  # an FP16_KEEP pattern used throughout
 RUN_ID = "artifact_run"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models in this process run on one thread, like the script runs (OMP_NUM_THREADS=1): threads
-    contending over millisecond-sized ops make them many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models in this process run on one thread, like the script runs (OMP_NUM_THREADS=1): threads
+# contending over millisecond-sized ops make them many times slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -----------------------------------------------------------------------------
@@ -85,7 +80,6 @@ tiny_hparams = functools.partial(small_hparams, num_layers=2, num_heads=2, num_k
                                  fp16_keep=KEEP)
 
 
-
 def expected_int6_names(num_layers: int, keep: str = KEEP) -> set[str]:
     names = {f"blocks.{i}.{m}.weight" for i in range(num_layers)
              for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")}
@@ -125,12 +119,6 @@ def score_stream(model: tg.GPT, tokens: torch.Tensor, seq_len: int, luts: tg.Byt
                 byte_sum += luts.count(xb[:, skip:], yb[:, skip:]).sum().item()
     assert count == num_targets
     return loss_sum / count, loss_sum / count / math.log(2.0) * count / byte_sum
-
-
-def log_events(path: Path) -> str:
-    """The log without the copy of the source code at its top."""
-    text = path.read_text(encoding="utf-8")
-    return text[text.index("\ncode_end\n") + len("\ncode_end\n"):]
 
 
 # -----------------------------------------------------------------------------

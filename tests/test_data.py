@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from conftest import split_documents, split_tokens
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "data"
 sys.path.insert(0, str(DATA_DIR))  # the data scripts import their shared module by name
@@ -78,18 +80,6 @@ def tiny_config(docs: Path, out_root: Path, **overrides) -> BuildConfig:
     )
     settings.update(overrides)
     return BuildConfig(**settings)
-
-
-def split_documents(tokens: np.ndarray) -> list[list[int]]:
-    """Cuts a split's token stream at each BOS; every document must start with one."""
-    starts = np.flatnonzero(tokens == build_dataset.BOS_ID)
-    assert tokens.size and starts[0] == 0, "a split must begin with BOS"
-    ends = list(starts[1:]) + [tokens.size]
-    return [tokens[s + 1 : e].tolist() for s, e in zip(starts, ends)]
-
-
-def split_tokens(dataset_dir: Path, split: str) -> np.ndarray:
-    return np.concatenate([np.asarray(read_shard(p)) for p in shard_paths(dataset_dir, split)])
 
 
 def docs_sha256(docs: list[str]) -> str:

@@ -17,9 +17,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import run_script, small_hparams, tiny_env
-
-CPU = torch.device("cpu")
+from conftest import CPU, run_script, small_hparams, tiny_env
 
 
 def rtn(w: torch.Tensor, max_level: int, scale: torch.Tensor) -> torch.Tensor:

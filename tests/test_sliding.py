@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -20,13 +19,12 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import ShapeRecorder, random_gpt, run_script, small_hparams, tiny_env
+from conftest import CPU, ShapeRecorder, log_events, random_gpt, run_script, small_hparams, tiny_env
 
 TRAIN_SEQ_LEN = 128
 EVAL_STRIDE = 32
 TRAIN_STEPS = 300
 
-CPU = torch.device("cpu")
 SLIDING_LINE = re.compile(r"final_sliding_window_exact stride:(\d+) seq_len:(\d+) val_loss:(\S+) val_bpb:(\S+) "
                           r"scored_tokens:(\d+) eval_time:(\d+)ms")
 RATE_LINE = re.compile(r"sliding_rate scored_tok_s:(\d+) per_rank:(\d+)$", re.M)
@@ -119,21 +117,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread 
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_data) -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_file=tiny_data["tokenizer_path"])
-
-
-@pytest.fixture(scope="module")
-def luts(tokenizer, tiny_data) -> tg.ByteLuts:
-    return tg.build_byte_luts(tokenizer, tiny_data["vocab_size"])
-
-
-@pytest.fixture(scope="module")
-def val_tokens(tiny_data) -> torch.Tensor:
-    return tg.load_validation_tokens(os.path.join(tiny_data["data_path"], "fineweb_val_*.bin"), 1)
-
-
-@pytest.fixture(scope="module")
 def snippet(val_tokens) -> torch.Tensor:
     """301 real validation tokens with a document boundary (BOS) inside, not at the start."""
     bos = (val_tokens == tg.BOS_ID).nonzero().flatten()
@@ -155,14 +138,9 @@ def trained(tiny_data, tmp_path_factory) -> dict:
     env = tiny_env(tiny_data, root, ITERATIONS=TRAIN_STEPS, TRAIN_SEQ_LEN=TRAIN_SEQ_LEN, EVAL_STRIDE=EVAL_STRIDE,
                    TRAIN_BATCH_TOKENS=512, GRAD_ACCUM_STEPS=1, TRAIN_LOG_EVERY=100, RUN_ID="trained")
     run_script(env)
-    log = run_log(root / "logs" / "trained.txt")
+    log = log_events(root / "logs" / "trained.txt")
     summary = json.loads((root / "logs" / "trained.json").read_text())
     return {"env": env, "root": root, "log": log, "summary": summary}
-
-
-def run_log(path: Path) -> str:
-    """The log's event lines: what follows the copy of the source."""
-    return path.read_text().split("\ncode_end\n", 1)[1]
 
 
 def check_rate_line(log: str, world_size: int) -> None:
@@ -265,8 +243,8 @@ def test_plan_stride_off_is_non_overlapping():
 # -----------------------------------------------------------------------------
 
 
-def test_stride_equal_to_seq_len_is_the_plain_evaluation(random_model, snippet, luts, tokenizer):
-    split_bytes = sum(piece_bytes(tokenizer, int(p), int(t)) for p, t in zip(snippet[:-1], snippet[1:]))
+def test_stride_equal_to_seq_len_is_the_plain_evaluation(random_model, snippet, luts, tiny_sp):
+    split_bytes = sum(piece_bytes(tiny_sp, int(p), int(t)) for p, t in zip(snippet[:-1], snippet[1:]))
     for tokens, seq_len in [(snippet, 32), (snippet, 7), (snippet[:20], 32), (snippet[:33], 32)]:
         loss_sum, count, byte_sum = naive_plain(random_model, tokens, seq_len, luts)
         assert count == tokens.numel() - 1
@@ -281,7 +259,7 @@ def test_stride_equal_to_seq_len_is_the_plain_evaluation(random_model, snippet, 
 
 
 @pytest.mark.parametrize("seq_len,stride", [(32, 5), (32, 8), (16, 1)])
-def test_sliding_matches_per_target_references(random_model, snippet, luts, tokenizer, seq_len, stride):
+def test_sliding_matches_per_target_references(random_model, snippet, luts, tiny_sp, seq_len, stride):
     tokens = snippet[:201]
     n = tokens.numel() - 1
     by_plan = target_losses_by_plan(random_model, tokens, seq_len, stride)
@@ -290,7 +268,7 @@ def test_sliding_matches_per_target_references(random_model, snippet, luts, toke
     torch.testing.assert_close(by_context, by_plan, rtol=0, atol=1e-5)
     r = tg.evaluate(random_model, tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=3)
     assert r.scored_tokens == n
-    assert r.scored_bytes == sum(piece_bytes(tokenizer, int(p), int(t)) for p, t in zip(tokens[:-1], tokens[1:]))
+    assert r.scored_bytes == sum(piece_bytes(tiny_sp, int(p), int(t)) for p, t in zip(tokens[:-1], tokens[1:]))
     loss_sum = r.val_loss * r.scored_tokens
     assert loss_sum == pytest.approx(by_plan.sum().item(), rel=1e-12)
     assert loss_sum == pytest.approx(by_context.sum().item(), rel=1e-7)
@@ -406,7 +384,7 @@ def test_two_processes_score_like_one(trained, tmp_path):
     assert two["scored_tokens"] == one["scored_tokens"]
     for key in ("sliding_val_loss", "sliding_val_bpb", "roundtrip_val_loss", "roundtrip_val_bpb"):
         assert two[key] == pytest.approx(one[key], rel=1e-9, abs=0), key
-    log = run_log(tmp_path / "logs" / "rescore.txt")
+    log = log_events(tmp_path / "logs" / "rescore.txt")
     (stride, seq_len, _, _, scored, _), = [m.groups() for m in SLIDING_LINE.finditer(log)]
     assert (int(stride), int(seq_len), int(scored)) == (EVAL_STRIDE, TRAIN_SEQ_LEN, one["scored_tokens"])
     check_rate_line(log, world_size=2)
@@ -420,7 +398,7 @@ def test_two_processes_score_like_one(trained, tmp_path):
 def test_eval_settings_reach_the_script(trained, tmp_path, luts, val_tokens, overrides, sliding):
     run_script(rescore_env(trained, tmp_path, **overrides))
     summary = json.loads((tmp_path / "logs" / "rescore.json").read_text())
-    log = run_log(tmp_path / "logs" / "rescore.txt")
+    log = log_events(tmp_path / "logs" / "rescore.txt")
     assert summary["scored_tokens"] == summary["val_tokens"] - 1
     assert summary["roundtrip_val_bpb"] == pytest.approx(trained["summary"]["roundtrip_val_bpb"], rel=1e-12)
     if sliding is None:  # plain evaluation: no sliding line, the round-trip score is the score

@@ -20,15 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import IMPORT_PROBE, ROOT, randomized, run_script, small_hparams, tiny_env, write_shard
+from conftest import (CPU, IMPORT_PROBE, ROOT, decoded_document_bytes, randomized, run_script, small_hparams,
+                      tiny_env, write_shard)
 from trainer_helpers import MUON_SHAPES, muon_trajectory, muon_worker
-
-CPU = torch.device("cpu")
 
 
 # -----------------------------------------------------------------------------
@@ -422,18 +420,6 @@ SAMPLE_TEXTS = [
 
 def read_shard_numpy(path: Path) -> np.ndarray:
     return np.fromfile(path, dtype="<u2", offset=256 * 4)
-
-
-def decoded_document_bytes(sp: spm.SentencePieceProcessor, tokens: np.ndarray) -> int:
-    """UTF-8 bytes of every document's text (documents start at BOS), as SentencePiece decodes it."""
-    assert tokens[0] == tg.BOS_ID
-    starts = list(np.flatnonzero(tokens == tg.BOS_ID)) + [len(tokens)]
-    return sum(len(sp.decode(tokens[a + 1:b].tolist()).encode("utf-8")) for a, b in zip(starts, starts[1:]))
-
-
-@pytest.fixture(scope="module")
-def tiny_sp(tiny_data):
-    return spm.SentencePieceProcessor(model_file=tiny_data["tokenizer_path"])
 
 
 def test_byte_counts_equal_utf8_bytes_of_decoded_text(tiny_data, tiny_sp):

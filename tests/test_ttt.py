@@ -12,20 +12,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train_gpt as tg
-from conftest import ShapeRecorder, random_gpt, run_script, small_hparams, tiny_env
+from conftest import CPU, ShapeRecorder, log_events, random_gpt, run_script, small_hparams, tiny_env
 
-CPU = torch.device("cpu")
 TTT_LINE = re.compile(r"^final_ttt_exact val_loss:(\S+) val_bpb:(\S+) scored_tokens:(\d+) eval_time:(\d+)ms "
                       r"graphs:(\d+) compile_time:(\d+)ms$", re.M)
 RUN_SETTINGS = dict(ITERATIONS=40, TRAIN_SEQ_LEN=64, EVAL_STRIDE=16, EVAL_BATCH_SEQS=32, GRAD_ACCUM_STEPS=1,
@@ -36,17 +33,6 @@ RUN_SETTINGS = dict(ITERATIONS=40, TRAIN_SEQ_LEN=64, EVAL_STRIDE=16, EVAL_BATCH_
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is much faster here
 
 
-@pytest.fixture(scope="module")
-def luts(tiny_data) -> tg.ByteLuts:
-    return tg.build_byte_luts(spm.SentencePieceProcessor(model_file=tiny_data["tokenizer_path"]),
-                              tiny_data["vocab_size"])
-
-
-@pytest.fixture(scope="module")
-def val_tokens(tiny_data) -> torch.Tensor:
-    return tg.load_validation_tokens(os.path.join(tiny_data["data_path"], "fineweb_val_*.bin"), 1)
-
-
 def settings(tiny_data, **ttt) -> tg.Hyperparameters:
     return small_hparams(num_layers=2, vocab_size=tiny_data["vocab_size"], ttt_enabled=True, **ttt)
 
@@ -55,10 +41,6 @@ def random_stream(tiny_data, num_targets: int) -> torch.Tensor:
     """Uniform random token ids: every (w + 1)-token window occurs once, so a window's tokens name its position."""
     gen = torch.Generator().manual_seed(2)
     return torch.randint(4, tiny_data["vocab_size"], (num_targets + 1,), generator=gen, dtype=torch.int32)
-
-
-def run_log(path: Path) -> str:
-    return path.read_text().split("\ncode_end\n", 1)[1]
 
 
 # -----------------------------------------------------------------------------
@@ -318,7 +300,7 @@ def ttt_run(tiny_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ttt_run")
     env = tiny_env(tiny_data, root, RUN_ID="ttt", **RUN_SETTINGS)
     proc = run_script(env)
-    return {"env": env, "root": root, "stdout": proc.stdout, "log": run_log(root / "logs" / "ttt.txt"),
+    return {"env": env, "root": root, "stdout": proc.stdout, "log": log_events(root / "logs" / "ttt.txt"),
             "summary": json.loads((root / "logs" / "ttt.json").read_text())}
 
 
@@ -369,7 +351,7 @@ def test_two_processes_give_the_ttt_score_of_one(ttt_run, tmp_path):
 def test_off_means_off(ttt_run, tmp_path):
     run_script(rescore_env(ttt_run, tmp_path, TTT_ENABLED=0))
     summary = json.loads((tmp_path / "logs" / "rescore.json").read_text())
-    log = run_log(tmp_path / "logs" / "rescore.txt")
+    log = log_events(tmp_path / "logs" / "rescore.txt")
     assert summary["ttt_val_bpb"] is None and summary["ttt_val_loss"] is None
     assert summary["val_bpb"] == summary["sliding_val_bpb"] == pytest.approx(ttt_run["summary"]["sliding_val_bpb"],
                                                                              rel=1e-12)
