@@ -359,7 +359,7 @@ def append_measurement(path: Path, invocation: dict, measurement: dict | None) -
             results["invocations"].append(invocation)
         if measurement is not None:
             results["measurements"].append(measurement)
-        runlog.atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+        runlog.write_text_atomic(path, json.dumps(results, indent=2) + "\n")
 
 
 def load_all_results(results_dir: Path) -> list[tuple[Path, dict]]:
@@ -457,7 +457,7 @@ def render_results(results_dir: Path) -> str:
 
 def write_results_md(results_dir: Path) -> Path:
     path = results_dir / "RESULTS.md"
-    runlog.atomic_write_text(path, render_results(results_dir))
+    runlog.write_text_atomic(path, render_results(results_dir))
     return path
 
 

@@ -167,7 +167,7 @@ def is_current(entry: dict | None, row_env: dict, config: dict, trainer_sha: str
 
 def store(results: dict, path: Path, row: str, seed: int, entry: dict) -> None:
     results["runs"].setdefault(row, {})[str(seed)] = entry
-    runlog.atomic_write_text(path, json.dumps(results, indent=2, sort_keys=False) + "\n")
+    runlog.write_text_atomic(path, json.dumps(results, indent=2, sort_keys=False) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -385,7 +385,7 @@ def list_rows(rows: dict, results: dict, config: dict, trainer_sha: str) -> None
 def write_ladder(args, rows: dict, results: dict, config: dict, trainer_sha: str) -> None:
     text = render_ladder(rows, results, config, args.seeds, trainer_sha, results_path=args.results,
                          rows_path=args.rows_file)
-    runlog.atomic_write_text(args.out, text)
+    runlog.write_text_atomic(args.out, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 The log reader understands train_gpt.py and the challenge's baseline script with the same code: both write
 one `key:value` line per event, and the figures here are read by key, so extra fields do no harm.
-Nothing heavy is imported: torch only in the child process that describes the machine.
+Nothing heavy is imported: torch only in the child process that describes the machine. Shard headers are read
+and results files written with data/shard_format.py, the module the tools share.
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ import re
 import resource
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "data"))  # the tools' shared module: shard headers, atomic writes
+from shard_format import ShardError, read_header, shard_paths, write_text_atomic  # noqa: E402, F401
+
 TRAINER = ROOT / "train_gpt.py"
 FINEWEB_VAL_TOKENS = 63_779_840  # the published validation split (train_gpt.py's constant of the same name)
-SHARD_MAGIC = 20240520  # header[0] of every shard
 STEADY_FROM_STEP = 10  # step times are measured from here on: the first steps after warm-up still settle
 ZSTANDARD_HELP = ("the Python package zstandard is missing (train_gpt.py writes its artifact with it): "
                   "pip install zstandard, or with no network bring its wheel along and "
@@ -36,17 +37,6 @@ ZSTANDARD_HELP = ("the Python package zstandard is missing (train_gpt.py writes 
 # -----------------------------------------------------------------------------
 # Files
 # -----------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_json(path: Path, expected_format: str) -> dict | None:
@@ -330,14 +320,14 @@ def parse_assignments(items, what: str) -> dict[str, str]:
 
 
 def shard_tokens(pattern_dir: Path, split: str) -> int:
-    """Token count of a split from its shard headers (header[2]), without reading the tokens."""
+    """Token count of a split from its shard headers, without reading the tokens; a shard whose header or
+    size is wrong stops the command."""
     total = 0
-    for path in sorted(pattern_dir.glob(f"fineweb_{split}_*.bin")):
-        with open(path, "rb") as f:
-            magic, _version, count = struct.unpack("<3i", f.read(12))
-        if magic != SHARD_MAGIC:
-            raise SystemExit(f"error: {display(path)} is not a shard (bad magic); rebuild or re-download the data")
-        total += count
+    for path in shard_paths(pattern_dir, split):
+        try:
+            total += read_header(path)
+        except ShardError as e:
+            raise SystemExit(f"error: {e}; rebuild or re-download the data") from None
     return total
 
 

@@ -58,6 +58,7 @@ from shard_format import (
     display_path,
     set_default_permissions,
     shard_name,
+    write_text_atomic,
 )
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -783,7 +784,7 @@ def build(config: BuildConfig) -> BuildResult:
             val=split_stats["val"],
             train=split_stats["train"],
         )
-        _write_text_atomic(work_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        write_text_atomic(work_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
         if tokenizer_info:
             for suffix in (".model", ".vocab"):
@@ -950,18 +951,6 @@ def _manifest_path(path: Path, out_root: Path) -> str:
         return path.relative_to(out_root).as_posix()
     except ValueError:
         return str(path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    set_default_permissions(fd)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _publish_dir(work_dir: Path, dataset_dir: Path) -> None:

@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -35,7 +34,7 @@ from typing import Protocol
 import sentencepiece as spm
 from tqdm import tqdm
 
-from shard_format import ShardError, display_path, read_header, set_default_permissions, shard_name
+from shard_format import ShardError, display_path, read_header, shard_name, temp_file_beside
 
 DATA_DIR = Path(__file__).resolve().parent
 REPO_ENV = "MATCHED_FINEWEB_REPO_ID"
@@ -386,10 +385,8 @@ def file_problem(path: Path, expected_tokens: int | None = None, suffix: str | N
 def fetch_checked(fetcher: Fetcher, item: PlannedFile) -> None:
     """Fetches into a temporary file beside the destination, checks it, then renames it."""
     item.local_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=item.local_path.parent, prefix=f".{item.local_path.name}.", suffix=".tmp")
-    set_default_permissions(fd)
+    fd, tmp_path = temp_file_beside(item.local_path)
     os.close(fd)
-    tmp_path = Path(tmp_name)
     try:
         fetcher.fetch(item.remote_path, tmp_path)
         problem = file_problem(tmp_path, item.expected_tokens, suffix=item.local_path.suffix)

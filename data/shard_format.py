@@ -1,11 +1,14 @@
-"""The challenge's token shard format, shared by the data scripts in this folder.
+"""The challenge's token shard format and atomic file writes, shared by the tools.
 
 A shard is a header of 256 little-endian int32 (magic, version, number of tokens, then
 zeros) followed by that many little-endian uint16 token ids. Datasets name their shards
 fineweb_val_000000.bin, fineweb_train_000000.bin, fineweb_train_000001.bin, ...
 
-The trainer reads shards with its own loader (train_gpt.py is self-contained); this
-module is for the scripts that write and check them.
+The scripts in data/ import this module by name; bench/ and records/ put this folder on
+sys.path to import it too. They all read shard headers with `read_header` and write their
+files with `write_bytes_atomic` / `write_text_atomic`. train_gpt.py keeps its own shard
+loader and atomic write (it is submitted as one self-contained file), so a change to the
+format here must be made there as well.
 """
 
 from __future__ import annotations
@@ -44,6 +47,37 @@ def set_default_permissions(fd_or_path: int | Path, is_dir: bool = False) -> Non
         os.fchmod(fd_or_path, mode)
     else:
         os.chmod(fd_or_path, mode)
+
+
+def temp_file_beside(path: Path) -> tuple[int, Path]:
+    """A new hidden temporary file in `path`'s folder (so that os.replace onto `path` is a
+    rename), with the permissions a plain open() would give: (its descriptor, its path)."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    set_default_permissions(fd)
+    return fd, Path(tmp_name)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` so that a reader sees the old file or the whole new one, never
+    half of it: a temporary file beside it, flushed to disk, then renamed over it. The
+    temporary file is removed if anything fails; missing parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = temp_file_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """write_bytes_atomic for text, stored as UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def display_path(path: Path) -> str:
@@ -112,9 +146,7 @@ class ShardWriter:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.num_tokens = 0
-        fd, tmp_name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        set_default_permissions(fd)
-        self._tmp_path = Path(tmp_name)
+        fd, self._tmp_path = temp_file_beside(self.path)
         self._file = os.fdopen(fd, "wb")
         self._file.write(make_header(0))  # rewritten with the real count on close()
 

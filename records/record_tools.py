@@ -20,6 +20,7 @@ import datetime
 import base64
 import binascii
 import hashlib
+import io
 import json
 import lzma
 import math
@@ -28,12 +29,16 @@ import re
 import shlex
 import shutil
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))  # the tools' shared module
+from shard_format import write_bytes_atomic  # noqa: E402
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # the track's cap on code + compressed model, decimal bytes
 TRAIN_TIME_LIMIT_MS = 600_000  # the track's 10 minutes of training on 8xH100
@@ -116,21 +121,6 @@ def read_file(path: Path) -> bytes:
         raise RecordError(f"{path}: no such file") from None
     except OSError as err:
         raise RecordError(f"cannot read {path}: {err.strerror}") from None
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _printed_matches(printed: str, value: float) -> bool:
@@ -959,14 +949,10 @@ def plot_runs(paths: Sequence[str | os.PathLike], out_png: str | os.PathLike) ->
     by_step.legend(fontsize="small", loc="upper right")
     fig.suptitle("validation bpb during training; legend: final score")
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.name}.", suffix=".png", dir=out_png.parent)
-    os.close(fd)
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out_png)
+        fig.savefig(png, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_bytes_atomic(out_png, png.getvalue())
     return out_png

@@ -9,15 +9,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Settings of a run that takes a few seconds on one CPU core.
-TINY_SETTINGS = {
-    "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "MLP_MULT": "2",
-    "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024", "VAL_BATCH_SIZE": "4096",
-    "ITERATIONS": "20", "VAL_LOSS_EVERY": "10", "TRAIN_LOG_EVERY": "10", "WARMUP_STEPS": "0",
-    "WARMDOWN_ITERS": "5", "MAX_WALLCLOCK_SECONDS": "0", "EVAL_STRIDE": "32", "DEVICE": "cpu",
-    "COMPILE": "0", "ZSTD_LEVEL": "3",
-}
-
 
 def run_trainers(workdir: Path, runs: dict[str, dict[str, str]], code: Path,
                  timeout_s: float = 300) -> None:

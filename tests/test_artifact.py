@@ -9,6 +9,7 @@ tiny run (and a re-export of its raw checkpoint) left on disk.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -26,20 +27,15 @@ import torch.nn.functional as F
 import zstandard
 
 import train_gpt as tg
-from conftest import ROOT, run_script, tiny_env
+from conftest import ROOT, log_events, run_script, small_hparams, tiny_env
 
 KEEP = "blocks.1.attn.c_k.weight"  # an FP16_KEEP pattern used throughout
 RUN_ID = "artifact_run"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models in this process run on one thread, like the script runs (OMP_NUM_THREADS=1): threads
-    contending over millisecond-sized ops make them many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models in this process run on one thread, like the script runs (OMP_NUM_THREADS=1): threads
+# contending over millisecond-sized ops make them many times slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -----------------------------------------------------------------------------
@@ -80,10 +76,8 @@ def rows_with_outliers(rows: int, n: int, seed: int) -> torch.Tensor:
     return w
 
 
-def tiny_hparams(**overrides) -> tg.Hyperparameters:
-    base = dict(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, vocab_size=64,
-                train_seq_len=16, fp16_keep=KEEP)
-    return tg.Hyperparameters(**{**base, **overrides})
+tiny_hparams = functools.partial(small_hparams, num_layers=2, num_heads=2, num_kv_heads=1, train_seq_len=16,
+                                 fp16_keep=KEEP)
 
 
 def expected_int6_names(num_layers: int, keep: str = KEEP) -> set[str]:
@@ -125,12 +119,6 @@ def score_stream(model: tg.GPT, tokens: torch.Tensor, seq_len: int, luts: tg.Byt
                 byte_sum += luts.count(xb[:, skip:], yb[:, skip:]).sum().item()
     assert count == num_targets
     return loss_sum / count, loss_sum / count / math.log(2.0) * count / byte_sum
-
-
-def log_events(path: Path) -> str:
-    """The log without the copy of the source code at its top."""
-    text = path.read_text(encoding="utf-8")
-    return text[text.index("\ncode_end\n") + len("\ncode_end\n"):]
 
 
 # -----------------------------------------------------------------------------

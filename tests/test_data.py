@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from conftest import split_documents, split_tokens
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "data"
 sys.path.insert(0, str(DATA_DIR))  # the data scripts import their shared module by name
@@ -34,7 +36,9 @@ from shard_format import (  # noqa: E402
     read_header,
     read_shard,
     shard_paths,
+    write_bytes_atomic,
     write_shard,
+    write_text_atomic,
 )
 
 VOCAB = 384  # 4 special + 256 byte pieces + the corpus' characters + some merges
@@ -76,18 +80,6 @@ def tiny_config(docs: Path, out_root: Path, **overrides) -> BuildConfig:
     )
     settings.update(overrides)
     return BuildConfig(**settings)
-
-
-def split_documents(tokens: np.ndarray) -> list[list[int]]:
-    """Cuts a split's token stream at each BOS; every document must start with one."""
-    starts = np.flatnonzero(tokens == build_dataset.BOS_ID)
-    assert tokens.size and starts[0] == 0, "a split must begin with BOS"
-    ends = list(starts[1:]) + [tokens.size]
-    return [tokens[s + 1 : e].tolist() for s, e in zip(starts, ends)]
-
-
-def split_tokens(dataset_dir: Path, split: str) -> np.ndarray:
-    return np.concatenate([np.asarray(read_shard(p)) for p in shard_paths(dataset_dir, split)])
 
 
 def docs_sha256(docs: list[str]) -> str:
@@ -153,6 +145,23 @@ def test_read_header_rejects_damaged_shards(tmp_path):
     path.write_bytes(bytes(bad_magic))
     with pytest.raises(ShardError, match=f"magic {SHARD_MAGIC}"):
         read_header(path)
+
+
+def test_atomic_writes_publish_whole_files_with_default_permissions(tmp_path, monkeypatch):
+    path = tmp_path / "new" / "out.txt"
+    write_text_atomic(path, "héllo\n")
+    assert path.read_bytes() == "héllo\n".encode() and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~current_umask()
+    write_bytes_atomic(path, b"replaced")
+    assert path.read_bytes() == b"replaced"
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_bytes_atomic(path, b"lost")
+    assert path.read_bytes() == b"replaced"  # the old file is untouched, the temporary one gone
+    assert sorted(p.name for p in path.parent.iterdir()) == ["out.txt"]
 
 
 # -----------------------------------------------------------------------------

@@ -12,8 +12,6 @@ import torch
 import train_gpt as tg
 from conftest import assert_causal, randomized, run_script, small_hparams, tiny_env
 
-CPU = torch.device("cpu")
-
 
 small_h = functools.partial(small_hparams, num_layers=6)
 

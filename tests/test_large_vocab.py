@@ -19,11 +19,12 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from conftest import ROOT, run_script, stdlib_documents, tiny_env
+from conftest import (ROOT, decoded_document_bytes, run_script, split_documents, split_tokens, stdlib_documents,
+                      tiny_env)
 
 sys.path.insert(0, str(ROOT / "data"))
 import build_dataset  # noqa: E402
-from shard_format import read_shard, shard_paths  # noqa: E402
+from shard_format import shard_paths  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
 
@@ -34,22 +35,6 @@ UNUSUAL_DOCS = [
     "Emoji 🦜🐍🧪 and rare scripts ᚠᛇᚻ ꦱꦸꦫꦏꦂꦠ fall back to bytes.   Three spaces,\ttabs,\n\nand blank lines.",
     "  Leading spaces; digits 20240520 and 3.14159; naïve café, Œuvre, Ærø; ∑ ∫ √ → ≤ ≥; 東京 서울 Москва.",
 ]
-
-
-def decoded_document_bytes(sp: spm.SentencePieceProcessor, tokens: np.ndarray) -> int:
-    """UTF-8 bytes of every document's text (documents start at BOS), as SentencePiece decodes it."""
-    starts = list(np.flatnonzero(tokens == build_dataset.BOS_ID)) + [len(tokens)]
-    assert starts[0] == 0
-    return sum(len(sp.decode(tokens[a + 1:b].tolist()).encode("utf-8")) for a, b in zip(starts, starts[1:]))
-
-
-def split_documents(tokens: np.ndarray) -> list[list[int]]:
-    starts = list(np.flatnonzero(tokens == build_dataset.BOS_ID)) + [len(tokens)]
-    return [tokens[a + 1:b].tolist() for a, b in zip(starts, starts[1:])]
-
-
-def split_tokens(dataset_dir: Path, split: str) -> np.ndarray:
-    return np.concatenate([np.asarray(read_shard(p)) for p in shard_paths(dataset_dir, split)])
 
 
 @pytest.fixture(scope="module")

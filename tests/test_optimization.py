@@ -13,9 +13,7 @@ import torch
 from torch import nn
 
 import train_gpt as tg
-from conftest import run_script, small_hparams, tiny_env
-
-CPU = torch.device("cpu")
+from conftest import CPU, run_script, small_hparams, tiny_env
 
 
 small_h = functools.partial(small_hparams, num_layers=2)

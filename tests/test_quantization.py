@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import lzma
@@ -16,9 +17,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import run_script, tiny_env
-
-CPU = torch.device("cpu")
+from conftest import CPU, run_script, small_hparams, tiny_env
 
 
 def rtn(w: torch.Tensor, max_level: int, scale: torch.Tensor) -> torch.Tensor:
@@ -83,10 +82,7 @@ def test_clip_search_takes_each_rows_best_candidate():
     assert (scale.float() < w.abs().amax(1) / 7).any()  # some row really clipped
 
 
-def tiny_h(**overrides) -> tg.Hyperparameters:
-    settings = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
-    settings.update(overrides)
-    return tg.Hyperparameters(**settings)
+tiny_h = functools.partial(small_hparams, num_layers=2)
 
 
 @pytest.mark.parametrize("mlp_bits, attn_bits, embed, compressor", [

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import run_script, tiny_env
-from records_tinyrun import REPO, TINY_SETTINGS, run_trainers
+from conftest import IMPORT_PROBE, run_script, tiny_env
+from records_tinyrun import REPO, run_trainers
 
 sys.path.insert(0, str(REPO / "records"))
 import make_submission  # noqa: E402
@@ -48,9 +48,11 @@ class TinyRuns:
         return [self.run(f"seed{s}") for s in SEEDS]
 
 
-def tiny_settings(tiny_data: dict) -> dict[str, str]:
-    return {**TINY_SETTINGS, "DATA_PATH": tiny_data["data_path"],
-            "TOKENIZER_PATH": tiny_data["tokenizer_path"], "VOCAB_SIZE": str(tiny_data["vocab_size"])}
+def tiny_settings(tiny_data: dict, root: Path) -> dict[str, str]:
+    """conftest's tiny model with two heads, trained for 20 steps with validation and a sliding evaluation:
+    a few seconds on one CPU core. Its logs go to root/logs."""
+    return tiny_env(tiny_data, root, NUM_HEADS=2, NUM_KV_HEADS=1, VAL_BATCH_SIZE=4096, ITERATIONS=20,
+                    VAL_LOSS_EVERY=10, TRAIN_LOG_EVERY=10, WARMDOWN_ITERS=5, EVAL_STRIDE=32, COMPILE=0)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +60,7 @@ def tiny(tmp_path_factory, tiny_data) -> TinyRuns:
     root = tmp_path_factory.mktemp("tiny_runs")
     code = root / "train_gpt.py"
     shutil.copyfile(REPO / "train_gpt.py", code)
-    settings = tiny_settings(tiny_data)
+    settings = tiny_settings(tiny_data, root)
     runs = {f"seed{s}": {**settings, "SEED": str(s)} for s in SEEDS}
     runs |= {f"short{s}": {**settings, "SEED": str(s), "ITERATIONS": "5"} for s in (1, 2)}
     run_trainers(root, runs, code)
@@ -426,7 +428,7 @@ def packed(tmp_path_factory, tiny, tiny_data) -> TinyRuns:
     root = tmp_path_factory.mktemp("packed_runs")
     code = root / "train_gpt.py"
     assert make_submission.main(["pack", str(tiny.code), "-o", str(code)]) == 0
-    runs = {f"seed{s}": {**tiny_settings(tiny_data), "SEED": str(s)} for s in PACKED_SEEDS}
+    runs = {f"seed{s}": {**tiny_settings(tiny_data, root), "SEED": str(s)} for s in PACKED_SEEDS}
     run_trainers(root, runs, code)
     return TinyRuns(root=root, logs=root / "logs", code=code)
 
@@ -508,39 +510,6 @@ def test_edited_packed_files_are_refused(packed, tmp_path):
         assert make_submission.main(["unpack", str(path)]) == 1
 
 
-PACKED_IMPORT_PROBE = r"""
-import json, os, sys
-import numpy, sentencepiece, zstandard, torch, torch.distributed as dist, torch.nn.functional, torch.nn.parallel
-
-events = {"compile": [], "exec": [], "open": [], "socket": []}
-def audit(event, args):
-    if event == "compile" and args[1] == "<unpacked train_gpt.py>":
-        events["compile"].append(args[0] if isinstance(args[0], str) else args[0].decode("utf-8"))
-    elif event == "exec":
-        events["exec"].append(args[0].co_filename)
-    elif event == "open" and isinstance(args[0], str):
-        events["open"].append(os.path.abspath(args[0]))
-    elif event.startswith("socket."):
-        events["socket"].append(event)
-sys.addaudithook(audit)
-
-class RecordingEnviron(dict):
-    reads = []
-    def __getitem__(self, key): self.reads.append(key); return super().__getitem__(key)
-    def get(self, key, default=None): self.reads.append(key); return super().get(key, default)
-    def __contains__(self, key): self.reads.append(key); return super().__contains__(key)
-    def __iter__(self): self.reads.append("<iter>"); return super().__iter__()
-
-real_environ = os.environ
-os.environ = RecordingEnviron(real_environ)
-sys.path.insert(0, sys.argv[1])
-import train_gpt
-reads, os.environ = os.environ.reads, real_environ
-print(json.dumps({"reads": reads, "dist": dist.is_initialized(), "cuda": torch.cuda.is_initialized(),
-                  "names": sorted(n for n in vars(train_gpt) if not n.startswith("_")), **events}))
-"""
-
-
 def test_the_packed_file_executes_only_its_own_source(tiny, packed, tmp_path):
     """Imported in isolation (python -I, an empty working folder), the packed file compiles and
     executes exactly the source it embeds, opens no project file, touches no network, reads no
@@ -552,7 +521,7 @@ def test_the_packed_file_executes_only_its_own_source(tiny, packed, tmp_path):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONDONTWRITEBYTECODE": "1",
            "OMP_NUM_THREADS": "1", "MODEL_DIM": "abc", "WORLD_SIZE": "2", "RANK": "1", "DEVICE": "cuda",
            "LOG_DIR": str(tmp_path / "logs")}
-    proc = subprocess.run([sys.executable, "-I", "-c", PACKED_IMPORT_PROBE, str(alone)], env=env, cwd=workdir,
+    proc = subprocess.run([sys.executable, "-I", "-c", IMPORT_PROBE, str(alone)], env=env, cwd=workdir,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -19,15 +19,13 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, run_script, tiny_env, write_shard
+from conftest import CPU, ROOT, log_events, run_script, tiny_env, write_shard
 
 FAULT_RUNNER = ROOT / "tests" / "fault_runner.py"
-CPU = torch.device("cpu")
 
 
 def log_lines(env: dict, run_id: str | None = None) -> list[str]:
-    path = Path(env["LOG_DIR"]) / f"{run_id or env['RUN_ID']}.txt"
-    return path.read_bytes().split(b"\ncode_end\n", 1)[1].decode().splitlines()
+    return log_events(Path(env["LOG_DIR"]) / f"{run_id or env['RUN_ID']}.txt").splitlines()
 
 
 def files_of(env: dict) -> list[str]:

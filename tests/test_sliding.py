@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -20,13 +19,12 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import run_script, tiny_env
+from conftest import CPU, ShapeRecorder, log_events, random_gpt, run_script, small_hparams, tiny_env
 
 TRAIN_SEQ_LEN = 128
 EVAL_STRIDE = 32
 TRAIN_STEPS = 300
 
-CPU = torch.device("cpu")
 SLIDING_LINE = re.compile(r"final_sliding_window_exact stride:(\d+) seq_len:(\d+) val_loss:(\S+) val_bpb:(\S+) "
                           r"scored_tokens:(\d+) eval_time:(\d+)ms")
 RATE_LINE = re.compile(r"sliding_rate scored_tok_s:(\d+) per_rank:(\d+)$", re.M)
@@ -119,21 +117,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread 
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_data) -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_file=tiny_data["tokenizer_path"])
-
-
-@pytest.fixture(scope="module")
-def luts(tokenizer, tiny_data) -> tg.ByteLuts:
-    return tg.build_byte_luts(tokenizer, tiny_data["vocab_size"])
-
-
-@pytest.fixture(scope="module")
-def val_tokens(tiny_data) -> torch.Tensor:
-    return tg.load_validation_tokens(os.path.join(tiny_data["data_path"], "fineweb_val_*.bin"), 1)
-
-
-@pytest.fixture(scope="module")
 def snippet(val_tokens) -> torch.Tensor:
     """301 real validation tokens with a document boundary (BOS) inside, not at the start."""
     bos = (val_tokens == tg.BOS_ID).nonzero().flatten()
@@ -145,15 +128,7 @@ def snippet(val_tokens) -> torch.Tensor:
 def random_model(tiny_data) -> tg.GPT:
     """A tiny GPT in float64 with every parameter perturbed, so each position depends on its whole context
     (at init the zero-initialized projections would make the output depend on the current token only)."""
-    h = tg.Hyperparameters.from_env({"VOCAB_SIZE": str(tiny_data["vocab_size"]), "NUM_LAYERS": "3",
-                                     "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2"})
-    torch.manual_seed(0)
-    model = tg.GPT(h).double().eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
+    return random_gpt(small_hparams(num_layers=3, vocab_size=tiny_data["vocab_size"])).eval()
 
 
 @pytest.fixture(scope="module")
@@ -163,14 +138,9 @@ def trained(tiny_data, tmp_path_factory) -> dict:
     env = tiny_env(tiny_data, root, ITERATIONS=TRAIN_STEPS, TRAIN_SEQ_LEN=TRAIN_SEQ_LEN, EVAL_STRIDE=EVAL_STRIDE,
                    TRAIN_BATCH_TOKENS=512, GRAD_ACCUM_STEPS=1, TRAIN_LOG_EVERY=100, RUN_ID="trained")
     run_script(env)
-    log = run_log(root / "logs" / "trained.txt")
+    log = log_events(root / "logs" / "trained.txt")
     summary = json.loads((root / "logs" / "trained.json").read_text())
     return {"env": env, "root": root, "log": log, "summary": summary}
-
-
-def run_log(path: Path) -> str:
-    """The log's event lines: what follows the copy of the source."""
-    return path.read_text().split("\ncode_end\n", 1)[1]
 
 
 def check_rate_line(log: str, world_size: int) -> None:
@@ -273,8 +243,8 @@ def test_plan_stride_off_is_non_overlapping():
 # -----------------------------------------------------------------------------
 
 
-def test_stride_equal_to_seq_len_is_the_plain_evaluation(random_model, snippet, luts, tokenizer):
-    split_bytes = sum(piece_bytes(tokenizer, int(p), int(t)) for p, t in zip(snippet[:-1], snippet[1:]))
+def test_stride_equal_to_seq_len_is_the_plain_evaluation(random_model, snippet, luts, tiny_sp):
+    split_bytes = sum(piece_bytes(tiny_sp, int(p), int(t)) for p, t in zip(snippet[:-1], snippet[1:]))
     for tokens, seq_len in [(snippet, 32), (snippet, 7), (snippet[:20], 32), (snippet[:33], 32)]:
         loss_sum, count, byte_sum = naive_plain(random_model, tokens, seq_len, luts)
         assert count == tokens.numel() - 1
@@ -289,7 +259,7 @@ def test_stride_equal_to_seq_len_is_the_plain_evaluation(random_model, snippet, 
 
 
 @pytest.mark.parametrize("seq_len,stride", [(32, 5), (32, 8), (16, 1)])
-def test_sliding_matches_per_target_references(random_model, snippet, luts, tokenizer, seq_len, stride):
+def test_sliding_matches_per_target_references(random_model, snippet, luts, tiny_sp, seq_len, stride):
     tokens = snippet[:201]
     n = tokens.numel() - 1
     by_plan = target_losses_by_plan(random_model, tokens, seq_len, stride)
@@ -298,7 +268,7 @@ def test_sliding_matches_per_target_references(random_model, snippet, luts, toke
     torch.testing.assert_close(by_context, by_plan, rtol=0, atol=1e-5)
     r = tg.evaluate(random_model, tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=3)
     assert r.scored_tokens == n
-    assert r.scored_bytes == sum(piece_bytes(tokenizer, int(p), int(t)) for p, t in zip(tokens[:-1], tokens[1:]))
+    assert r.scored_bytes == sum(piece_bytes(tiny_sp, int(p), int(t)) for p, t in zip(tokens[:-1], tokens[1:]))
     loss_sum = r.val_loss * r.scored_tokens
     assert loss_sum == pytest.approx(by_plan.sum().item(), rel=1e-12)
     assert loss_sum == pytest.approx(by_context.sum().item(), rel=1e-7)
@@ -317,33 +287,21 @@ def test_batching_does_not_change_the_sums(random_model, snippet, luts):
                 stride_results[0].val_loss, stride_results[0].scored_tokens, stride_results[0].scored_bytes)
 
 
-class ShapeRecorder(torch.nn.Module):
-    """The model, recording the shape of every call."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.calls = model, []
-
-    def forward(self, x, y, **kwargs):
-        self.calls.append((tuple(x.shape), tuple(y.shape), kwargs["score_last"]))
-        return self.model(x, y, **kwargs)
-
-
 @pytest.mark.parametrize("stride, shapes", [(5, 2), (24, 1), (0, 1)])
 def test_padded_batches_call_the_model_with_at_most_two_shapes(random_model, snippet, luts, stride, shapes):
     unpadded = tg.evaluate(random_model, snippet, luts, seq_len=24, stride=stride, batch_seqs=1)
     recorder = ShapeRecorder(random_model)
     padded = tg.evaluate(recorder, snippet, luts, seq_len=24, stride=stride, batch_seqs=7)
     windows = tg.plan_windows(snippet.numel() - 1, 24, stride)
-    assert len(windows) % 7 and len(set(recorder.calls)) == shapes  # a short last batch was padded
-    assert all(x[0] == 7 for x, _, _ in recorder.calls)
+    calls = [(x, y, score_last) for _, x, y, score_last in recorder.calls]
+    assert len(windows) % 7 and len(set(calls)) == shapes  # a short last batch was padded
+    assert all(x[0] == 7 for x, _, _ in calls)
     assert (padded.val_loss, padded.scored_tokens, padded.scored_bytes) == \
         (unpadded.val_loss, unpadded.scored_tokens, unpadded.scored_bytes)
 
 
 def test_evaluation_scores_in_eval_mode_and_restores_the_mode(tiny_data, snippet, luts):
-    h = tg.Hyperparameters(vocab_size=tiny_data["vocab_size"], num_layers=2, model_dim=32, num_heads=4,
-                           num_kv_heads=2, mlp_mult=2)
+    h = small_hparams(num_layers=2, vocab_size=tiny_data["vocab_size"])
     model = tg.build_model(h, CPU)  # QAT on: in training mode the forward is fake-quantized
     with torch.no_grad():
         for p in model.parameters():
@@ -426,7 +384,7 @@ def test_two_processes_score_like_one(trained, tmp_path):
     assert two["scored_tokens"] == one["scored_tokens"]
     for key in ("sliding_val_loss", "sliding_val_bpb", "roundtrip_val_loss", "roundtrip_val_bpb"):
         assert two[key] == pytest.approx(one[key], rel=1e-9, abs=0), key
-    log = run_log(tmp_path / "logs" / "rescore.txt")
+    log = log_events(tmp_path / "logs" / "rescore.txt")
     (stride, seq_len, _, _, scored, _), = [m.groups() for m in SLIDING_LINE.finditer(log)]
     assert (int(stride), int(seq_len), int(scored)) == (EVAL_STRIDE, TRAIN_SEQ_LEN, one["scored_tokens"])
     check_rate_line(log, world_size=2)
@@ -440,7 +398,7 @@ def test_two_processes_score_like_one(trained, tmp_path):
 def test_eval_settings_reach_the_script(trained, tmp_path, luts, val_tokens, overrides, sliding):
     run_script(rescore_env(trained, tmp_path, **overrides))
     summary = json.loads((tmp_path / "logs" / "rescore.json").read_text())
-    log = run_log(tmp_path / "logs" / "rescore.txt")
+    log = log_events(tmp_path / "logs" / "rescore.txt")
     assert summary["scored_tokens"] == summary["val_tokens"] - 1
     assert summary["roundtrip_val_bpb"] == pytest.approx(trained["summary"]["roundtrip_val_bpb"], rel=1e-12)
     if sliding is None:  # plain evaluation: no sliding line, the round-trip score is the score

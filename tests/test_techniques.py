@@ -12,9 +12,8 @@ import torch
 
 import switches_off
 import train_gpt as tg
-from conftest import assert_causal, ROOT, randomized, run_script, small_hparams, tiny_env
+from conftest import CPU, assert_causal, ROOT, randomized, run_script, small_hparams, tiny_env
 
-CPU = torch.device("cpu")
 ALL_ON = dict(xsa_last_n=3, rope_dims=4, ln_scale=True, mlp_act="leaky_relu2", skip_gates=True, attn_gate=True,
               bigram_buckets=37, bigram_dim=8, ortho_init=True)
 small_h = functools.partial(small_hparams, num_layers=4)

@@ -20,15 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import ROOT, run_script, small_hparams, tiny_env, write_shard
+from conftest import (CPU, IMPORT_PROBE, ROOT, decoded_document_bytes, randomized, run_script, small_hparams,
+                      tiny_env, write_shard)
 from trainer_helpers import MUON_SHAPES, muon_trajectory, muon_worker
-
-CPU = torch.device("cpu")
 
 
 # -----------------------------------------------------------------------------
@@ -39,18 +37,9 @@ CPU = torch.device("cpu")
 small_h = functools.partial(small_hparams, num_layers=3)
 
 
-def randomize_(module: torch.nn.Module, seed: int, std: float = 0.3) -> None:
-    """Random values everywhere: the zero-initialized projections would otherwise hide every block."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
 def test_changing_later_tokens_never_changes_earlier_logits():
     h = small_h(smear_gate=True)
-    model = tg.GPT(h).eval()
-    randomize_(model, seed=1)
+    model = randomized(tg.GPT(h), seed=1, dtype=torch.float32).eval()
     assert model.smear.gate.abs().min() > 0
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(4, h.vocab_size, (2, 24), generator=gen)
@@ -128,8 +117,7 @@ def reference_attention(attn: tg.CausalSelfAttention, x: torch.Tensor, rope_base
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 def test_attention_equals_hand_attention_with_repeated_kv_heads(num_kv_heads):
     h = small_h(num_heads=4, num_kv_heads=num_kv_heads, model_dim=32)
-    attn = tg.CausalSelfAttention(h, layer_idx=0).eval()
-    randomize_(attn, seed=4)
+    attn = randomized(tg.CausalSelfAttention(h, layer_idx=0), seed=4, dtype=torch.float32).eval()
     with torch.no_grad():
         attn.q_gain.copy_(torch.tensor([1.0, 2.0, 3.0, 1.5]))  # peaked attention, a demanding comparison
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5))
@@ -434,18 +422,6 @@ def read_shard_numpy(path: Path) -> np.ndarray:
     return np.fromfile(path, dtype="<u2", offset=256 * 4)
 
 
-def decoded_document_bytes(sp: spm.SentencePieceProcessor, tokens: np.ndarray) -> int:
-    """UTF-8 bytes of every document's text (documents start at BOS), as SentencePiece decodes it."""
-    assert tokens[0] == tg.BOS_ID
-    starts = list(np.flatnonzero(tokens == tg.BOS_ID)) + [len(tokens)]
-    return sum(len(sp.decode(tokens[a + 1:b].tolist()).encode("utf-8")) for a, b in zip(starts, starts[1:]))
-
-
-@pytest.fixture(scope="module")
-def tiny_sp(tiny_data):
-    return spm.SentencePieceProcessor(model_file=tiny_data["tokenizer_path"])
-
-
 def test_byte_counts_equal_utf8_bytes_of_decoded_text(tiny_data, tiny_sp):
     sp = tiny_sp
     luts = tg.build_byte_luts(sp, tiny_data["vocab_size"])
@@ -479,30 +455,6 @@ def test_byte_counts_of_the_validation_shard(tiny_data, tiny_sp):
 # Importing does nothing
 # -----------------------------------------------------------------------------
 
-IMPORT_PROBE = r"""
-import json, os, sys
-import numpy, sentencepiece, zstandard, torch, torch.distributed as dist, torch.nn.functional, torch.nn.parallel
-
-class RecordingEnviron(dict):
-    reads = []
-    def __getitem__(self, key): self.reads.append(key); return super().__getitem__(key)
-    def get(self, key, default=None): self.reads.append(key); return super().get(key, default)
-    def __contains__(self, key): self.reads.append(key); return super().__contains__(key)
-    def __iter__(self): self.reads.append("<iter>"); return super().__iter__()
-    def items(self): self.reads.append("<items>"); return super().items()
-    def keys(self): self.reads.append("<keys>"); return super().keys()
-    def copy(self): self.reads.append("<copy>"); return super().copy()
-
-real_environ = os.environ
-os.environ = RecordingEnviron(real_environ)
-sys.path.insert(0, sys.argv[1])
-import train_gpt
-reads, os.environ = os.environ.reads, real_environ
-print(json.dumps({"reads": reads, "dist": dist.is_initialized(), "cuda": torch.cuda.is_initialized(),
-                  "has_main": callable(train_gpt.main)}))
-"""
-
-
 def test_importing_train_gpt_reads_no_env_starts_nothing_and_writes_nothing(tmp_path):
     workdir = tmp_path / "cwd"
     workdir.mkdir()
@@ -514,7 +466,8 @@ def test_importing_train_gpt_reads_no_env_starts_nothing_and_writes_nothing(tmp_
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report == {"reads": [], "dist": False, "cuda": False, "has_main": True}
+    assert {k: report[k] for k in ("reads", "dist", "cuda", "has_main")} == \
+        {"reads": [], "dist": False, "cuda": False, "has_main": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd"] and not any(workdir.iterdir())
 
 

@@ -12,20 +12,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train_gpt as tg
-from conftest import run_script, tiny_env
+from conftest import CPU, ShapeRecorder, log_events, random_gpt, run_script, small_hparams, tiny_env
 
-CPU = torch.device("cpu")
 TTT_LINE = re.compile(r"^final_ttt_exact val_loss:(\S+) val_bpb:(\S+) scored_tokens:(\d+) eval_time:(\d+)ms "
                       r"graphs:(\d+) compile_time:(\d+)ms$", re.M)
 RUN_SETTINGS = dict(ITERATIONS=40, TRAIN_SEQ_LEN=64, EVAL_STRIDE=16, EVAL_BATCH_SEQS=32, GRAD_ACCUM_STEPS=1,
@@ -36,41 +33,14 @@ RUN_SETTINGS = dict(ITERATIONS=40, TRAIN_SEQ_LEN=64, EVAL_STRIDE=16, EVAL_BATCH_
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is much faster here
 
 
-@pytest.fixture(scope="module")
-def luts(tiny_data) -> tg.ByteLuts:
-    return tg.build_byte_luts(spm.SentencePieceProcessor(model_file=tiny_data["tokenizer_path"]),
-                              tiny_data["vocab_size"])
-
-
-@pytest.fixture(scope="module")
-def val_tokens(tiny_data) -> torch.Tensor:
-    return tg.load_validation_tokens(os.path.join(tiny_data["data_path"], "fineweb_val_*.bin"), 1)
-
-
 def settings(tiny_data, **ttt) -> tg.Hyperparameters:
-    return tg.Hyperparameters(vocab_size=tiny_data["vocab_size"], num_layers=2, model_dim=32, num_heads=4,
-                              num_kv_heads=2, mlp_mult=2, ttt_enabled=True, **ttt)
-
-
-def random_model(h: tg.Hyperparameters, dtype=torch.float64) -> tg.GPT:
-    """A tiny GPT with every parameter perturbed (each position depends on its whole context), QAT off."""
-    torch.manual_seed(0)
-    model = tg.GPT(h).to(dtype)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
+    return small_hparams(num_layers=2, vocab_size=tiny_data["vocab_size"], ttt_enabled=True, **ttt)
 
 
 def random_stream(tiny_data, num_targets: int) -> torch.Tensor:
     """Uniform random token ids: every (w + 1)-token window occurs once, so a window's tokens name its position."""
     gen = torch.Generator().manual_seed(2)
     return torch.randint(4, tiny_data["vocab_size"], (num_targets + 1,), generator=gen, dtype=torch.int32)
-
-
-def run_log(path: Path) -> str:
-    return path.read_text().split("\ncode_end\n", 1)[1]
 
 
 # -----------------------------------------------------------------------------
@@ -107,7 +77,7 @@ def instrumented_pass(monkeypatch, tokens, luts, h, *, seq_len, stride, batch_se
     """Run evaluate_ttt recording scoring (the windows each evaluate() call scores) and updates (SGD steps)."""
     n = tokens.numel() - 1
     w = min(seq_len, n)
-    recorder = TrainingRecorder(random_model(h), tokens, w)
+    recorder = TrainingRecorder(random_gpt(h), tokens, w)
     updates = []  # per SGD step: the targets that carried its gradient, and those its windows held
     scored_at = [[] for _ in range(n)]  # per target: updates done when it was scored (once, if all is well)
     chunks = []  # per evaluate() call: the targets it scored
@@ -233,23 +203,23 @@ def test_matches_a_per_target_reference(tiny_data, val_tokens, luts, seq_len, st
     tokens = val_tokens[:161]
     h = settings(tiny_data, ttt_chunk_tokens=chunk_tokens, ttt_lr=0.05, ttt_epochs=2, ttt_momentum=0.9,
                  ttt_grad_clip=clip)
-    reference = reference_ttt(random_model(h), tokens, seq_len=seq_len, stride=stride, chunk_tokens=chunk_tokens,
+    reference = reference_ttt(random_gpt(h), tokens, seq_len=seq_len, stride=stride, chunk_tokens=chunk_tokens,
                               lr=0.05, epochs=2, momentum=0.9, clip=clip)
-    r = tg.evaluate_ttt(random_model(h), tokens, luts, h, seq_len=seq_len, stride=stride, batch_seqs=3)
+    r = tg.evaluate_ttt(random_gpt(h), tokens, luts, h, seq_len=seq_len, stride=stride, batch_seqs=3)
     assert not reference.isnan().any()
     assert r.scored_tokens == tokens.numel() - 1
     # Float64 weights, fp32 losses: batched and one-at-a-time sums agree to ~1e-9 (measured: 0 to 3e-9).
     assert r.val_loss * r.scored_tokens == pytest.approx(reference.sum().item(), rel=1e-7)
     # Teeth: without training the sum differs by over a thousand times that tolerance (measured: 3e-4 with the
     # tightest clip, up to 5e-2).
-    plain = tg.evaluate(random_model(h), tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=3)
+    plain = tg.evaluate(random_gpt(h), tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=3)
     assert abs(plain.val_loss - r.val_loss) > 1e-4 * r.val_loss
 
 
 def test_lr_zero_is_the_sliding_score(tiny_data, val_tokens, luts):
     tokens = val_tokens[:1201]
     h = settings(tiny_data, ttt_chunk_tokens=100, ttt_lr=0.0, ttt_epochs=3)
-    model = random_model(h)
+    model = random_gpt(h)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sliding = tg.evaluate(model, tokens, luts, seq_len=32, stride=8, batch_seqs=16)
     ttt = tg.evaluate_ttt(model, tokens, luts, h, seq_len=32, stride=8, batch_seqs=16)
@@ -258,19 +228,9 @@ def test_lr_zero_is_the_sliding_score(tiny_data, val_tokens, luts):
     assert ttt.scored_bytes == sliding.scored_bytes
     assert ttt.val_loss * ttt.scored_tokens == pytest.approx(sliding.val_loss * sliding.scored_tokens, rel=1e-12)
     assert ttt.val_bpb == pytest.approx(sliding.val_bpb, rel=1e-12)
-    moved = tg.evaluate_ttt(random_model(h), tokens, luts, dataclasses.replace(h, ttt_lr=0.01), seq_len=32,
+    moved = tg.evaluate_ttt(random_gpt(h), tokens, luts, dataclasses.replace(h, ttt_lr=0.01), seq_len=32,
                             stride=8, batch_seqs=16)
     assert abs(moved.val_loss - sliding.val_loss) > 1e-4 * sliding.val_loss  # lr > 0 does move the score
-
-
-class ShapeRecorder(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.shapes = model, []
-
-    def forward(self, x, y, **kwargs):
-        self.shapes.append((torch.is_grad_enabled(), tuple(x.shape), kwargs["score_last"]))
-        return self.model(x, y, **kwargs)
 
 
 def test_fixed_shapes_and_no_fake_quant(tiny_data, val_tokens, luts, monkeypatch):
@@ -295,8 +255,9 @@ def test_fixed_shapes_and_no_fake_quant(tiny_data, val_tokens, luts, monkeypatch
     most_windows = max(map(len, chunks))
     most_seqs = max(math.ceil((c[-1][0] + 32 - (c[0][0] + 32 - c[0][1])) / 32) for c in chunks[:-1])
     assert (most_windows, most_seqs) == (10, 3)  # the last chunk ends with the split: one more window
-    assert set(recorder.shapes) == {(False, (10, 32), 32), (False, (10, 32), 8), (True, (3, 32), 32)}
-    assert sum(s[0] for s in recorder.shapes) == len(chunks) - 1  # one step (one micro-batch) per chunk
+    shapes = [(grad, x, score_last) for grad, x, _, score_last in recorder.calls]
+    assert set(shapes) == {(False, (10, 32), 32), (False, (10, 32), 8), (True, (3, 32), 32)}
+    assert sum(s[0] for s in shapes) == len(chunks) - 1  # one step (one micro-batch) per chunk
 
 
 # -----------------------------------------------------------------------------
@@ -339,7 +300,7 @@ def ttt_run(tiny_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ttt_run")
     env = tiny_env(tiny_data, root, RUN_ID="ttt", **RUN_SETTINGS)
     proc = run_script(env)
-    return {"env": env, "root": root, "stdout": proc.stdout, "log": run_log(root / "logs" / "ttt.txt"),
+    return {"env": env, "root": root, "stdout": proc.stdout, "log": log_events(root / "logs" / "ttt.txt"),
             "summary": json.loads((root / "logs" / "ttt.json").read_text())}
 
 
@@ -390,7 +351,7 @@ def test_two_processes_give_the_ttt_score_of_one(ttt_run, tmp_path):
 def test_off_means_off(ttt_run, tmp_path):
     run_script(rescore_env(ttt_run, tmp_path, TTT_ENABLED=0))
     summary = json.loads((tmp_path / "logs" / "rescore.json").read_text())
-    log = run_log(tmp_path / "logs" / "rescore.txt")
+    log = log_events(tmp_path / "logs" / "rescore.txt")
     assert summary["ttt_val_bpb"] is None and summary["ttt_val_loss"] is None
     assert summary["val_bpb"] == summary["sliding_val_bpb"] == pytest.approx(ttt_run["summary"]["sliding_val_bpb"],
                                                                              rel=1e-12)
