@@ -45,7 +45,9 @@ def densify(model: tg.GPT, h: tg.Hyperparameters, seed: int) -> None:
         for name, p in model.named_parameters():
             kind = tg.export_kind(name, p, h)
             if kind.startswith("int") and name != EMBED_NAME:
-                std = 1.0 / p.shape[1] ** 0.5 / 3**0.5  # nn.Linear's U(-1/sqrt(in), 1/sqrt(in)) has this RMS
+                std = (
+                    1.0 / p.shape[1] ** 0.5 / 3**0.5
+                )  # nn.Linear's U(-1/sqrt(in), 1/sqrt(in)) has this RMS
                 p.copy_(torch.randn(p.shape, generator=g) * std)
             elif name == EMBED_NAME:
                 p.copy_(torch.randn(p.shape, generator=g) * h.tied_embed_init_std)
@@ -58,8 +60,12 @@ def export(state: dict, h: tg.Hyperparameters, hessians: dict | None = None) -> 
     blob = tg.artifact_bytes(payload, h.zstd_level, h.compressor)
     t2 = time.perf_counter()
     raw = len(tg.torch_save_bytes(payload))
-    return {"quantize_ms": 1000 * (t1 - t0), "compress_ms": 1000 * (t2 - t1), "bytes_model": len(blob),
-            "bytes_uncompressed": raw}
+    return {
+        "quantize_ms": 1000 * (t1 - t0),
+        "compress_ms": 1000 * (t2 - t1),
+        "bytes_model": len(blob),
+        "bytes_uncompressed": raw,
+    }
 
 
 def accepted_embed_quants(h: tg.Hyperparameters) -> list[str]:
@@ -73,7 +79,9 @@ def accepted_embed_quants(h: tg.Hyperparameters) -> list[str]:
     return accepted
 
 
-def verdict(label: str, totals: dict[str, int], rest_total: int, embed_values: int, missing: list[str]) -> str:
+def verdict(
+    label: str, totals: dict[str, int], rest_total: int, embed_values: int, missing: list[str]
+) -> str:
     """Which embedding formats fit, or how few bits a value the embedding would need."""
     fitting = [fmt for fmt, total in totals.items() if total <= tg.SIZE_LIMIT_BYTES]
     room = tg.SIZE_LIMIT_BYTES - rest_total
@@ -82,21 +90,38 @@ def verdict(label: str, totals: dict[str, int], rest_total: int, embed_values: i
         return f"{label}: fits with embed_quant {', '.join(fitting)}; the embedding may take {bits:.2f} bits a value"
     unavailable = f" ({', '.join(missing)} not in train_gpt.py yet)" if missing else ""
     if room <= 0:
-        return (f"{label}: fits with no embedding format{unavailable}: the rest of the model alone is "
-                f"{-room} bytes over; it needs fewer bits a weight in the blocks or fewer parameters")
-    return (f"{label}: fits with none of {', '.join(totals)}{unavailable}: the embedding may take "
-            f"{bits:.2f} bits a value after compression")
+        return (
+            f"{label}: fits with no embedding format{unavailable}: the rest of the model alone is "
+            f"{-room} bytes over; it needs fewer bits a weight in the blocks or fewer parameters"
+        )
+    return (
+        f"{label}: fits with none of {', '.join(totals)}{unavailable}: the embedding may take "
+        f"{bits:.2f} bits a value after compression"
+    )
 
 
-TABLE_ROWS = [(method, clip) for method, clip in (("rtn", "percentile"), ("rtn", "sdclip"), ("rtn", "search"),
-                                                   ("gptq", "sdclip"))]
+TABLE_ROWS = [
+    (method, clip)
+    for method, clip in (
+        ("rtn", "percentile"),
+        ("rtn", "sdclip"),
+        ("rtn", "search"),
+        ("gptq", "sdclip"),
+    )
+]
 
 
 def calibration_hessians(model: tg.GPT, h: tg.Hyperparameters, data_path: Path) -> dict:
     """GPTQ's Hessians of the stand-in on real text: the offline dataset's training shards."""
-    tokenizer = data_path.parent.parent / "tokenizers" / f"{data_path.name.split('_sp')[0]}_{h.vocab_size}_bpe.model"
+    tokenizer = (
+        data_path.parent.parent
+        / "tokenizers"
+        / f"{data_path.name.split('_sp')[0]}_{h.vocab_size}_bpe.model"
+    )
     hc = dataclasses.replace(h, data_path=str(data_path), tokenizer_path=str(tokenizer))
-    return tg.collect_hessians(model, hc, tg.Runtime(0, 0, 1, torch.device("cpu"), False, None), grad_accum_steps=8)
+    return tg.collect_hessians(
+        model, hc, tg.Runtime(0, 0, 1, torch.device("cpu"), False, None), grad_accum_steps=8
+    )
 
 
 def table(model: tg.GPT, h: tg.Hyperparameters, bytes_code: int, data_path: Path) -> None:
@@ -106,9 +131,14 @@ def table(model: tg.GPT, h: tg.Hyperparameters, bytes_code: int, data_path: Path
     if data_path.is_dir():
         t0 = time.perf_counter()
         hessians = calibration_hessians(model, h, data_path)
-        print(f"gptq calibration on {data_path.name}: {h.gptq_calib_tokens} tokens, "
-              f"{time.perf_counter() - t0:.1f}s", flush=True)
-    print("| method | clip | MLP bits | compressor | quantize s | compress s | model bytes | total bytes | fits |")
+        print(
+            f"gptq calibration on {data_path.name}: {h.gptq_calib_tokens} tokens, "
+            f"{time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
+    print(
+        "| method | clip | MLP bits | compressor | quantize s | compress s | model bytes | total bytes | fits |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for method, clip in TABLE_ROWS:
         if method == "gptq" and hessians is None:
@@ -116,25 +146,45 @@ def table(model: tg.GPT, h: tg.Hyperparameters, bytes_code: int, data_path: Path
             continue
         for bits in (6, 5):
             for compressor in ("zstd", "lzma"):
-                hh = dataclasses.replace(h, quant_method=method, clip=clip, mlp_bits=bits, compressor=compressor)
+                hh = dataclasses.replace(
+                    h, quant_method=method, clip=clip, mlp_bits=bits, compressor=compressor
+                )
                 r = export(state, hh, hessians if method == "gptq" else None)
                 total = r["bytes_model"] + bytes_code
-                print(f"| {method} | {clip} | {bits} | {compressor} | {r['quantize_ms'] / 1000:.1f} | "
-                      f"{r['compress_ms'] / 1000:.1f} | {r['bytes_model']:,} | {total:,} | "
-                      f"{'yes' if total <= tg.SIZE_LIMIT_BYTES else 'NO'} |", flush=True)
+                print(
+                    f"| {method} | {clip} | {bits} | {compressor} | {r['quantize_ms'] / 1000:.1f} | "
+                    f"{r['compress_ms'] / 1000:.1f} | {r['bytes_model']:,} | {total:,} | "
+                    f"{'yes' if total <= tg.SIZE_LIMIT_BYTES else 'NO'} |",
+                    flush=True,
+                )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--embed-quant", help="comma-separated EMBED_QUANT formats to export, or 'all' "
-                        "(every format train_gpt.py accepts); default: the EMBED_QUANT setting")
-    parser.add_argument("--code", type=Path, default=ROOT / "train_gpt.py",
-                        help="the file whose size counts as the code (default: train_gpt.py)")
-    parser.add_argument("--table", action="store_true", help="the dense stand-in only, for each quantization "
-                        "method x clip x MLP bits x compressor (GPTQ calibrates on --data-path)")
-    parser.add_argument("--data-path", type=Path, default=ROOT / "data" / "datasets" / "pydocs_sp1024",
-                        help="training shards that calibrate GPTQ for --table (default: the offline dataset)")
+    parser.add_argument(
+        "--embed-quant",
+        help="comma-separated EMBED_QUANT formats to export, or 'all' "
+        "(every format train_gpt.py accepts); default: the EMBED_QUANT setting",
+    )
+    parser.add_argument(
+        "--code",
+        type=Path,
+        default=ROOT / "train_gpt.py",
+        help="the file whose size counts as the code (default: train_gpt.py)",
+    )
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="the dense stand-in only, for each quantization "
+        "method x clip x MLP bits x compressor (GPTQ calibrates on --data-path)",
+    )
+    parser.add_argument(
+        "--data-path",
+        type=Path,
+        default=ROOT / "data" / "datasets" / "pydocs_sp1024",
+        help="training shards that calibrate GPTQ for --table (default: the offline dataset)",
+    )
     args = parser.parse_args()
     try:
         h = tg.Hyperparameters.from_env(os.environ)
@@ -149,18 +199,22 @@ def main() -> None:
         formats = [f.strip() for f in args.embed_quant.split(",") if f.strip()]
         refused = [f for f in formats if f not in accepted]
         if refused:
-            sys.exit(f"error: --embed-quant {','.join(refused)}: train_gpt.py accepts EMBED_QUANT "
-                     f"{', '.join(accepted)}")
+            sys.exit(
+                f"error: --embed-quant {','.join(refused)}: train_gpt.py accepts EMBED_QUANT "
+                f"{', '.join(accepted)}"
+            )
     missing = [f for f in EMBED_QUANT_FORMATS if f not in accepted]
     torch.manual_seed(args.seed)
     model = tg.build_model(h, torch.device("cpu"))
     bytes_code = args.code.stat().st_size
     n_params = sum(p.numel() for p in model.parameters())
     embed_values = model.state_dict()[EMBED_NAME].numel()
-    print(f"model layers:{h.num_layers} dim:{h.model_dim} mlp_mult:{h.mlp_mult} vocab:{h.vocab_size} "
-          f"params:{n_params} embed_values:{embed_values} zstd_level:{h.zstd_level} seed:{args.seed} "
-          f"torch_threads:{torch.get_num_threads()} overrides:{h.overrides() or '-'} code:{args.code.name} "
-          f"bytes_code:{bytes_code} embed_quant_accepted:{','.join(accepted)}")
+    print(
+        f"model layers:{h.num_layers} dim:{h.model_dim} mlp_mult:{h.mlp_mult} vocab:{h.vocab_size} "
+        f"params:{n_params} embed_values:{embed_values} zstd_level:{h.zstd_level} seed:{args.seed} "
+        f"torch_threads:{torch.get_num_threads()} overrides:{h.overrides() or '-'} code:{args.code.name} "
+        f"bytes_code:{bytes_code} embed_quant_accepted:{','.join(accepted)}"
+    )
     if args.table:
         densify(model, h, args.seed)
         table(model, h, bytes_code, args.data_path)
@@ -174,17 +228,22 @@ def main() -> None:
         for fmt in formats:
             r = export(state, dataclasses.replace(h, embed_quant=fmt))
             totals[fmt] = total = r["bytes_model"] + bytes_code
-            print(f"{label}: embed_quant:{fmt} quantize:{r['quantize_ms']:.0f}ms "
-                  f"{h.compressor}:{r['compress_ms']:.0f}ms export:{r['quantize_ms'] + r['compress_ms']:.0f}ms "
-                  f"uncompressed:{r['bytes_uncompressed']} bytes_model:{r['bytes_model']} bytes_code:{bytes_code} "
-                  f"bytes_total:{total} bits_per_param:{8 * r['bytes_model'] / n_params:.3f} "
-                  f"fits_16mb:{str(total <= tg.SIZE_LIMIT_BYTES).lower()} margin:{tg.SIZE_LIMIT_BYTES - total}",
-                  flush=True)
+            print(
+                f"{label}: embed_quant:{fmt} quantize:{r['quantize_ms']:.0f}ms "
+                f"{h.compressor}:{r['compress_ms']:.0f}ms export:{r['quantize_ms'] + r['compress_ms']:.0f}ms "
+                f"uncompressed:{r['bytes_uncompressed']} bytes_model:{r['bytes_model']} bytes_code:{bytes_code} "
+                f"bytes_total:{total} bits_per_param:{8 * r['bytes_model'] / n_params:.3f} "
+                f"fits_16mb:{str(total <= tg.SIZE_LIMIT_BYTES).lower()} margin:{tg.SIZE_LIMIT_BYTES - total}",
+                flush=True,
+            )
         if args.embed_quant == "all":
             rest = export({k: v for k, v in state.items() if k != EMBED_NAME}, h)
             rest_total = rest["bytes_model"] + bytes_code
-            print(f"{label}: without the embedding: bytes_model:{rest['bytes_model']} bytes_total:{rest_total} "
-                  f"room_for_embedding:{tg.SIZE_LIMIT_BYTES - rest_total}", flush=True)
+            print(
+                f"{label}: without the embedding: bytes_model:{rest['bytes_model']} bytes_total:{rest_total} "
+                f"room_for_embedding:{tg.SIZE_LIMIT_BYTES - rest_total}",
+                flush=True,
+            )
             verdicts.append(verdict(label, totals, rest_total, embed_values, missing))
     for line in verdicts:
         print(line)

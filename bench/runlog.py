@@ -27,11 +27,17 @@ sys.path.insert(0, str(ROOT / "data"))  # the tools' shared module: shard header
 from shard_format import ShardError, read_header, shard_paths, write_text_atomic  # noqa: E402, F401
 
 TRAINER = ROOT / "train_gpt.py"
-FINEWEB_VAL_TOKENS = 63_779_840  # the published validation split (train_gpt.py's constant of the same name)
-STEADY_FROM_STEP = 10  # step times are measured from here on: the first steps after warm-up still settle
-ZSTANDARD_HELP = ("the Python package zstandard is missing (train_gpt.py writes its artifact with it): "
-                  "pip install zstandard, or with no network bring its wheel along and "
-                  "pip install --no-index zstandard-*.whl")
+FINEWEB_VAL_TOKENS = (
+    63_779_840  # the published validation split (train_gpt.py's constant of the same name)
+)
+STEADY_FROM_STEP = (
+    10  # step times are measured from here on: the first steps after warm-up still settle
+)
+ZSTANDARD_HELP = (
+    "the Python package zstandard is missing (train_gpt.py writes its artifact with it): "
+    "pip install zstandard, or with no network bring its wheel along and "
+    "pip install --no-index zstandard-*.whl"
+)
 
 
 # -----------------------------------------------------------------------------
@@ -46,11 +52,15 @@ def read_json(path: Path, expected_format: str) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {display(path)} is not readable JSON ({e}); repair or move it away, "
-                         "nothing was overwritten")
+        raise SystemExit(
+            f"error: {display(path)} is not readable JSON ({e}); repair or move it away, "
+            "nothing was overwritten"
+        )
     if not isinstance(data, dict) or data.get("format") != expected_format:
-        raise SystemExit(f"error: {display(path)} is not a {expected_format} file; move it away or choose "
-                         "another path")
+        raise SystemExit(
+            f"error: {display(path)} is not a {expected_format} file; move it away or choose "
+            "another path"
+        )
     return data
 
 
@@ -80,20 +90,37 @@ def trainer_command(script: Path, nproc: int) -> list[str]:
     """Plain python for one process, torch.distributed.run for several (as train_gpt.py's README says)."""
     if nproc == 1:
         return [sys.executable, str(script)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(script),
+    ]
 
 
-def run_trainer(command: list[str], env: dict, *, cwd: Path, transcript_path: Path, timeout_s: float) -> Outcome:
+def run_trainer(
+    command: list[str], env: dict, *, cwd: Path, transcript_path: Path, timeout_s: float
+) -> Outcome:
     """Run to completion or to the timeout (the whole process group is then killed); output kept in a file."""
-    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full_env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
     full_env.update(env)
     full_env["PYTHONUNBUFFERED"] = "1"  # a killed run still leaves every line it printed
     transcript_path.parent.mkdir(parents=True, exist_ok=True)
     cwd.mkdir(parents=True, exist_ok=True)
     t0, cpu0 = time.perf_counter(), children_cpu_s()
     with open(transcript_path, "wb") as out:
-        proc = subprocess.Popen(command, env=full_env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            env=full_env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             returncode = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -102,8 +129,12 @@ def run_trainer(command: list[str], env: dict, *, cwd: Path, transcript_path: Pa
         except BaseException:  # Ctrl-C on the harness: do not leave a trainer running on the device
             kill_group(proc)
             raise
-    return Outcome(returncode, time.perf_counter() - t0, children_cpu_s() - cpu0,
-                   transcript_path.read_text(encoding="utf-8", errors="replace"))
+    return Outcome(
+        returncode,
+        time.perf_counter() - t0,
+        children_cpu_s() - cpu0,
+        transcript_path.read_text(encoding="utf-8", errors="replace"),
+    )
 
 
 def children_cpu_s() -> float:
@@ -158,7 +189,9 @@ class TrainerLog:
     """Everything read from one run's output; None where the run did not log it."""
 
     step_times: list = dataclasses.field(default_factory=list)  # (step, cumulative train_time_ms)
-    settings: dict = dataclasses.field(default_factory=dict)  # setting NAME:VALUE lines (train_gpt.py only)
+    settings: dict = dataclasses.field(
+        default_factory=dict
+    )  # setting NAME:VALUE lines (train_gpt.py only)
     header: dict = dataclasses.field(default_factory=dict)  # the run_id:... world_size:... line
     model: dict = dataclasses.field(default_factory=dict)  # the model_params:... line
     warmup_ms: float | None = None
@@ -174,7 +207,9 @@ class TrainerLog:
     prequant_val_bpb: float | None = None
     roundtrip_val_bpb: float | None = None
     roundtrip_eval_ms: float | None = None
-    roundtrip_graphs: int | None = None  # graphs torch.compile built for the evaluation, and its compile time
+    roundtrip_graphs: int | None = (
+        None  # graphs torch.compile built for the evaluation, and its compile time
+    )
     roundtrip_compile_ms: float | None = None
     quant_penalty_bpb: float | None = None
     sliding_val_bpb: float | None = None
@@ -231,13 +266,25 @@ def parse_log(transcript: str, log_file: Path | None = None) -> TrainerLog:
             r.roundtrip_val_bpb = number(f.get("val_bpb"))
             r.quant_penalty_bpb = number(f.get("quant_penalty_bpb"))
             r.roundtrip_eval_ms = number(f.get("eval_time")) or r.roundtrip_eval_ms
-            r.roundtrip_graphs, r.roundtrip_compile_ms = integer(f.get("graphs")), number(f.get("compile_time"))
+            r.roundtrip_graphs, r.roundtrip_compile_ms = (
+                integer(f.get("graphs")),
+                number(f.get("compile_time")),
+            )
         elif m := ROUNDTRIP_TIMED.match(line):
             r.roundtrip_eval_ms = float(m.group(1))
         elif line.startswith("final_sliding_window_exact "):
-            r.sliding_val_bpb, r.sliding_eval_ms = number(f.get("val_bpb")), number(f.get("eval_time"))
-            r.sliding_graphs, r.sliding_compile_ms = integer(f.get("graphs")), number(f.get("compile_time"))
-            r.sliding_stride, r.scored_tokens = integer(f.get("stride")), integer(f.get("scored_tokens"))
+            r.sliding_val_bpb, r.sliding_eval_ms = (
+                number(f.get("val_bpb")),
+                number(f.get("eval_time")),
+            )
+            r.sliding_graphs, r.sliding_compile_ms = (
+                integer(f.get("graphs")),
+                number(f.get("compile_time")),
+            )
+            r.sliding_stride, r.scored_tokens = (
+                integer(f.get("stride")),
+                integer(f.get("scored_tokens")),
+            )
         elif line.startswith("final_ttt_exact "):
             r.ttt_val_bpb, r.ttt_eval_ms = number(f.get("val_bpb")), number(f.get("eval_time"))
         elif line.startswith("looping_on ") and "train_time" in f:
@@ -250,12 +297,16 @@ def parse_log(transcript: str, log_file: Path | None = None) -> TrainerLog:
             r.final_val_bpb = number(f.get("val_bpb"))
         elif m := ERROR.match(line):
             r.error = m.group(1)
-    if r.prequant_val_bpb is None:  # the baseline's last validation line is its pre-quantization score
+    if (
+        r.prequant_val_bpb is None
+    ):  # the baseline's last validation line is its pre-quantization score
         r.prequant_val_bpb = last_val_bpb
     if r.quant_penalty_bpb is None and None not in (r.roundtrip_val_bpb, r.prequant_val_bpb):
         r.quant_penalty_bpb = r.roundtrip_val_bpb - r.prequant_val_bpb
     if r.final_val_bpb is None:
-        r.final_val_bpb = r.sliding_val_bpb if r.sliding_val_bpb is not None else r.roundtrip_val_bpb
+        r.final_val_bpb = (
+            r.sliding_val_bpb if r.sliding_val_bpb is not None else r.roundtrip_val_bpb
+        )
     if r.steps is None and r.step_times:
         r.steps, r.train_time_ms = r.step_times[-1]
     if log_file is not None and log_file.is_file():
@@ -265,7 +316,9 @@ def parse_log(transcript: str, log_file: Path | None = None) -> TrainerLog:
     return r
 
 
-def steady_step_ms(step_times: list[tuple[int, float]], from_step: int = STEADY_FROM_STEP) -> tuple[float, int] | None:
+def steady_step_ms(
+    step_times: list[tuple[int, float]], from_step: int = STEADY_FROM_STEP
+) -> tuple[float, int] | None:
     """(ms per step, steps in the window) between the first logged step >= from_step and the last logged step.
 
     train_time is cumulative, so the difference of two step lines excludes everything before the first one
@@ -290,7 +343,11 @@ def failure_reason(outcome: Outcome, log: TrainerLog, timeout_s: float) -> str |
         return log.error
     lines = [ln.strip() for ln in outcome.transcript.splitlines() if ln.strip()]
     last = lines[-1] if lines else "no output"
-    return f"exit status {outcome.returncode}: {last}" if outcome.returncode else f"no completion line: {last}"
+    return (
+        f"exit status {outcome.returncode}: {last}"
+        if outcome.returncode
+        else f"no completion line: {last}"
+    )
 
 
 def unread_settings_error(keys, settings: dict) -> str | None:
@@ -309,7 +366,9 @@ def parse_assignments(items, what: str) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Z][A-Z0-9_]*", key):
-            raise SystemExit(f"error: {what}: {item!r} is not KEY=VALUE with an upper-case KEY (e.g. QAT=0)")
+            raise SystemExit(
+                f"error: {what}: {item!r} is not KEY=VALUE with an upper-case KEY (e.g. QAT=0)"
+            )
         env[key] = value
     return env
 
@@ -335,13 +394,23 @@ def describe_data(data_path: Path, tokenizer_path: Path, vocab_size: int) -> dic
     """Which data a measurement used, and whether its scores are FineWeb scores."""
     val_tokens, train_tokens = shard_tokens(data_path, "val"), shard_tokens(data_path, "train")
     if not val_tokens or not train_tokens:
-        raise SystemExit(f"error: {display(data_path)} holds no fineweb_val_*.bin or fineweb_train_*.bin shards; "
-                         "build them with `python data/build_dataset.py` or give --data-path")
+        raise SystemExit(
+            f"error: {display(data_path)} holds no fineweb_val_*.bin or fineweb_train_*.bin shards; "
+            "build them with `python data/build_dataset.py` or give --data-path"
+        )
     fineweb = val_tokens == FINEWEB_VAL_TOKENS
-    return {"name": data_path.name, "path": display(data_path), "tokenizer": display(tokenizer_path),
-            "vocab_size": vocab_size, "val_tokens": val_tokens, "train_tokens": train_tokens, "fineweb": fineweb,
-            "note": "the published FineWeb validation split" if fineweb else
-                    "not FineWeb: scores on this data are not comparable with challenge scores"}
+    return {
+        "name": data_path.name,
+        "path": display(data_path),
+        "tokenizer": display(tokenizer_path),
+        "vocab_size": vocab_size,
+        "val_tokens": val_tokens,
+        "train_tokens": train_tokens,
+        "fineweb": fineweb,
+        "note": "the published FineWeb validation split"
+        if fineweb
+        else "not FineWeb: scores on this data are not comparable with challenge scores",
+    }
 
 
 MACHINE_PROBE = """
@@ -355,11 +424,15 @@ print(json.dumps({"device": gpus[0] if gpus else f"CPU {platform.machine()}", "g
 
 def describe_machine() -> dict:
     """Devices and versions, probed in a child process: the harness itself never imports torch or touches CUDA."""
-    out = subprocess.run([sys.executable, "-c", MACHINE_PROBE], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", MACHINE_PROBE], capture_output=True, text=True, timeout=300
+    )
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SystemExit(f"error: could not import torch to describe the machine ({last}); set up the environment "
-                         "with `bash scripts/setup_env.sh` or install torch")
+        raise SystemExit(
+            f"error: could not import torch to describe the machine ({last}); set up the environment "
+            "with `bash scripts/setup_env.sh` or install torch"
+        )
     return {**json.loads(out.stdout), "driver": nvidia_driver()}
 
 
@@ -367,15 +440,22 @@ def nvidia_driver() -> str | None:
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    return (
+        out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    )
 
 
 def describe_checkout() -> dict:
     """Commit of the checkout and whether it has uncommitted changes (None outside a git checkout)."""
+
     def git(*args):
         out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
         return out.stdout.strip() if out.returncode == 0 else None

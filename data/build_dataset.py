@@ -72,7 +72,9 @@ PYDOCS_VAL_DOCS = 100
 PYDOCS_SHUFFLE_SEED = 1337
 # Generated tables and vendored bundles: slow to parse and nearly free of prose.
 PYDOCS_MAX_FILE_BYTES = 2_000_000
-CHALLENGE_VAL_DOCS = 50_000  # the challenge scores the first 50,000 documents of docs_selected.jsonl
+CHALLENGE_VAL_DOCS = (
+    50_000  # the challenge scores the first 50,000 documents of docs_selected.jsonl
+)
 # A corpus of fewer than ten times that many documents gives a tenth of them to validation.
 SMALL_CORPUS_VAL_FRACTION = 10
 # Bytes of text a validation token is assumed to cover when the split must hold --min-tokens:
@@ -148,9 +150,13 @@ class JsonlSource:
                 try:
                     record = json.loads(_decode_utf8(raw, where))
                 except json.JSONDecodeError as exc:
-                    raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                    raise DatasetError(
+                        f"{where}: not valid JSON ({exc.msg} at column {exc.colno})"
+                    ) from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise DatasetError(f'{where}: expected a JSON object with a string "text" field')
+                    raise DatasetError(
+                        f'{where}: expected a JSON object with a string "text" field'
+                    )
                 text = record["text"]
                 yield text, _encode_utf8(text, where)
 
@@ -231,7 +237,9 @@ def open_docs(path: Path) -> DocumentSource:
             (p for p in path.rglob("*") if p.suffix.lower() in DOC_SUFFIXES and not p.is_dir()),
             key=lambda p: p.relative_to(path).as_posix(),
         )
-        files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        files = [
+            p for p in files if not any(part.startswith(".") for part in p.relative_to(path).parts)
+        ]
         if not files:
             raise DatasetError(f"--docs {path}: no .txt or .md files in this folder or below it")
         return DirectorySource(path, files)
@@ -278,7 +286,9 @@ def pydocs_sources() -> list[tuple[str, str, str]]:
             dirnames[:] = [
                 d
                 for d in dirnames
-                if d != "__pycache__" and here / d not in site_dirs and d not in ("site-packages", "dist-packages")
+                if d != "__pycache__"
+                and here / d not in site_dirs
+                and d not in ("site-packages", "dist-packages")
             ]
             for filename in filenames:
                 file_path = here / filename
@@ -312,7 +322,15 @@ def extract_units(source: tuple[str, str, str]) -> list[str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. invalid escape sequences in old code
             tree = ast.parse(source_text)
-    except (OSError, SyntaxError, ValueError, UnicodeDecodeError, LookupError, RecursionError, MemoryError):
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        UnicodeDecodeError,
+        LookupError,
+        RecursionError,
+        MemoryError,
+    ):
         return []  # unreadable or not valid Python for this interpreter: not part of the corpus
 
     # ast counts lines at \n, \r\n and \r only (str.splitlines also breaks at form feeds).
@@ -335,7 +353,9 @@ def extract_units(source: tuple[str, str, str]) -> list[str]:
             elif isinstance(child, (ast.Constant, ast.JoinedStr)):
                 if last > first:
                     inside_string[first + 1 : last + 1] = b"\x01" * (last - first)
-            elif last > first or isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            elif last > first or isinstance(
+                child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+            ):
                 stack.append(child)
 
     block: list[str] = []
@@ -371,10 +391,14 @@ def collect_pydocs(*, max_bytes: int, workers: int, show_progress: bool) -> tupl
     total_bytes = 0
     files_read = 0
     duplicate_units = 0
-    progress = tqdm(total=max_bytes, unit="B", unit_scale=True, desc="extract", disable=not show_progress)
+    progress = tqdm(
+        total=max_bytes, unit="B", unit_scale=True, desc="extract", disable=not show_progress
+    )
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     try:
-        results = pool.imap(extract_units, sources, chunksize=8) if pool else map(extract_units, sources)
+        results = (
+            pool.imap(extract_units, sources, chunksize=8) if pool else map(extract_units, sources)
+        )
         for units in results:
             files_read += 1
             kept = []
@@ -442,7 +466,10 @@ def default_val_split(doc_sizes: Iterable[int], min_tokens: int) -> ValSplit:
         if docs_holding_needed_bytes is None and total_bytes >= needed_bytes:
             docs_holding_needed_bytes = count
         if count >= enough_docs:
-            return ValSplit(CHALLENGE_VAL_DOCS, f"the challenge's split: the corpus holds at least {enough_docs:,} documents")
+            return ValSplit(
+                CHALLENGE_VAL_DOCS,
+                f"the challenge's split: the corpus holds at least {enough_docs:,} documents",
+            )
     tenth = max(1, count // SMALL_CORPUS_VAL_FRACTION)
     reason = f"a tenth of the corpus' {count:,} documents"
     raised = min(docs_holding_needed_bytes or count, count // 2)
@@ -539,9 +566,13 @@ def load_tokenizer(path: Path) -> spm.SentencePieceProcessor:
     except (OSError, RuntimeError) as exc:
         raise DatasetError(f"--tokenizer {path}: not a SentencePiece model ({exc})") from None
     if sp.vocab_size() > MAX_VOCAB_SIZE:
-        raise DatasetError(f"--tokenizer {path}: {sp.vocab_size()} pieces do not fit the uint16 shard format")
+        raise DatasetError(
+            f"--tokenizer {path}: {sp.vocab_size()} pieces do not fit the uint16 shard format"
+        )
     if sp.bos_id() != BOS_ID:
-        raise DatasetError(f"--tokenizer {path}: bos_id is {sp.bos_id()}; the shard format needs BOS id {BOS_ID}")
+        raise DatasetError(
+            f"--tokenizer {path}: bos_id is {sp.bos_id()}; the shard format needs BOS id {BOS_ID}"
+        )
     return sp
 
 
@@ -560,8 +591,12 @@ class BuildConfig:
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     max_docs: int | None = None
     max_bytes: int | None = None  # default: PYDOCS_MAX_BYTES for the built-in corpus, all of --docs
-    tokenizer_train_docs: int | None = None  # train the tokenizer on the training documents among the first N
-    tokenizer_train_bytes: int | None = None  # default: DEFAULT_TOKENIZER_TRAIN_BYTES unless tokenizer_train_docs
+    tokenizer_train_docs: int | None = (
+        None  # train the tokenizer on the training documents among the first N
+    )
+    tokenizer_train_bytes: int | None = (
+        None  # default: DEFAULT_TOKENIZER_TRAIN_BYTES unless tokenizer_train_docs
+    )
     out_root: Path = DATA_DIR  # holds datasets/ and tokenizers/
     workers: int | None = None  # default: the CPUs this process may use
     force: bool = False  # replace an existing dataset (and tokenizer)
@@ -637,7 +672,9 @@ def build(config: BuildConfig) -> BuildResult:
     builtin = config.docs is None
     name = config.name or (PYDOCS_NAME if builtin else Path(config.docs).stem)
     if not NAME_PATTERN.fullmatch(name):
-        raise DatasetError(f"--name {name!r}: use letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise DatasetError(
+            f"--name {name!r}: use letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     for flag, value in [
         ("--val-docs", config.val_docs),
         ("--min-tokens", config.min_tokens),
@@ -653,13 +690,17 @@ def build(config: BuildConfig) -> BuildResult:
     if tokenizer_train_bytes is None and config.tokenizer_train_docs is None:
         tokenizer_train_bytes = DEFAULT_TOKENIZER_TRAIN_BYTES
     if config.shard_tokens >= 1 << 31:
-        raise DatasetError(f"--shard-tokens must be below 2**31 (the header stores an int32), got {config.shard_tokens}")
+        raise DatasetError(
+            f"--shard-tokens must be below 2**31 (the header stores an int32), got {config.shard_tokens}"
+        )
 
     sp = None
     if config.tokenizer is not None:
         if config.tokenizer_train_docs is not None or config.tokenizer_train_bytes is not None:
-            raise DatasetError("--tokenizer-train-docs and --tokenizer-train-bytes train a tokenizer; "
-                               "--tokenizer reuses one: give one or the other")
+            raise DatasetError(
+                "--tokenizer-train-docs and --tokenizer-train-bytes train a tokenizer; "
+                "--tokenizer reuses one: give one or the other"
+            )
         sp = load_tokenizer(Path(config.tokenizer))
         vocab_size = sp.vocab_size()
         if config.vocab_size is not None and config.vocab_size != vocab_size:
@@ -688,7 +729,9 @@ def build(config: BuildConfig) -> BuildResult:
 
     if builtin:
         max_bytes = config.max_bytes or PYDOCS_MAX_BYTES
-        texts, source_info = collect_pydocs(max_bytes=max_bytes, workers=workers, show_progress=config.show_progress)
+        texts, source_info = collect_pydocs(
+            max_bytes=max_bytes, workers=workers, show_progress=config.show_progress
+        )
         source_info = {"kind": "pydocs", **source_info, "max_docs": config.max_docs}
         source: DocumentSource = ListSource("the built-in Python docs corpus", texts)
         max_docs, max_bytes = config.max_docs, None  # the byte cap was applied while collecting
@@ -703,7 +746,9 @@ def build(config: BuildConfig) -> BuildResult:
         }
 
     def documents(desc: str, total: int) -> Iterator[tuple[str, bytes]]:
-        progress = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not config.show_progress)
+        progress = tqdm(
+            total=total, unit="B", unit_scale=True, desc=desc, disable=not config.show_progress
+        )
         try:
             yield from capped(source.documents(progress), max_docs, max_bytes)
         finally:
@@ -719,9 +764,15 @@ def build(config: BuildConfig) -> BuildResult:
             split = default_val_split((len(data) for _, data in counted), config.min_tokens)
         finally:
             counted.close()
-        print(f"val_docs: {split.docs:,} ({split.reason}; --val-docs sets another)", file=sys.stderr)
+        print(
+            f"val_docs: {split.docs:,} ({split.reason}; --val-docs sets another)", file=sys.stderr
+        )
     val_docs = split.docs
-    if config.tokenizer_train_docs is not None and sp is None and config.tokenizer_train_docs <= val_docs:
+    if (
+        config.tokenizer_train_docs is not None
+        and sp is None
+        and config.tokenizer_train_docs <= val_docs
+    ):
         raise DatasetError(
             f"--tokenizer-train-docs {config.tokenizer_train_docs}: the tokenizer trains on the training documents "
             f"among the first N, and the first {val_docs:,} are the validation split; give more than {val_docs:,}"
@@ -729,13 +780,21 @@ def build(config: BuildConfig) -> BuildResult:
 
     datasets_dir.mkdir(parents=True, exist_ok=True)
     tokenizers_dir.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(dir=datasets_dir, prefix=f".{dataset_dir.name}.", suffix=".tmp"))
+    work_dir = Path(
+        tempfile.mkdtemp(dir=datasets_dir, prefix=f".{dataset_dir.name}.", suffix=".tmp")
+    )
     set_default_permissions(work_dir, is_dir=True)
-    tokenizer_work_dir = Path(tempfile.mkdtemp(dir=tokenizers_dir, prefix=f".{name}_{vocab_size}.", suffix=".tmp"))
+    tokenizer_work_dir = Path(
+        tempfile.mkdtemp(dir=tokenizers_dir, prefix=f".{name}_{vocab_size}.", suffix=".tmp")
+    )
     try:
         tokenizer_info: dict = {}
         if sp is None:
-            text = TokenizerText(val_docs=val_docs, max_docs=config.tokenizer_train_docs, max_bytes=tokenizer_train_bytes)
+            text = TokenizerText(
+                val_docs=val_docs,
+                max_docs=config.tokenizer_train_docs,
+                max_bytes=tokenizer_train_bytes,
+            )
             try:
                 model_bytes = train_tokenizer(
                     text.sentences(documents("tokenizer text", source.input_bytes)),
@@ -748,7 +807,9 @@ def build(config: BuildConfig) -> BuildResult:
             text.check(source.description)
             sp = spm.SentencePieceProcessor(model_proto=model_bytes)
             (tokenizer_work_dir / tokenizer_path.name).write_bytes(model_bytes)
-            (tokenizer_work_dir / tokenizer_path.with_suffix(".vocab").name).write_text(vocab_listing(sp), encoding="utf-8")
+            (tokenizer_work_dir / tokenizer_path.with_suffix(".vocab").name).write_text(
+                vocab_listing(sp), encoding="utf-8"
+            )
             tokenizer_info = {
                 "trained_on_docs": text.docs,
                 "trained_on_bytes": text.bytes,
@@ -788,12 +849,20 @@ def build(config: BuildConfig) -> BuildResult:
 
         if tokenizer_info:
             for suffix in (".model", ".vocab"):
-                os.replace(tokenizer_work_dir / f"{tokenizer_path.stem}{suffix}", tokenizer_path.with_suffix(suffix))
+                os.replace(
+                    tokenizer_work_dir / f"{tokenizer_path.stem}{suffix}",
+                    tokenizer_path.with_suffix(suffix),
+                )
         _publish_dir(work_dir, dataset_dir)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
         shutil.rmtree(tokenizer_work_dir, ignore_errors=True)
-    return BuildResult(dataset_dir=dataset_dir, tokenizer_path=tokenizer_path, vocab_size=vocab_size, manifest=manifest)
+    return BuildResult(
+        dataset_dir=dataset_dir,
+        tokenizer_path=tokenizer_path,
+        vocab_size=vocab_size,
+        manifest=manifest,
+    )
 
 
 class TokenizerText:
@@ -826,7 +895,9 @@ class TokenizerText:
     def check(self, source: str) -> None:
         _check_doc_count(self.docs_read, self.val_docs, source)
         if self.sentence_count == 0:
-            raise DatasetError(f"{source}: the training documents (all after the first {self.val_docs}) hold no text")
+            raise DatasetError(
+                f"{source}: the training documents (all after the first {self.val_docs}) hold no text"
+            )
 
 
 def _check_doc_count(total_docs: int, val_docs: int, source: str) -> None:
@@ -849,7 +920,9 @@ def _write_shards(
     workers: int,
     source: str,
 ) -> tuple[dict[str, SplitStats], str]:
-    writers = {split: SplitWriter(dataset_dir, split, config.shard_tokens) for split in ("val", "train")}
+    writers = {
+        split: SplitWriter(dataset_dir, split, config.shard_tokens) for split in ("val", "train")
+    }
     stats: dict[str, SplitStats] = {}
     hasher = hashlib.sha256()
     batch: list[tuple[str, int]] = []
@@ -857,12 +930,17 @@ def _write_shards(
     doc_index = 0
 
     def check_size(split: str, split_stats: SplitStats) -> None:
-        what = f"first {val_docs} documents" if split == "val" else f"documents after the first {val_docs}"
+        what = (
+            f"first {val_docs} documents"
+            if split == "val"
+            else f"documents after the first {val_docs}"
+        )
         if split_stats.tokens < config.min_tokens:
             raise DatasetError(
                 f"{source}: the {split} split ({what}) has {split_stats.tokens} tokens, fewer than "
                 f"--min-tokens {config.min_tokens} (one training sequence plus its target); "
-                "give more text" + (" or raise --val-docs" if split == "val" else " or lower --val-docs")
+                "give more text"
+                + (" or raise --val-docs" if split == "val" else " or lower --val-docs")
             )
 
     def flush(split: str) -> None:
@@ -919,7 +997,12 @@ def _manifest(
 ) -> dict:
     return {
         "name": name,
-        "format": {"header_int32": HEADER_INT32, "magic": SHARD_MAGIC, "version": SHARD_VERSION, "token_dtype": "<u2"},
+        "format": {
+            "header_int32": HEADER_INT32,
+            "magic": SHARD_MAGIC,
+            "version": SHARD_VERSION,
+            "token_dtype": "<u2",
+        },
         "bos_id": BOS_ID,
         "append_eos": False,
         "vocab_size": vocab_size,
@@ -989,11 +1072,19 @@ def build_parser() -> argparse.ArgumentParser:
         help='a .jsonl file (one {"text": ...} object a line, e.g. the challenge\'s docs_selected.jsonl) '
         "or a folder of .txt/.md files (one document each, in path order)",
     )
-    parser.add_argument("--name", help=f"dataset name (default: {PYDOCS_NAME}, or the stem of --docs)")
     parser.add_argument(
-        "--vocab-size", type=_positive_int, help=f"tokenizer size (default: {DEFAULT_VOCAB_SIZE}, or that of --tokenizer)"
+        "--name", help=f"dataset name (default: {PYDOCS_NAME}, or the stem of --docs)"
     )
-    parser.add_argument("--tokenizer", type=Path, help="encode with this SentencePiece .model instead of training one")
+    parser.add_argument(
+        "--vocab-size",
+        type=_positive_int,
+        help=f"tokenizer size (default: {DEFAULT_VOCAB_SIZE}, or that of --tokenizer)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="encode with this SentencePiece .model instead of training one",
+    )
     parser.add_argument(
         "--val-docs",
         type=_positive_int,
@@ -1040,10 +1131,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="write datasets/ and tokenizers/ under this folder (default: the folder of this script)",
     )
     parser.add_argument(
-        "--workers", type=_positive_int, help="processes/threads for extraction and encoding (default: all usable CPUs)"
+        "--workers",
+        type=_positive_int,
+        help="processes/threads for extraction and encoding (default: all usable CPUs)",
     )
-    parser.add_argument("--force", action="store_true", help="replace an existing dataset and tokenizer of the same name")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing dataset and tokenizer of the same name",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (they show only on a terminal)"
+    )
     return parser
 
 

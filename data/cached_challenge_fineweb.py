@@ -62,8 +62,12 @@ class KnownSource:
 
 # Where each published variant lives (data/README.md says what each repo holds).
 KNOWN_SOURCES = (
-    KnownSource("willdepueoai/parameter-golf", DEFAULT_REMOTE_ROOT, ("sp1024",)),  # the challenge's export
-    KnownSource("kevclark/parameter-golf", DEFAULT_REMOTE_ROOT, ("sp4096", "sp8192")),  # the SP4096/SP8192 records'
+    KnownSource(
+        "willdepueoai/parameter-golf", DEFAULT_REMOTE_ROOT, ("sp1024",)
+    ),  # the challenge's export
+    KnownSource(
+        "kevclark/parameter-golf", DEFAULT_REMOTE_ROOT, ("sp4096", "sp8192")
+    ),  # the SP4096/SP8192 records'
 )
 DEFAULT_REPO_ID = KNOWN_SOURCES[0].repo_id
 
@@ -82,9 +86,13 @@ def resolve_source(variant: str, repo_id: str | None, remote_root: str | None) -
     repo_id = repo_id or known.repo_id
     remote_root = known.remote_root if remote_root is None else remote_root.strip("/")
     if not REPO_ID_PATTERN.fullmatch(repo_id):
-        raise DownloadError(f"repo id {repo_id!r} is not of the form owner/name; check {REPO_ENV} or --repo-id")
+        raise DownloadError(
+            f"repo id {repo_id!r} is not of the form owner/name; check {REPO_ENV} or --repo-id"
+        )
     if remote_root and any(part in ("", ".", "..") for part in remote_root.split("/")):
-        raise DownloadError(f"remote root {remote_root!r} is not a plain folder path; check {REMOTE_ROOT_ENV} or --remote-root")
+        raise DownloadError(
+            f"remote root {remote_root!r} is not a plain folder path; check {REMOTE_ROOT_ENV} or --remote-root"
+        )
     return repo_id, remote_root
 
 
@@ -139,7 +147,9 @@ class HubFetcher:
             raise RemoteFileMissing(
                 f"cannot {what}: no such file in {self.description}; check {REMOTE_ROOT_ENV} or --remote-root"
             ) from None
-        except Exception as exc:  # the network boundary: any other failure ends the run with one message
+        except (
+            Exception
+        ) as exc:  # the network boundary: any other failure ends the run with one message
             raise DownloadError(f"cannot {what} from {self.description}: {exc}") from None
 
     def fetch(self, remote_path: str, destination: Path) -> None:
@@ -163,7 +173,9 @@ class HubFetcher:
     def list_files(self) -> list[str]:
         from huggingface_hub import HfApi
 
-        return self._call("list the files", lambda: HfApi().list_repo_files(self.repo_id, repo_type="dataset"))
+        return self._call(
+            "list the files", lambda: HfApi().list_repo_files(self.repo_id, repo_type="dataset")
+        )
 
 
 class MirrorFetcher:
@@ -188,11 +200,15 @@ class MirrorFetcher:
     def fetch(self, remote_path: str, destination: Path) -> None:
         source = self.repo_dir / remote_path
         if not source.is_file():
-            raise RemoteFileMissing(f"{remote_path} is not in the {self.description} (no file {source})")
+            raise RemoteFileMissing(
+                f"{remote_path} is not in the {self.description} (no file {source})"
+            )
         shutil.copyfile(source, destination)
 
     def list_files(self) -> list[str]:
-        return sorted(p.relative_to(self.repo_dir).as_posix() for p in self.repo_dir.rglob("*") if p.is_file())
+        return sorted(
+            p.relative_to(self.repo_dir).as_posix() for p in self.repo_dir.rglob("*") if p.is_file()
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -215,7 +231,9 @@ class VariantFiles:
     files_train: int
     tokenizer_files: tuple[str, ...]  # the SentencePiece .model first
     found_in: str  # "manifest" or "file listing"
-    manifest: dict | None = None  # the export's manifest and the variant's entry in it, when listed there
+    manifest: dict | None = (
+        None  # the export's manifest and the variant's entry in it, when listed there
+    )
     entry: dict | None = None
 
     def expected_tokens(self, split: str, index: int) -> int | None:
@@ -240,13 +258,19 @@ def variant_of(dataset_name: str) -> str:
 
 def manifest_variants(manifest: dict | None) -> list[str]:
     entries = (manifest or {}).get("datasets") or []
-    return sorted(variant_of(str(e["name"])) for e in entries if isinstance(e, dict) and "name" in e)
+    return sorted(
+        variant_of(str(e["name"])) for e in entries if isinstance(e, dict) and "name" in e
+    )
 
 
 def from_manifest(manifest: dict | None, variant: str) -> VariantFiles | None:
     """The variant as the manifest describes it, or None when the manifest does not list it."""
-    entries = [e for e in (manifest or {}).get("datasets") or [] if isinstance(e, dict) and "name" in e]
-    entry = next((e for e in entries if e["name"] == variant or variant_of(str(e["name"])) == variant), None)
+    entries = [
+        e for e in (manifest or {}).get("datasets") or [] if isinstance(e, dict) and "name" in e
+    ]
+    entry = next(
+        (e for e in entries if e["name"] == variant or variant_of(str(e["name"])) == variant), None
+    )
     if entry is None:
         return None
     if not DATASET_NAME.fullmatch(str(entry["name"])):
@@ -255,18 +279,26 @@ def from_manifest(manifest: dict | None, variant: str) -> VariantFiles | None:
     try:
         files_val, files_train = int(stats["files_val"]), int(stats["files_train"])
     except (KeyError, TypeError, ValueError):
-        raise DownloadError(f"the manifest entry for {entry['name']} lacks stats.files_val / stats.files_train") from None
+        raise DownloadError(
+            f"the manifest entry for {entry['name']} lacks stats.files_val / stats.files_train"
+        ) from None
     tokenizer_name = entry.get("tokenizer_name")
     tokenizers = [t for t in manifest.get("tokenizers") or [] if isinstance(t, dict)]
     tokenizer = next((t for t in tokenizers if t.get("name") == tokenizer_name), None)
     if tokenizer is None:
-        raise DownloadError(f"the manifest lists no tokenizer {tokenizer_name!r} for {entry['name']}")
-    artifacts = tuple(str(tokenizer[key]) for key in ("model_path", "vocab_path", "path") if tokenizer.get(key))
+        raise DownloadError(
+            f"the manifest lists no tokenizer {tokenizer_name!r} for {entry['name']}"
+        )
+    artifacts = tuple(
+        str(tokenizer[key]) for key in ("model_path", "vocab_path", "path") if tokenizer.get(key)
+    )
     if not artifacts or not artifacts[0].endswith(".model"):
         raise DownloadError(
             f"the manifest's tokenizer {tokenizer_name!r} for {entry['name']} names no SentencePiece .model file"
         )
-    return VariantFiles(str(entry["name"]), files_val, files_train, artifacts, "manifest", manifest, entry)
+    return VariantFiles(
+        str(entry["name"]), files_val, files_train, artifacts, "manifest", manifest, entry
+    )
 
 
 def listed_variants(files: list[str], remote_root: str) -> list[str]:
@@ -274,8 +306,12 @@ def listed_variants(files: list[str], remote_root: str) -> list[str]:
     prefix = remote_join(remote_root, "datasets") + "/"
     found = set()
     for path in files:
-        parts = path[len(prefix):].split("/") if path.startswith(prefix) else []
-        if len(parts) == 2 and parts[0].startswith(DATASET_PREFIX) and parts[1].startswith("fineweb_val_"):
+        parts = path[len(prefix) :].split("/") if path.startswith(prefix) else []
+        if (
+            len(parts) == 2
+            and parts[0].startswith(DATASET_PREFIX)
+            and parts[1].startswith("fineweb_val_")
+        ):
             found.add(variant_of(parts[0]))
     return sorted(found)
 
@@ -287,7 +323,7 @@ def from_listing(files: list[str], remote_root: str, variant: str) -> VariantFil
     folder = remote_join(remote_root, "datasets", dataset_name) + "/"
     indices: dict[str, list[int]] = {"val": [], "train": []}
     for path in files:
-        match = SHARD_FILE.fullmatch(path[len(folder):]) if path.startswith(folder) else None
+        match = SHARD_FILE.fullmatch(path[len(folder) :]) if path.startswith(folder) else None
         if match:
             indices[match[1]].append(int(match[2]))
     if not indices["val"]:
@@ -302,14 +338,22 @@ def from_listing(files: list[str], remote_root: str, variant: str) -> VariantFil
     vocab = variant.removeprefix("sp")
     model = remote_join(remote_root, "tokenizers", f"fineweb_{vocab}_bpe.model")
     if model not in files:
-        models = [p for p in files if p.startswith(remote_join(remote_root, "tokenizers") + "/") and p.endswith(".model")]
+        models = [
+            p
+            for p in files
+            if p.startswith(remote_join(remote_root, "tokenizers") + "/") and p.endswith(".model")
+        ]
         raise DownloadError(
             f"{folder} has no tokenizer {model} beside it (the repo's tokenizers: {', '.join(models) or 'none'})"
         )
     vocab_file = model.removesuffix(".model") + ".vocab"
     artifacts = (model, vocab_file) if vocab_file in files else (model,)
-    root_relative = tuple(path[len(remote_root) + 1:] if remote_root else path for path in artifacts)
-    return VariantFiles(dataset_name, len(indices["val"]), len(indices["train"]), root_relative, "file listing")
+    root_relative = tuple(
+        path[len(remote_root) + 1 :] if remote_root else path for path in artifacts
+    )
+    return VariantFiles(
+        dataset_name, len(indices["val"]), len(indices["train"]), root_relative, "file listing"
+    )
 
 
 def tokenizer_local_path(artifact: str, tokenizers_dir: Path) -> Path:
@@ -321,7 +365,9 @@ def tokenizer_local_path(artifact: str, tokenizers_dir: Path) -> Path:
     return tokenizers_dir.joinpath(*parts)
 
 
-def plan_downloads(found: VariantFiles, config: DownloadConfig, remote_root: str) -> tuple[list[PlannedFile], Path, Path]:
+def plan_downloads(
+    found: VariantFiles, config: DownloadConfig, remote_root: str
+) -> tuple[list[PlannedFile], Path, Path]:
     """The files to fetch, the dataset folder and the tokenizer model path."""
     out_root = Path(config.out_root)
     if config.train_shards > found.files_train:
@@ -338,14 +384,27 @@ def plan_downloads(found: VariantFiles, config: DownloadConfig, remote_root: str
     remote_dataset = remote_join(remote_root, "datasets", found.dataset_name)
     planned: list[PlannedFile] = []
     if config.with_docs:
-        planned += [PlannedFile(remote_join(remote_root, name), out_root / "datasets" / name) for name in DOCS_FILES]
+        planned += [
+            PlannedFile(remote_join(remote_root, name), out_root / "datasets" / name)
+            for name in DOCS_FILES
+        ]
     for split, count in (("val", found.files_val), ("train", config.train_shards)):
         for index in range(count):
             name = shard_name(split, index)
-            planned.append(PlannedFile(f"{remote_dataset}/{name}", dataset_dir / name, found.expected_tokens(split, index)))
+            planned.append(
+                PlannedFile(
+                    f"{remote_dataset}/{name}",
+                    dataset_dir / name,
+                    found.expected_tokens(split, index),
+                )
+            )
     tokenizers_dir = out_root / "tokenizers"
     for artifact in found.tokenizer_files:
-        planned.append(PlannedFile(remote_join(remote_root, artifact), tokenizer_local_path(artifact, tokenizers_dir)))
+        planned.append(
+            PlannedFile(
+                remote_join(remote_root, artifact), tokenizer_local_path(artifact, tokenizers_dir)
+            )
+        )
     return planned, dataset_dir, tokenizer_local_path(found.tokenizer_files[0], tokenizers_dir)
 
 
@@ -353,7 +412,9 @@ def plan_downloads(found: VariantFiles, config: DownloadConfig, remote_root: str
 # Checks of local files
 
 
-def file_problem(path: Path, expected_tokens: int | None = None, suffix: str | None = None) -> str | None:
+def file_problem(
+    path: Path, expected_tokens: int | None = None, suffix: str | None = None
+) -> str | None:
     """Why the file at path is not a complete copy, or None when it looks complete.
     suffix (default: path's own) says what kind of file it should be."""
     suffix = path.suffix if suffix is None else suffix
@@ -391,14 +452,23 @@ def fetch_checked(fetcher: Fetcher, item: PlannedFile) -> None:
         fetcher.fetch(item.remote_path, tmp_path)
         problem = file_problem(tmp_path, item.expected_tokens, suffix=item.local_path.suffix)
         if problem is not None:
-            raise DownloadError(f"the fetched {item.remote_path} is not valid: {problem.replace(str(tmp_path), 'file')}")
+            raise DownloadError(
+                f"the fetched {item.remote_path} is not valid: {problem.replace(str(tmp_path), 'file')}"
+            )
         os.replace(tmp_path, item.local_path)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
 def manifest_cache_path(out_root: Path, repo_id: str, remote_root: str) -> Path:
-    return Path(out_root, "datasets", MANIFESTS_DIR_NAME, *repo_id.split("/"), *remote_root.split("/"), "manifest.json")
+    return Path(
+        out_root,
+        "datasets",
+        MANIFESTS_DIR_NAME,
+        *repo_id.split("/"),
+        *remote_root.split("/"),
+        "manifest.json",
+    )
 
 
 def load_manifest(fetcher: Fetcher, cache: Path, remote_root: str, variant: str) -> dict | None:
@@ -450,8 +520,15 @@ class DownloadResult:
     already_complete: list[Path]
 
 
-def find_variant(fetcher: Fetcher, config: DownloadConfig, repo_id: str, remote_root: str) -> VariantFiles:
-    manifest = load_manifest(fetcher, manifest_cache_path(config.out_root, repo_id, remote_root), remote_root, config.variant)
+def find_variant(
+    fetcher: Fetcher, config: DownloadConfig, repo_id: str, remote_root: str
+) -> VariantFiles:
+    manifest = load_manifest(
+        fetcher,
+        manifest_cache_path(config.out_root, repo_id, remote_root),
+        remote_root,
+        config.variant,
+    )
     found = from_manifest(manifest, config.variant)
     if found is not None:
         return found
@@ -460,7 +537,11 @@ def find_variant(fetcher: Fetcher, config: DownloadConfig, repo_id: str, remote_
     if found is not None:
         return found
     where = f"{fetcher.description}" + (f" (folder {remote_root}/)" if remote_root else "")
-    held = "its manifest lists " + (", ".join(manifest_variants(manifest)) or "nothing") if manifest else "it has no manifest.json"
+    held = (
+        "its manifest lists " + (", ".join(manifest_variants(manifest)) or "nothing")
+        if manifest
+        else "it has no manifest.json"
+    )
     raise DownloadError(
         f"variant {config.variant!r} is not in {where}: {held}, and its files hold "
         f"{', '.join(listed_variants(files, remote_root)) or 'no variant'}. Published variants known here: "
@@ -490,7 +571,9 @@ def download(config: DownloadConfig) -> DownloadResult:
     planned, dataset_dir, tokenizer_path = plan_downloads(found, config, remote_root)
     fetched: list[Path] = []
     complete: list[Path] = []
-    for item in tqdm(planned, desc=found.dataset_name, unit="file", disable=not config.show_progress):
+    for item in tqdm(
+        planned, desc=found.dataset_name, unit="file", disable=not config.show_progress
+    ):
         if file_problem(item.local_path, item.expected_tokens) is None:
             complete.append(item.local_path)
             continue
@@ -516,7 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the dataset repo that publishes the variant. Runs resume; damaged or partial files are fetched again."
     )
     parser.add_argument(
-        "train_shards_positional", nargs="?", type=int, metavar="TRAIN_SHARDS", help="same as --train-shards"
+        "train_shards_positional",
+        nargs="?",
+        type=int,
+        metavar="TRAIN_SHARDS",
+        help="same as --train-shards",
     )
     parser.add_argument(
         "--variant",
@@ -529,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TRAIN_SHARDS,
         help=f"download the first N training shards, 100M tokens each (default: {DEFAULT_TRAIN_SHARDS})",
     )
-    parser.add_argument("--with-docs", action="store_true", help="also download docs_selected.jsonl and its sidecar")
+    parser.add_argument(
+        "--with-docs", action="store_true", help="also download docs_selected.jsonl and its sidecar"
+    )
     parser.add_argument(
         "--out-root",
         type=Path,
@@ -550,7 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="read from this local copy of the hub (one folder per repo: DIR/<owner>/<name>/) instead of Hugging Face",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (they show only on a terminal)"
+    )
     return parser
 
 
@@ -558,11 +649,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = DownloadConfig(
         variant=args.variant,
-        train_shards=args.train_shards if args.train_shards_positional is None else args.train_shards_positional,
+        train_shards=args.train_shards
+        if args.train_shards_positional is None
+        else args.train_shards_positional,
         with_docs=args.with_docs,
         out_root=args.out_root,
         repo_id=args.repo_id or os.environ.get(REPO_ENV) or None,
-        remote_root=args.remote_root if args.remote_root is not None else os.environ.get(REMOTE_ROOT_ENV),
+        remote_root=args.remote_root
+        if args.remote_root is not None
+        else os.environ.get(REMOTE_ROOT_ENV),
         mirror=args.mirror,
         show_progress=not args.no_progress and sys.stderr.isatty(),
     )
@@ -572,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(
-        f"source: {result.repo_id}" + (f" folder {result.remote_root}/" if result.remote_root else "")
+        f"source: {result.repo_id}"
+        + (f" folder {result.remote_root}/" if result.remote_root else "")
         + f" (files from its {result.found_in})\n"
         f"dataset: {display_path(result.dataset_dir)}\n"
         f"tokenizer: {display_path(result.tokenizer_path)}\n"

@@ -113,7 +113,9 @@ def read_header(path: Path) -> int:
     path = Path(path)
     size_bytes = path.stat().st_size
     if size_bytes < HEADER_BYTES:
-        raise ShardError(f"{path}: {size_bytes} bytes, shorter than the {HEADER_BYTES}-byte shard header")
+        raise ShardError(
+            f"{path}: {size_bytes} bytes, shorter than the {HEADER_BYTES}-byte shard header"
+        )
     header = np.fromfile(path, dtype="<i4", count=HEADER_INT32)
     if int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
         raise ShardError(
@@ -154,7 +156,9 @@ class ShardWriter:
         tokens = np.asarray(tokens)
         if tokens.dtype != TOKEN_DTYPE:
             if tokens.size and (tokens.min() < 0 or tokens.max() >= MAX_VOCAB_SIZE):
-                raise ValueError(f"{self.path}: token ids must fit in uint16 (0..{MAX_VOCAB_SIZE - 1})")
+                raise ValueError(
+                    f"{self.path}: token ids must fit in uint16 (0..{MAX_VOCAB_SIZE - 1})"
+                )
             tokens = tokens.astype(TOKEN_DTYPE)
         self._file.write(tokens.tobytes())
         self.num_tokens += int(tokens.size)

@@ -27,25 +27,44 @@ import record_tools as rt  # noqa: E402
 
 def add_reference_args(parser: argparse.ArgumentParser, required: bool) -> None:
     group = parser.add_argument_group(
-        "reference", "a record folder, logs or summaries (--reference), "
-        "or a mean, sample std and count (--ref-mean/--ref-std/--ref-n)")
-    group.add_argument("--reference", nargs="+", metavar="PATH",
-                       help="record folder(s), logs folder(s), run summaries or train logs")
+        "reference",
+        "a record folder, logs or summaries (--reference), "
+        "or a mean, sample std and count (--ref-mean/--ref-std/--ref-n)",
+    )
+    group.add_argument(
+        "--reference",
+        nargs="+",
+        metavar="PATH",
+        help="record folder(s), logs folder(s), run summaries or train logs",
+    )
     group.add_argument("--ref-mean", type=float)
     group.add_argument("--ref-std", type=float, help="sample standard deviation (ddof=1)")
     group.add_argument("--ref-n", type=int)
-    parser.add_argument("--metric", choices=sorted(rt.METRIC_UNITS), default="val_loss",
-                        help="val_loss in nats (the original rule, default) or val_bpb")
-    parser.add_argument("--min-improvement", type=float, default=rt.DEFAULT_MIN_IMPROVEMENT,
-                        metavar="D", help="improvement to show, in the metric's unit "
-                        "(default %(default)s)")
-    parser.add_argument("--alpha", type=float, default=rt.DEFAULT_ALPHA,
-                        help="significance level (default %(default)s)")
+    parser.add_argument(
+        "--metric",
+        choices=sorted(rt.METRIC_UNITS),
+        default="val_loss",
+        help="val_loss in nats (the original rule, default) or val_bpb",
+    )
+    parser.add_argument(
+        "--min-improvement",
+        type=float,
+        default=rt.DEFAULT_MIN_IMPROVEMENT,
+        metavar="D",
+        help="improvement to show, in the metric's unit (default %(default)s)",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=rt.DEFAULT_ALPHA,
+        help="significance level (default %(default)s)",
+    )
     parser.set_defaults(reference_required=required)
 
 
-def reference_comparison(args: argparse.Namespace, new: list[rt.Score],
-                         notes: list[str]) -> rt.Comparison | None:
+def reference_comparison(
+    args: argparse.Namespace, new: list[rt.Score], notes: list[str]
+) -> rt.Comparison | None:
     given_stats = [args.ref_mean, args.ref_std, args.ref_n]
     if args.reference and any(v is not None for v in given_stats):
         raise rt.RecordError("give either --reference or --ref-mean/--ref-std/--ref-n, not both")
@@ -60,8 +79,14 @@ def reference_comparison(args: argparse.Namespace, new: list[rt.Score],
         raise rt.RecordError("no reference: give --reference or --ref-mean/--ref-std/--ref-n")
     else:
         return None
-    return rt.compare(new, ref, metric=args.metric, min_improvement=args.min_improvement,
-                      alpha=args.alpha, notes=notes)
+    return rt.compare(
+        new,
+        ref,
+        metric=args.metric,
+        min_improvement=args.min_improvement,
+        alpha=args.alpha,
+        notes=notes,
+    )
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -69,9 +94,17 @@ def cmd_submit(args: argparse.Namespace) -> None:
     scores = [rt.Score(r.run_id, r.summary["val_loss"], r.summary["val_bpb"]) for r in runs]
     comparison = reference_comparison(args, scores, [])
     folder = rt.make_submission(
-        runs, name=args.name, author=args.author, github_id=args.github_id,
-        blurb=args.blurb, date=args.date, code_path=args.code, track_dir=args.track_dir,
-        folder=args.folder, comparison=comparison)
+        runs,
+        name=args.name,
+        author=args.author,
+        github_id=args.github_id,
+        blurb=args.blurb,
+        date=args.date,
+        code_path=args.code,
+        track_dir=args.track_dir,
+        folder=args.folder,
+        comparison=comparison,
+    )
     for warning in rt.track_warnings(runs):
         print(f"warning: {warning}", file=sys.stderr)
     if comparison is not None:
@@ -95,18 +128,23 @@ def cmd_plot(args: argparse.Namespace) -> None:
 def cmd_pack(args: argparse.Namespace) -> None:
     source = rt.read_file(args.source)
     if args.output.resolve() == args.source.resolve():
-        raise rt.RecordError(f"-o {args.output} is the source itself; write the packed file elsewhere")
+        raise rt.RecordError(
+            f"-o {args.output} is the source itself; write the packed file elsewhere"
+        )
     packed = rt.pack_code(source, str(args.source))
     rt.write_bytes_atomic(args.output, packed)
-    print(f"wrote {args.output}: {len(packed):,} bytes ({args.source}: {len(source):,} bytes; "
-          f"{len(source) - len(packed):,} bytes saved)")
+    print(
+        f"wrote {args.output}: {len(packed):,} bytes ({args.source}: {len(source):,} bytes; "
+        f"{len(source) - len(packed):,} bytes saved)"
+    )
 
 
 def cmd_unpack(args: argparse.Namespace) -> None:
     source = rt.unpack_code(rt.read_file(args.packed), str(args.packed))
     if source is None:
-        raise rt.RecordError(f"{args.packed} is not a packed train_gpt.py (it does not start with the "
-                             "packer's stub)")
+        raise rt.RecordError(
+            f"{args.packed} is not a packed train_gpt.py (it does not start with the packer's stub)"
+        )
     if args.output is None:
         sys.stdout.buffer.write(source)
     else:
@@ -116,12 +154,13 @@ def cmd_unpack(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     submit = commands.add_parser(
-        "submit", help="create records/track_10min_16mb/YYYY-MM-DD_Name/ from finished runs")
+        "submit", help="create records/track_10min_16mb/YYYY-MM-DD_Name/ from finished runs"
+    )
     submit.add_argument("runs", nargs="+", help="the runs (logs/ID.txt, logs/ID.json or logs/ID)")
     submit.add_argument("--name", required=True, help="submission name; also names the folder")
     submit.add_argument("--author", required=True)
@@ -129,16 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--blurb", required=True, help="one paragraph: what the submission does")
     submit.add_argument("--date", help="YYYY-MM-DD (default: today)")
     submit.add_argument("--folder", help="folder name after the date (default: from --name)")
-    submit.add_argument("--code", type=Path, default=rt.DEFAULT_CODE_PATH,
-                        help="the train_gpt.py to ship; must equal the source in the logs "
-                        "(default: the repository's)")
-    submit.add_argument("--track-dir", type=Path, default=rt.TRACK_DIR,
-                        help="where submission folders go (default: records/track_10min_16mb)")
+    submit.add_argument(
+        "--code",
+        type=Path,
+        default=rt.DEFAULT_CODE_PATH,
+        help="the train_gpt.py to ship; must equal the source in the logs "
+        "(default: the repository's)",
+    )
+    submit.add_argument(
+        "--track-dir",
+        type=Path,
+        default=rt.TRACK_DIR,
+        help="where submission folders go (default: records/track_10min_16mb)",
+    )
     add_reference_args(submit, required=False)
     submit.set_defaults(handler=cmd_submit)
 
     comp = commands.add_parser(
-        "compare", help="Welch's one-sided t-test: do the runs improve on a reference by >= D?")
+        "compare", help="Welch's one-sided t-test: do the runs improve on a reference by >= D?"
+    )
     comp.add_argument("runs", nargs="+", help="run summaries, train logs or folders of them")
     add_reference_args(comp, required=True)
     comp.set_defaults(handler=cmd_compare)
@@ -154,16 +202,32 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(handler=cmd_plot)
 
     pack = commands.add_parser(
-        "pack", help="write train_gpt.py as an lzma-compressed, self-extracting file that runs the same")
-    pack.add_argument("source", type=Path, nargs="?", default=rt.DEFAULT_CODE_PATH,
-                      help="the source to pack (default: the repository's train_gpt.py)")
-    pack.add_argument("-o", "--output", type=Path, default=Path("packed") / "train_gpt.py",
-                      help="the packed file (default: packed/train_gpt.py)")
+        "pack",
+        help="write train_gpt.py as an lzma-compressed, self-extracting file that runs the same",
+    )
+    pack.add_argument(
+        "source",
+        type=Path,
+        nargs="?",
+        default=rt.DEFAULT_CODE_PATH,
+        help="the source to pack (default: the repository's train_gpt.py)",
+    )
+    pack.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("packed") / "train_gpt.py",
+        help="the packed file (default: packed/train_gpt.py)",
+    )
     pack.set_defaults(handler=cmd_pack)
 
-    unpack = commands.add_parser("unpack", help="the source inside a packed train_gpt.py (nothing is run)")
+    unpack = commands.add_parser(
+        "unpack", help="the source inside a packed train_gpt.py (nothing is run)"
+    )
     unpack.add_argument("packed", type=Path)
-    unpack.add_argument("-o", "--output", type=Path, help="write the source here (default: standard output)")
+    unpack.add_argument(
+        "-o", "--output", type=Path, help="write the source here (default: standard output)"
+    )
     unpack.set_defaults(handler=cmd_unpack)
     return parser
 

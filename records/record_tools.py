@@ -52,9 +52,23 @@ DEFAULT_ALPHA = 0.01
 # where it writes its files. Everything else must match.
 PER_RUN_SETTINGS = frozenset({"RUN_ID", "SEED", "LOG_DIR", "ARTIFACT_DIR"})
 SUMMARY_KEYS = (
-    "run_id", "seed", "val_bpb", "val_loss", "prequant_val_bpb", "roundtrip_val_bpb",
-    "bytes_model", "bytes_code", "bytes_total", "fits", "steps", "train_time_ms",
-    "step_avg_ms", "world_size", "code_sha256", "hyperparameters", "env_overrides",
+    "run_id",
+    "seed",
+    "val_bpb",
+    "val_loss",
+    "prequant_val_bpb",
+    "roundtrip_val_bpb",
+    "bytes_model",
+    "bytes_code",
+    "bytes_total",
+    "fits",
+    "steps",
+    "train_time_ms",
+    "step_avg_ms",
+    "world_size",
+    "code_sha256",
+    "hyperparameters",
+    "env_overrides",
     "val_history",
 )
 METRIC_UNITS = {"val_loss": "nats", "val_bpb": "bpb"}
@@ -109,9 +123,11 @@ def _read_json(path: Path) -> dict:
 
 def files_under(root: Path, pattern: str) -> list[Path]:
     """Files matching `pattern` under `root`, leaving out hidden folders (.ipynb_checkpoints)."""
-    return sorted(p for p in root.rglob(pattern)
-                  if p.is_file() and not any(part.startswith(".")
-                                             for part in p.relative_to(root).parts[:-1]))
+    return sorted(
+        p
+        for p in root.rglob(pattern)
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts[:-1])
+    )
 
 
 def read_file(path: Path) -> bytes:
@@ -134,6 +150,7 @@ def _printed_matches(printed: str, value: float) -> bool:
 # ---------------------------------------------------------------------------------------
 # Reading one run
 # ---------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -169,22 +186,26 @@ def split_log(log_path: Path) -> tuple[bytes, list[str]]:
     if match is None:
         raise RecordError(
             f"{log_path}: the first line is not 'code_begin path:... bytes:N sha256:HEX', "
-            "so this is not a train log written by train_gpt.py")
+            "so this is not a train log written by train_gpt.py"
+        )
     size, expected_sha = int(match[2]), match[3]
     source = body[:size]
     if len(source) < size:
         raise RecordError(
-            f"{log_path}: the log ends inside the copied source ({len(source)} of {size} bytes)")
+            f"{log_path}: the log ends inside the copied source ({len(source)} of {size} bytes)"
+        )
     if sha256_hex(source) != expected_sha:
         raise RecordError(
-            f"{log_path}: the copied source does not hash to the sha256 in its code_begin line")
+            f"{log_path}: the copied source does not hash to the sha256 in its code_begin line"
+        )
     rest = body[size:]
     if rest.startswith(b"\n"):
         rest = rest[1:]  # the trainer ends the copy with a newline of its own
     end_line, _, after = rest.partition(b"\n")
     if end_line.rstrip(b"\r") != b"code_end":
         raise RecordError(
-            f"{log_path}: no 'code_end' line right after the {size} bytes of copied source")
+            f"{log_path}: no 'code_end' line right after the {size} bytes of copied source"
+        )
     return source, after.decode("utf-8", "replace").splitlines()
 
 
@@ -206,7 +227,8 @@ def _check_finished(log_path: Path, lines: list[str]) -> str:
     if any(line.startswith("code_begin ") for line in nonempty):
         raise RecordError(
             f"{log_path}: holds more than one run (a second code_begin line): train_gpt.py "
-            "appends to an existing log, so a RUN_ID was reused; rerun with a fresh RUN_ID")
+            "appends to an existing log, so a RUN_ID was reused; rerun with a fresh RUN_ID"
+        )
     failed = failure_line(nonempty)
     if failed:
         raise RecordError(f"{log_path}: the run failed ({failed[:200]}); {FAILED}")
@@ -214,43 +236,61 @@ def _check_finished(log_path: Path, lines: list[str]) -> str:
     if not last.startswith("run_complete "):
         raise RecordError(
             f"{log_path}: the run did not finish: its last line is {last[:120]!r}, "
-            "not 'run_complete run_id:... val_loss:... val_bpb:...'")
-    for pattern, what in ((ROUNDTRIP_LINE, "final_int6_roundtrip_exact"),
-                          (TOTAL_SIZE_LINE, "Total submission size"),
-                          (FITS_LINE, "fits_16mb")):
+            "not 'run_complete run_id:... val_loss:... val_bpb:...'"
+        )
+    for pattern, what in (
+        (ROUNDTRIP_LINE, "final_int6_roundtrip_exact"),
+        (TOTAL_SIZE_LINE, "Total submission size"),
+        (FITS_LINE, "fits_16mb"),
+    ):
         if not any(pattern.match(line) for line in nonempty):
             raise RecordError(f"{log_path}: the run did not finish: no '{what}' line")
     return last
 
 
-def _check_log_matches_summary(log_path: Path, source: bytes, lines: list[str],
-                               complete_line: str, summary_path: Path, summary: dict) -> None:
+def _check_log_matches_summary(
+    log_path: Path,
+    source: bytes,
+    lines: list[str],
+    complete_line: str,
+    summary_path: Path,
+    summary: dict,
+) -> None:
     def disagree(what: str) -> RecordError:
         return RecordError(f"{log_path} and {summary_path} disagree: {what}")
 
     if summary["code_sha256"] != sha256_hex(source):
-        raise disagree(f"code_sha256 {summary['code_sha256']} is not the sha256 of the "
-                       f"source copied into the log ({sha256_hex(source)})")
+        raise disagree(
+            f"code_sha256 {summary['code_sha256']} is not the sha256 of the "
+            f"source copied into the log ({sha256_hex(source)})"
+        )
     if summary["bytes_code"] != len(source):
-        raise disagree(f"bytes_code {summary['bytes_code']} but the source that ran is "
-                       f"{len(source)} bytes")
+        raise disagree(
+            f"bytes_code {summary['bytes_code']} but the source that ran is {len(source)} bytes"
+        )
     if summary["bytes_total"] != summary["bytes_model"] + summary["bytes_code"]:
-        raise disagree(f"bytes_total {summary['bytes_total']} is not bytes_model "
-                       f"{summary['bytes_model']} + bytes_code {summary['bytes_code']}")
+        raise disagree(
+            f"bytes_total {summary['bytes_total']} is not bytes_model "
+            f"{summary['bytes_model']} + bytes_code {summary['bytes_code']}"
+        )
     logged_total = next(int(m[1]) for line in lines if (m := TOTAL_SIZE_LINE.match(line.strip())))
     if logged_total != summary["bytes_total"]:
-        raise disagree(f"the log's total submission size is {logged_total} bytes, "
-                       f"the summary's bytes_total {summary['bytes_total']}")
+        raise disagree(
+            f"the log's total submission size is {logged_total} bytes, "
+            f"the summary's bytes_total {summary['bytes_total']}"
+        )
     if bool(summary["fits"]) != (summary["bytes_total"] <= ARTIFACT_LIMIT_BYTES):
         raise disagree(f"fits is {summary['fits']} for bytes_total {summary['bytes_total']}")
     complete = fields(complete_line)
     if complete.get("run_id") != str(summary["run_id"]):
-        raise disagree(f"run_complete names run {complete.get('run_id')!r}, "
-                       f"the summary {summary['run_id']!r}")
+        raise disagree(
+            f"run_complete names run {complete.get('run_id')!r}, the summary {summary['run_id']!r}"
+        )
     for key in ("val_loss", "val_bpb"):
         if key not in complete or not _printed_matches(complete[key], summary[key]):
-            raise disagree(f"run_complete {key}:{complete.get(key)} but the summary has "
-                           f"{summary[key]}")
+            raise disagree(
+                f"run_complete {key}:{complete.get(key)} but the summary has {summary[key]}"
+            )
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -263,7 +303,8 @@ def load_run(path: str | os.PathLike) -> Run:
     if not summary_path.is_file():
         raise RecordError(
             f"{summary_path}: missing; train_gpt.py writes the summary last, "
-            "so the run did not finish")
+            "so the run did not finish"
+        )
     summary = check_score(read_summary(summary_path), summary_path)
     _check_log_matches_summary(log_path, source, lines, complete_line, summary_path, summary)
     return Run(log_path=log_path, summary_path=summary_path, source=source, summary=summary)
@@ -279,13 +320,17 @@ def load_run(path: str | os.PathLike) -> Run:
 # the packed file's bytes as the code that ran. linecache gets the source so that
 # tracebacks show its lines. Nothing else is executed: unpack_code() accepts only this
 # exact stub, byte for byte, around a base85 payload.
-PACKED_HEAD = (b"# train_gpt.py, lzma-packed. Source: python records/make_submission.py unpack FILE\n"
-               b"import base64,linecache,lzma\n"
-               b"s=lzma.decompress(base64.b85decode(\"")
-PACKED_TAIL = (b"\")).decode()\n"
-               b"n=\"<unpacked train_gpt.py>\"\n"
-               b"linecache.cache[n]=len(s),None,s.splitlines(True),n\n"
-               b"exec(compile(s,n,\"exec\"))\n")
+PACKED_HEAD = (
+    b"# train_gpt.py, lzma-packed. Source: python records/make_submission.py unpack FILE\n"
+    b"import base64,linecache,lzma\n"
+    b's=lzma.decompress(base64.b85decode("'
+)
+PACKED_TAIL = (
+    b'")).decode()\n'
+    b'n="<unpacked train_gpt.py>"\n'
+    b"linecache.cache[n]=len(s),None,s.splitlines(True),n\n"
+    b'exec(compile(s,n,"exec"))\n'
+)
 BASE85_PAYLOAD = re.compile(rb"[0-9A-Za-z!#$%&()*+\-;<=>?@^_`{|}~]*")
 MAX_UNPACKED_BYTES = 16_000_000  # no source is larger than the whole artifact
 
@@ -308,28 +353,39 @@ def unpack_code(data: bytes, name: str = "train_gpt.py") -> bytes | None:
     if not data.startswith(PACKED_HEAD):
         return None
     if not data.endswith(PACKED_TAIL) or len(data) < len(PACKED_HEAD) + len(PACKED_TAIL):
-        raise RecordError(f"{name} starts like a packed train_gpt.py but does not end with the packer's "
-                          "stub: it was edited after packing; pack the source again")
-    payload = data[len(PACKED_HEAD):-len(PACKED_TAIL)]
+        raise RecordError(
+            f"{name} starts like a packed train_gpt.py but does not end with the packer's "
+            "stub: it was edited after packing; pack the source again"
+        )
+    payload = data[len(PACKED_HEAD) : -len(PACKED_TAIL)]
     if not BASE85_PAYLOAD.fullmatch(payload):
-        raise RecordError(f"{name}: the packed payload holds characters outside base85 (the stub was "
-                          "edited after packing); pack the source again")
+        raise RecordError(
+            f"{name}: the packed payload holds characters outside base85 (the stub was "
+            "edited after packing); pack the source again"
+        )
     try:
         decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
         source = decompressor.decompress(base64.b85decode(payload), max_length=MAX_UNPACKED_BYTES)
     except (ValueError, lzma.LZMAError, binascii.Error) as err:
-        raise RecordError(f"{name}: the packed payload is damaged ({err}); pack the source again") from None
+        raise RecordError(
+            f"{name}: the packed payload is damaged ({err}); pack the source again"
+        ) from None
     if not decompressor.eof:
-        raise RecordError(f"{name}: the packed payload is truncated or unpacks to over "
-                          f"{MAX_UNPACKED_BYTES:,} bytes; pack the source again")
+        raise RecordError(
+            f"{name}: the packed payload is truncated or unpacks to over "
+            f"{MAX_UNPACKED_BYTES:,} bytes; pack the source again"
+        )
     if decompressor.unused_data:
-        raise RecordError(f"{name}: the packed payload has bytes after its end; pack the source again")
+        raise RecordError(
+            f"{name}: the packed payload has bytes after its end; pack the source again"
+        )
     return source
 
 
 # ---------------------------------------------------------------------------------------
 # Submission folder
 # ---------------------------------------------------------------------------------------
+
 
 def shared_settings(run: Run) -> dict:
     """The run's configuration without the settings each seed sets for itself."""
@@ -345,32 +401,39 @@ def check_submittable(runs: Sequence[Run], code: bytes, code_path: Path) -> None
     seen: dict[str, Run] = {}
     for run in runs:
         if run.run_id in seen:
-            raise RecordError(f"{run.log_path}: run {run.run_id!r} is given twice "
-                              f"(also {seen[run.run_id].log_path})")
+            raise RecordError(
+                f"{run.log_path}: run {run.run_id!r} is given twice "
+                f"(also {seen[run.run_id].log_path})"
+            )
         seen[run.run_id] = run
         total = run.summary["bytes_total"]
         if total > ARTIFACT_LIMIT_BYTES:
             raise RecordError(
                 f"{run.summary_path}: the artifact does not fit: bytes_total {total:,} is "
-                f"{total - ARTIFACT_LIMIT_BYTES:,} bytes over the {ARTIFACT_LIMIT_BYTES:,}-byte limit")
+                f"{total - ARTIFACT_LIMIT_BYTES:,} bytes over the {ARTIFACT_LIMIT_BYTES:,}-byte limit"
+            )
     first = runs[0]
     for run in runs[1:]:
         if run.source != first.source:
             raise RecordError(
                 f"runs made with different code: {first.log_path} ran sha256 "
                 f"{first.source_sha256[:16]}... ({len(first.source):,} bytes), {run.log_path} "
-                f"ran sha256 {run.source_sha256[:16]}... ({len(run.source):,} bytes)")
+                f"ran sha256 {run.source_sha256[:16]}... ({len(run.source):,} bytes)"
+            )
     if code != first.source:
         raise RecordError(
             f"{code_path} is not the file that ran: sha256 {sha256_hex(code)[:16]}... "
             f"({len(code):,} bytes), but the source copied into {first.log_path} has sha256 "
-            f"{first.source_sha256[:16]}... ({len(first.source):,} bytes)")
+            f"{first.source_sha256[:16]}... ({len(first.source):,} bytes)"
+        )
     seeds: dict[object, Run] = {}
     for run in runs:
         seed = run.summary["seed"]
         if seed in seeds:
-            raise RecordError(f"{run.summary_path}: seed {seed} is also the seed of "
-                              f"{seeds[seed].summary_path}; each run needs its own seed")
+            raise RecordError(
+                f"{run.summary_path}: seed {seed} is also the seed of "
+                f"{seeds[seed].summary_path}; each run needs its own seed"
+            )
         seeds[seed] = run
     base = shared_settings(first)
     for run in runs[1:]:
@@ -380,7 +443,8 @@ def check_submittable(runs: Sequence[Run], code: bytes, code_path: Path) -> None
                 raise RecordError(
                     f"runs differ in {key}: {first.summary_path} has {base.get(key)!r}, "
                     f"{run.summary_path} has {other.get(key)!r}; the seeds of a submission "
-                    "share one configuration")
+                    "share one configuration"
+                )
 
 
 def env_value(value: object) -> str:
@@ -403,15 +467,37 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def _per_run_entry(run: Run) -> dict:
     s = run.summary
-    keys = ("run_id", "seed", "val_loss", "val_bpb", "prequant_val_loss", "prequant_val_bpb",
-            "roundtrip_val_loss", "roundtrip_val_bpb", "sliding_val_loss", "sliding_val_bpb",
-            "bytes_model", "bytes_total", "steps", "train_time_ms", "step_avg_ms")
+    keys = (
+        "run_id",
+        "seed",
+        "val_loss",
+        "val_bpb",
+        "prequant_val_loss",
+        "prequant_val_bpb",
+        "roundtrip_val_loss",
+        "roundtrip_val_bpb",
+        "sliding_val_loss",
+        "sliding_val_bpb",
+        "bytes_model",
+        "bytes_total",
+        "steps",
+        "train_time_ms",
+        "step_avg_ms",
+    )
     return {key: s.get(key) for key in keys}
 
 
-def submission_json(runs: Sequence[Run], *, author: str, github_id: str, name: str,
-                    blurb: str, date: str, comparison: Comparison | None = None,
-                    packed_source: bytes | None = None) -> dict:
+def submission_json(
+    runs: Sequence[Run],
+    *,
+    author: str,
+    github_id: str,
+    name: str,
+    blurb: str,
+    date: str,
+    comparison: Comparison | None = None,
+    packed_source: bytes | None = None,
+) -> dict:
     losses = [r.summary["val_loss"] for r in runs]
     bpbs = [r.summary["val_bpb"] for r in runs]
     data = {
@@ -430,7 +516,10 @@ def submission_json(runs: Sequence[Run], *, author: str, github_id: str, name: s
         "runs": [_per_run_entry(r) for r in runs],
     }
     if packed_source is not None:
-        data["code_packed"] = {"bytes_source": len(packed_source), "source_sha256": sha256_hex(packed_source)}
+        data["code_packed"] = {
+            "bytes_source": len(packed_source),
+            "source_sha256": sha256_hex(packed_source),
+        }
     if comparison is not None:
         data["significance"] = comparison.as_dict()
     return data
@@ -450,37 +539,83 @@ def readme_text(runs: Sequence[Run], meta: dict, comparison: Comparison | None) 
     first = runs[0].summary
     overrides = {k: v for k, v in first["env_overrides"].items() if k not in PER_RUN_SETTINGS}
     world_size = first["world_size"]
-    score_kind = (f"sliding-window eval of the shipped artifact, stride "
-                  f"{first['hyperparameters'].get('EVAL_STRIDE')}"
-                  if first.get("sliding_val_bpb") is not None
-                  else "the shipped artifact, read back and scored")
-    rows = [(r.summary["seed"], f"`{r.run_id}`", f"{r.summary['val_loss']:.6f}",
-             f"{r.summary['val_bpb']:.6f}", f"{r.summary['prequant_val_bpb']:.4f}",
-             r.summary["steps"], f"{r.summary['step_avg_ms']:.2f} ms",
-             _seconds(r.summary["train_time_ms"]), f"{r.summary['bytes_total']:,}")
-            for r in runs]
-    rows.append(("**mean**", "", f"{meta['val_loss']:.6f}", f"**{meta['val_bpb']:.6f}**",
-                 "", "", "", "", f"max {meta['bytes_total']:,}"))
+    score_kind = (
+        f"sliding-window eval of the shipped artifact, stride "
+        f"{first['hyperparameters'].get('EVAL_STRIDE')}"
+        if first.get("sliding_val_bpb") is not None
+        else "the shipped artifact, read back and scored"
+    )
+    rows = [
+        (
+            r.summary["seed"],
+            f"`{r.run_id}`",
+            f"{r.summary['val_loss']:.6f}",
+            f"{r.summary['val_bpb']:.6f}",
+            f"{r.summary['prequant_val_bpb']:.4f}",
+            r.summary["steps"],
+            f"{r.summary['step_avg_ms']:.2f} ms",
+            _seconds(r.summary["train_time_ms"]),
+            f"{r.summary['bytes_total']:,}",
+        )
+        for r in runs
+    ]
+    rows.append(
+        (
+            "**mean**",
+            "",
+            f"{meta['val_loss']:.6f}",
+            f"**{meta['val_bpb']:.6f}**",
+            "",
+            "",
+            "",
+            "",
+            f"max {meta['bytes_total']:,}",
+        )
+    )
     results = _markdown_table(
-        ("seed", "run", "val_loss (nats)", "val_bpb", "pre-quant val_bpb", "steps",
-         "step avg", "train time", "bytes_total"), rows)
+        (
+            "seed",
+            "run",
+            "val_loss (nats)",
+            "val_bpb",
+            "pre-quant val_bpb",
+            "steps",
+            "step avg",
+            "train time",
+            "bytes_total",
+        ),
+        rows,
+    )
     if overrides:
-        config = ("Settings that differ from the defaults of `train_gpt.py` "
-                  "(the same for every seed):\n\n"
-                  + _markdown_table(("setting", "value"),
-                                    ((f"`{k}`", f"`{env_value(v)}`")
-                                     for k, v in sorted(overrides.items()))))
+        config = (
+            "Settings that differ from the defaults of `train_gpt.py` "
+            "(the same for every seed):\n\n"
+            + _markdown_table(
+                ("setting", "value"),
+                ((f"`{k}`", f"`{env_value(v)}`") for k, v in sorted(overrides.items())),
+            )
+        )
     else:
         config = "Every setting is at its default in `train_gpt.py` (apart from SEED and RUN_ID)."
     common_env = " ".join(f"{k}={shlex.quote(env_value(v))}" for k, v in sorted(overrides.items()))
     commands = "\n".join(
-        " ".join(part for part in (
-            f"SEED={shlex.quote(env_value(r.summary['seed']))}",
-            f"RUN_ID={shlex.quote(r.run_id)}", common_env,
-            f"torchrun --standalone --nproc_per_node={world_size} train_gpt.py") if part)
-        for r in runs)
-    files = "\n".join(f"- `{r.log_path.name}`, `{r.summary_path.name}`: train log and summary "
-                      f"of seed {r.summary['seed']}" for r in runs)
+        " ".join(
+            part
+            for part in (
+                f"SEED={shlex.quote(env_value(r.summary['seed']))}",
+                f"RUN_ID={shlex.quote(r.run_id)}",
+                common_env,
+                f"torchrun --standalone --nproc_per_node={world_size} train_gpt.py",
+            )
+            if part
+        )
+        for r in runs
+    )
+    files = "\n".join(
+        f"- `{r.log_path.name}`, `{r.summary_path.name}`: train log and summary "
+        f"of seed {r.summary['seed']}"
+        for r in runs
+    )
     sections = [
         f"# {meta['name']}",
         meta["blurb"],
@@ -495,7 +630,8 @@ def readme_text(runs: Sequence[Run], meta: dict, comparison: Comparison | None) 
     if comparison is not None:
         sections += ["## Significance", "```\n" + comparison.format() + "\n```"]
     sections += [
-        "## Configuration", config,
+        "## Configuration",
+        config,
         "## Reproduce",
         f"From the folder holding this `train_gpt.py`, with the data in place, one run per "
         f"seed ({world_size} GPU{'s' if world_size != 1 else ''} each); each writes "
@@ -503,8 +639,11 @@ def readme_text(runs: Sequence[Run], meta: dict, comparison: Comparison | None) 
         "```bash\n" + commands + "\n```",
         "## Files",
         f"- `train_gpt.py`: the script that ran (sha256 `{meta['code_sha256']}`), identical "
-        "byte for byte to the source copied at the top of every log" + packed_note(meta) + "\n"
-        + files + "\n- `submission.json`: the means, the largest artifact and the per-seed values",
+        "byte for byte to the source copied at the top of every log"
+        + packed_note(meta)
+        + "\n"
+        + files
+        + "\n- `submission.json`: the means, the largest artifact and the per-seed values",
     ]
     return "\n\n".join(sections) + "\n"
 
@@ -513,16 +652,26 @@ def packed_note(meta: dict) -> str:
     packed = meta.get("code_packed")
     if packed is None:
         return ""
-    return (f". It is lzma-packed: it decompresses and runs its embedded source "
-            f"({packed['bytes_source']:,} bytes, sha256 `{packed['source_sha256']}`), which "
-            "`python records/make_submission.py unpack train_gpt.py` prints")
+    return (
+        f". It is lzma-packed: it decompresses and runs its embedded source "
+        f"({packed['bytes_source']:,} bytes, sha256 `{packed['source_sha256']}`), which "
+        "`python records/make_submission.py unpack train_gpt.py` prints"
+    )
 
 
-def make_submission(runs: Sequence[Run], *, name: str, author: str,
-                    github_id: str, blurb: str, date: str | None = None,
-                    code_path: str | os.PathLike = DEFAULT_CODE_PATH,
-                    track_dir: str | os.PathLike = TRACK_DIR, folder: str | None = None,
-                    comparison: Comparison | None = None) -> Path:
+def make_submission(
+    runs: Sequence[Run],
+    *,
+    name: str,
+    author: str,
+    github_id: str,
+    blurb: str,
+    date: str | None = None,
+    code_path: str | os.PathLike = DEFAULT_CODE_PATH,
+    track_dir: str | os.PathLike = TRACK_DIR,
+    folder: str | None = None,
+    comparison: Comparison | None = None,
+) -> Path:
     """Create `track_dir/DATE_FOLDER/` from finished runs (see `load_run`); returns it."""
     date = date or datetime.date.today().isoformat()
     try:
@@ -538,9 +687,16 @@ def make_submission(runs: Sequence[Run], *, name: str, author: str,
         raise RecordError(f"{code_path}: no such file (the train_gpt.py to ship)")
     code = code_path.read_bytes()
     check_submittable(runs, code, code_path)
-    meta = submission_json(runs, author=author, github_id=github_id, name=name, blurb=blurb,
-                           date=date, comparison=comparison,
-                           packed_source=unpack_code(code, str(code_path)))
+    meta = submission_json(
+        runs,
+        author=author,
+        github_id=github_id,
+        name=name,
+        blurb=blurb,
+        date=date,
+        comparison=comparison,
+        packed_source=unpack_code(code, str(code_path)),
+    )
     readme = readme_text(runs, meta, comparison)
 
     track_dir.mkdir(parents=True, exist_ok=True)
@@ -550,7 +706,9 @@ def make_submission(runs: Sequence[Run], *, name: str, author: str,
         for run in runs:
             shutil.copyfile(run.log_path, staging / run.log_path.name)
             shutil.copyfile(run.summary_path, staging / run.summary_path.name)
-        (staging / "submission.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (staging / "submission.json").write_text(
+            json.dumps(meta, indent=2) + "\n", encoding="utf-8"
+        )
         (staging / "README.md").write_text(readme, encoding="utf-8")
         if target.exists():
             raise RecordError(f"{target}: already exists; choose another name or remove it first")
@@ -567,17 +725,22 @@ def track_warnings(runs: Sequence[Run]) -> list[str]:
     warnings = []
     for r in runs:
         if r.summary["train_time_ms"] > TRAIN_TIME_LIMIT_MS:
-            warnings.append(f"{r.summary_path}: trained for {_seconds(r.summary['train_time_ms'])}, "
-                            f"over the {TRAIN_TIME_LIMIT_MS // 1000} s of the track")
+            warnings.append(
+                f"{r.summary_path}: trained for {_seconds(r.summary['train_time_ms'])}, "
+                f"over the {TRAIN_TIME_LIMIT_MS // 1000} s of the track"
+            )
         if r.summary["world_size"] != TRACK_WORLD_SIZE:
-            warnings.append(f"{r.summary_path}: ran on {r.summary['world_size']} process(es); "
-                            f"the track is {TRACK_WORLD_SIZE}xH100")
+            warnings.append(
+                f"{r.summary_path}: ran on {r.summary['world_size']} process(es); "
+                f"the track is {TRACK_WORLD_SIZE}xH100"
+            )
     return warnings
 
 
 # ---------------------------------------------------------------------------------------
 # Significance
 # ---------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Score:
@@ -600,8 +763,11 @@ class SummaryStats:
 def _log_score(path: Path) -> Score | None:
     """The final score in a train log: run_complete, else the last final_*_exact line."""
     head = path.read_bytes()[:11]
-    lines = split_log(path)[1] if head == b"code_begin " else \
-        path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = (
+        split_log(path)[1]
+        if head == b"code_begin "
+        else path.read_text(encoding="utf-8", errors="replace").splitlines()
+    )
     failed = failure_line(lines)
     if failed:
         raise RecordError(f"{path}: the run failed ({failed[:200]}); {FAILED}")
@@ -610,22 +776,30 @@ def _log_score(path: Path) -> Score | None:
     if not finals:
         return None
     f = fields((complete or finals)[-1])
-    return Score(label=f.get("run_id", path.stem), val_loss=float(f["val_loss"]),
-                 val_bpb=float(f["val_bpb"]))
+    return Score(
+        label=f.get("run_id", path.stem), val_loss=float(f["val_loss"]), val_bpb=float(f["val_bpb"])
+    )
 
 
 def _json_scores(path: Path) -> list[Score]:
     data = _read_json(path)
     if isinstance(data.get("runs"), list):
-        return [Score(str(r.get("run_id", f"{path.parent.name}#{i}")), float(r["val_loss"]),
-                      float(r["val_bpb"])) for i, r in enumerate(check_score(r, path) for r in data["runs"])]
+        return [
+            Score(
+                str(r.get("run_id", f"{path.parent.name}#{i}")),
+                float(r["val_loss"]),
+                float(r["val_bpb"]),
+            )
+            for i, r in enumerate(check_score(r, path) for r in data["runs"])
+        ]
     if "run_id" in data and "val_loss" in data and "val_bpb" in data:
         check_score(data, path)
         return [Score(str(data["run_id"]), float(data["val_loss"]), float(data["val_bpb"]))]
     if "val_loss" in data:
         raise RecordError(
             f"{path}: holds only the mean over its runs; give the record's train logs "
-            "(or its folder), or --ref-mean/--ref-std/--ref-n")
+            "(or its folder), or --ref-mean/--ref-std/--ref-n"
+        )
     raise RecordError(f"{path}: neither a run summary nor a submission.json")
 
 
@@ -647,8 +821,10 @@ def load_scores(paths: Sequence[str | os.PathLike]) -> tuple[list[Score], list[s
             summaries, _, failed = find_summaries(path)
             notes += [f"{p}: skipped, {why}" for p, why in failed]
             if summaries:
-                scores += [Score(str(s["run_id"]), float(s["val_loss"]), float(s["val_bpb"]))
-                           for _, s in summaries]
+                scores += [
+                    Score(str(s["run_id"]), float(s["val_loss"]), float(s["val_bpb"]))
+                    for _, s in summaries
+                ]
                 continue
             logs = files_under(path, "*.txt") + files_under(path, "*.log")
             for p in logs:
@@ -671,8 +847,10 @@ def load_scores(paths: Sequence[str | os.PathLike]) -> tuple[list[Score], list[s
             else:
                 score = _log_score(path)
                 if score is None:
-                    raise RecordError(f"{path}: no final score line (run_complete or "
-                                      "final_*_exact); did the run finish?")
+                    raise RecordError(
+                        f"{path}: no final score line (run_complete or "
+                        "final_*_exact); did the run finish?"
+                    )
                 scores.append(score)
         else:
             raise RecordError(f"{path}: no such file or folder")
@@ -685,8 +863,9 @@ def welch_df(var1: float, n1: int, var2: float, n2: int) -> float:
     return (a + b) ** 2 / (a * a / (n1 - 1) + b * b / (n2 - 1))
 
 
-def welch_improvement_test(new: Sequence[float], ref: Sequence[float] | SummaryStats,
-                           min_improvement: float) -> tuple[float, float, float]:
+def welch_improvement_test(
+    new: Sequence[float], ref: Sequence[float] | SummaryStats, min_improvement: float
+) -> tuple[float, float, float]:
     """One-sided Welch t-test that `new` improves on `ref` (lower is better) by more than
     `min_improvement`: H0 mean(ref) - mean(new) <= D, H1 mean(ref) - mean(new) > D.
 
@@ -696,8 +875,15 @@ def welch_improvement_test(new: Sequence[float], ref: Sequence[float] | SummaryS
     new = np.asarray(new, dtype=float)
     if isinstance(ref, SummaryStats):
         result = stats.ttest_ind_from_stats(
-            ref.mean - min_improvement, ref.std, ref.n, new.mean(), new.std(ddof=1), len(new),
-            equal_var=False, alternative="greater")
+            ref.mean - min_improvement,
+            ref.std,
+            ref.n,
+            new.mean(),
+            new.std(ddof=1),
+            len(new),
+            equal_var=False,
+            alternative="greater",
+        )
         df = welch_df(ref.std**2, ref.n, new.var(ddof=1), len(new))
     else:
         shifted_ref = np.asarray(ref, dtype=float) - min_improvement
@@ -732,20 +918,35 @@ class Comparison:
         return self.p < self.alpha  # False when p is nan
 
     def as_dict(self) -> dict:
-        return {"metric": self.metric, "new_mean": self.new.mean, "new_std": self.new.std,
-                "new_n": self.new.n, "ref_mean": self.ref.mean, "ref_std": self.ref.std,
-                "ref_n": self.ref.n, "improvement_nats": self.improvement_nats,
-                "improvement_bpb": self.improvement_bpb, "min_improvement": self.min_improvement,
-                "alpha": self.alpha, "t": self.t, "df": self.df, "p": self.p,
-                "significant": self.significant}
+        return {
+            "metric": self.metric,
+            "new_mean": self.new.mean,
+            "new_std": self.new.std,
+            "new_n": self.new.n,
+            "ref_mean": self.ref.mean,
+            "ref_std": self.ref.std,
+            "ref_n": self.ref.n,
+            "improvement_nats": self.improvement_nats,
+            "improvement_bpb": self.improvement_bpb,
+            "min_improvement": self.min_improvement,
+            "alpha": self.alpha,
+            "t": self.t,
+            "df": self.df,
+            "p": self.p,
+            "significant": self.significant,
+        }
 
     def format(self) -> str:
         u, d = self.unit, self.min_improvement
-        ref_bpb = f"   (val_bpb mean {self.ref_bpb_mean:.6f})" if self.ref_bpb_mean is not None else ""
-        verdict = (f"significant: improves by at least {d:g} {u} (p = {self.p:.3g} < {self.alpha:g})"
-                   if self.significant else
-                   f"not significant: an improvement of at least {d:g} {u} is not shown "
-                   f"(p = {self.p:.3g}, needs < {self.alpha:g})")
+        ref_bpb = (
+            f"   (val_bpb mean {self.ref_bpb_mean:.6f})" if self.ref_bpb_mean is not None else ""
+        )
+        verdict = (
+            f"significant: improves by at least {d:g} {u} (p = {self.p:.3g} < {self.alpha:g})"
+            if self.significant
+            else f"not significant: an improvement of at least {d:g} {u} is not shown "
+            f"(p = {self.p:.3g}, needs < {self.alpha:g})"
+        )
         lines = [
             f"Welch's t-test, one-sided, on {self.metric} ({u}): "
             f"H0 ref - new <= {d:g} {u}, H1 ref - new > {d:g} {u}",
@@ -760,9 +961,15 @@ class Comparison:
         return "\n".join([*lines, *(f"note: {n}" for n in self.notes)])
 
 
-def compare(new: Sequence[Score], ref: Sequence[Score] | SummaryStats, *,
-            metric: str = "val_loss", min_improvement: float = DEFAULT_MIN_IMPROVEMENT,
-            alpha: float = DEFAULT_ALPHA, notes: Sequence[str] = ()) -> Comparison:
+def compare(
+    new: Sequence[Score],
+    ref: Sequence[Score] | SummaryStats,
+    *,
+    metric: str = "val_loss",
+    min_improvement: float = DEFAULT_MIN_IMPROVEMENT,
+    alpha: float = DEFAULT_ALPHA,
+    notes: Sequence[str] = (),
+) -> Comparison:
     """Test whether `new` improves on `ref` by at least `min_improvement` (in the metric's
     unit). A SummaryStats reference is in the metric's unit."""
     if metric not in METRIC_UNITS:
@@ -776,37 +983,55 @@ def compare(new: Sequence[Score], ref: Sequence[Score] | SummaryStats, *,
     if isinstance(ref, SummaryStats):
         ref_stats, ref_bpb_mean = ref, None
         if ref.n < 2 or not ref.std >= 0:
-            raise RecordError(f"the reference needs n >= 2 and std >= 0, got n={ref.n}, "
-                              f"std={ref.std}")
+            raise RecordError(
+                f"the reference needs n >= 2 and std >= 0, got n={ref.n}, std={ref.std}"
+            )
         ref_values: Sequence[float] | SummaryStats = ref
     else:
         ref_values = [getattr(s, metric) for s in ref]
         if len(ref_values) < 2:
-            raise RecordError(f"Welch's t-test needs at least 2 reference runs, "
-                              f"got {len(ref_values)}")
+            raise RecordError(
+                f"Welch's t-test needs at least 2 reference runs, got {len(ref_values)}"
+            )
         ref_stats = SummaryStats(*_mean_std(ref_values), len(ref_values))
         ref_bpb_mean = statistics.fmean(s.val_bpb for s in ref)
         ref_ratio = statistics.fmean(s.val_bpb / s.val_loss for s in ref)
         if abs(ref_ratio / bpb_per_nat - 1) > 1e-3:
-            notes.append(f"bpb per nat differs between new ({bpb_per_nat:.5f}) and reference "
-                         f"({ref_ratio:.5f}): different tokenizer or validation text, so "
-                         "nats are not comparable; use --metric val_bpb")
+            notes.append(
+                f"bpb per nat differs between new ({bpb_per_nat:.5f}) and reference "
+                f"({ref_ratio:.5f}): different tokenizer or validation text, so "
+                "nats are not comparable; use --metric val_bpb"
+            )
     new_stats = SummaryStats(*_mean_std(new_values), len(new_values))
     t, df, p = welch_improvement_test(new_values, ref_values, min_improvement)
     improvement = ref_stats.mean - new_stats.mean
     nats = improvement if metric == "val_loss" else improvement / bpb_per_nat
     return Comparison(
-        metric=metric, new=new_stats, ref=ref_stats,
-        new_bpb_mean=statistics.fmean(s.val_bpb for s in new), ref_bpb_mean=ref_bpb_mean,
-        improvement=improvement, improvement_nats=nats, improvement_bpb=nats * bpb_per_nat,
-        min_improvement=min_improvement, alpha=alpha, t=t, df=df, p=p, notes=tuple(notes))
+        metric=metric,
+        new=new_stats,
+        ref=ref_stats,
+        new_bpb_mean=statistics.fmean(s.val_bpb for s in new),
+        ref_bpb_mean=ref_bpb_mean,
+        improvement=improvement,
+        improvement_nats=nats,
+        improvement_bpb=nats * bpb_per_nat,
+        min_improvement=min_improvement,
+        alpha=alpha,
+        t=t,
+        df=df,
+        p=p,
+        notes=tuple(notes),
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # Sweeps and plots
 # ---------------------------------------------------------------------------------------
 
-def find_summaries(root: Path) -> tuple[list[tuple[Path, dict]], list[Path], list[tuple[Path, str]]]:
+
+def find_summaries(
+    root: Path,
+) -> tuple[list[tuple[Path, dict]], list[Path], list[tuple[Path, str]]]:
     """Every finished run's summary under `root`; the train logs without one that are still unfinished; and
     the failed runs (an `error:` line in the log, or a summary without a finite score) with the reason."""
     summaries, failed = [], []
@@ -840,11 +1065,14 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False) -> str:
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False
+) -> str:
     if markdown:
         return _markdown_table(headers, rows)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
@@ -856,19 +1084,43 @@ def sweep_table(root: str | os.PathLike, markdown: bool = False) -> str:
         raise RecordError(f"{root}: no such folder")
     summaries, unfinished, failed = find_summaries(root)
     if not summaries:
-        raise RecordError(f"{root}: no run summaries of finished runs (*.json written by train_gpt.py) under it"
-                          + "".join(f"\n  failed: {p} ({why})" for p, why in failed))
+        raise RecordError(
+            f"{root}: no run summaries of finished runs (*.json written by train_gpt.py) under it"
+            + "".join(f"\n  failed: {p} ({why})" for p, why in failed)
+        )
     runs = sorted((s for _, s in summaries), key=lambda s: s["val_bpb"])
     keys = sorted({k for s in runs for k in s["hyperparameters"]} - {"RUN_ID", "PRESET"})
-    differing = [k for k in keys
-                 if len({json.dumps(s["hyperparameters"].get(k, "<unset>")) for s in runs}) > 1]
+    differing = [
+        k
+        for k in keys
+        if len({json.dumps(s["hyperparameters"].get(k, "<unset>")) for s in runs}) > 1
+    ]
     show_code = len({s["code_sha256"] for s in runs}) > 1
-    headers = ["run_id", "preset", *(["code"] if show_code else []), *differing,
-               "val_bpb", "bytes_total", "fits", "steps", "step_avg_ms"]
-    rows = [[str(s["run_id"]), s["hyperparameters"].get("PRESET") or "-", *([s["code_sha256"][:8]] if show_code else []),
-             *(_cell(s["hyperparameters"].get(k)) for k in differing),
-             f"{s['val_bpb']:.4f}", f"{s['bytes_total']:,}", "yes" if s["fits"] else "NO",
-             str(s["steps"]), f"{s['step_avg_ms']:.2f}"] for s in runs]
+    headers = [
+        "run_id",
+        "preset",
+        *(["code"] if show_code else []),
+        *differing,
+        "val_bpb",
+        "bytes_total",
+        "fits",
+        "steps",
+        "step_avg_ms",
+    ]
+    rows = [
+        [
+            str(s["run_id"]),
+            s["hyperparameters"].get("PRESET") or "-",
+            *([s["code_sha256"][:8]] if show_code else []),
+            *(_cell(s["hyperparameters"].get(k)) for k in differing),
+            f"{s['val_bpb']:.4f}",
+            f"{s['bytes_total']:,}",
+            "yes" if s["fits"] else "NO",
+            str(s["steps"]),
+            f"{s['step_avg_ms']:.2f}",
+        ]
+        for s in runs
+    ]
     text = format_table(headers, rows, markdown)
     if unfinished:
         text += "\n\nnot finished (no summary): " + ", ".join(str(p) for p in unfinished)
@@ -888,10 +1140,12 @@ class Curve:
 
 def _curve_from_summary(summary: dict) -> Curve:
     history = [h for h in summary["val_history"] if h["step"] > 0]
-    return Curve(label=f"{summary['run_id']} (final {summary['val_bpb']:.4f})",
-                 steps=[h["step"] for h in history],
-                 train_time_s=[h["train_time_ms"] / 1000 for h in history],
-                 val_bpb=[h["val_bpb"] for h in history])
+    return Curve(
+        label=f"{summary['run_id']} (final {summary['val_bpb']:.4f})",
+        steps=[h["step"] for h in history],
+        train_time_s=[h["train_time_ms"] / 1000 for h in history],
+        val_bpb=[h["val_bpb"] for h in history],
+    )
 
 
 def _curve_from_log(log_path: Path) -> Curve:
@@ -928,11 +1182,13 @@ def plot_runs(paths: Sequence[str | os.PathLike], out_png: str | os.PathLike) ->
     """Write a PNG of val_bpb against training time and against step, one line per run."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise RecordError("plotting needs matplotlib (pip install matplotlib); "
-                          "the other commands do not") from err
+        raise RecordError(
+            "plotting needs matplotlib (pip install matplotlib); the other commands do not"
+        ) from err
     curves = [c for c in load_curves(paths) if c.steps]
     if not curves:
         raise RecordError("no validation points to plot in " + ", ".join(map(str, paths)))

@@ -16,10 +16,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "data"))  # the tools' shared module (shard_format) and the data scripts
+sys.path.insert(
+    0, str(ROOT / "data")
+)  # the tools' shared module (shard_format) and the data scripts
 
 TINY_VOCAB = 384  # 4 specials + 256 byte pieces + characters and merges
-BOS_ID = 1  # every document starts with it, in the datasets data/ builds and those train_gpt.py reads
+BOS_ID = (
+    1  # every document starts with it, in the datasets data/ builds and those train_gpt.py reads
+)
 CPU = torch.device("cpu")
 
 
@@ -81,9 +85,22 @@ def tiny_data(tmp_path_factory) -> dict:
     text_file.write_text("\n".join(d.replace("\n", " ") for d in docs), encoding="utf-8")
     prefix = root / "tok"
     spm.SentencePieceTrainer.train(
-        input=str(text_file), model_prefix=str(prefix), model_type="bpe", vocab_size=TINY_VOCAB,
-        byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=0.99, num_threads=1, minloglevel=2)
+        input=str(text_file),
+        model_prefix=str(prefix),
+        model_type="bpe",
+        vocab_size=TINY_VOCAB,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="nmt_nfkc",
+        add_dummy_prefix=False,
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        character_coverage=0.99,
+        num_threads=1,
+        minloglevel=2,
+    )
     sp = spm.SentencePieceProcessor(model_file=f"{prefix}.model")
     streams = [[1] + sp.encode(d) for d in docs]
     val = np.concatenate([np.array(s) for s in streams[:150]])
@@ -94,8 +111,13 @@ def tiny_data(tmp_path_factory) -> dict:
     half = len(train) // 2
     write_shard(data / "fineweb_train_000000.bin", train[:half])
     write_shard(data / "fineweb_train_000001.bin", train[half:])
-    return {"data_path": str(data), "tokenizer_path": f"{prefix}.model", "vocab_size": TINY_VOCAB,
-            "val_tokens": len(val), "train_tokens": len(train)}
+    return {
+        "data_path": str(data),
+        "tokenizer_path": f"{prefix}.model",
+        "vocab_size": TINY_VOCAB,
+        "val_tokens": len(val),
+        "train_tokens": len(train),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -117,39 +139,79 @@ def val_tokens(tiny_data) -> torch.Tensor:
     """The tiny validation split, as train_gpt.py loads it."""
     import train_gpt
 
-    return train_gpt.load_validation_tokens(os.path.join(tiny_data["data_path"], "fineweb_val_*.bin"), 1)
+    return train_gpt.load_validation_tokens(
+        os.path.join(tiny_data["data_path"], "fineweb_val_*.bin"), 1
+    )
 
 
 def tiny_env(tiny_data: dict, tmp_path: Path, **overrides) -> dict:
     """Settings of a tiny model that trains in seconds on a CPU."""
     env = {
-        "DATA_PATH": tiny_data["data_path"], "TOKENIZER_PATH": tiny_data["tokenizer_path"],
-        "VOCAB_SIZE": str(tiny_data["vocab_size"]), "LOG_DIR": str(tmp_path / "logs"),
-        "ARTIFACT_DIR": str(tmp_path / "artifacts"), "DEVICE": "cpu", "NUM_LAYERS": "2", "MODEL_DIM": "64",
-        "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2", "TRAIN_SEQ_LEN": "64",
-        "TRAIN_BATCH_TOKENS": "1024", "VAL_BATCH_SIZE": "8192", "ITERATIONS": "6", "WARMUP_STEPS": "0",
-        "WARMDOWN_ITERS": "0", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "1", "MAX_WALLCLOCK_SECONDS": "0",
-        "EVAL_STRIDE": "0", "ZSTD_LEVEL": "3", "RUN_ID": "tiny", "SEED": "1",
+        "DATA_PATH": tiny_data["data_path"],
+        "TOKENIZER_PATH": tiny_data["tokenizer_path"],
+        "VOCAB_SIZE": str(tiny_data["vocab_size"]),
+        "LOG_DIR": str(tmp_path / "logs"),
+        "ARTIFACT_DIR": str(tmp_path / "artifacts"),
+        "DEVICE": "cpu",
+        "NUM_LAYERS": "2",
+        "MODEL_DIM": "64",
+        "NUM_HEADS": "4",
+        "NUM_KV_HEADS": "2",
+        "MLP_MULT": "2",
+        "TRAIN_SEQ_LEN": "64",
+        "TRAIN_BATCH_TOKENS": "1024",
+        "VAL_BATCH_SIZE": "8192",
+        "ITERATIONS": "6",
+        "WARMUP_STEPS": "0",
+        "WARMDOWN_ITERS": "0",
+        "VAL_LOSS_EVERY": "0",
+        "TRAIN_LOG_EVERY": "1",
+        "MAX_WALLCLOCK_SECONDS": "0",
+        "EVAL_STRIDE": "0",
+        "ZSTD_LEVEL": "3",
+        "RUN_ID": "tiny",
+        "SEED": "1",
     }
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 
 
-def run_script(env: dict, nproc: int = 1, timeout: int = 300, check: bool = True,
-               script: Path = ROOT / "train_gpt.py") -> subprocess.CompletedProcess:
+def run_script(
+    env: dict,
+    nproc: int = 1,
+    timeout: int = 300,
+    check: bool = True,
+    script: Path = ROOT / "train_gpt.py",
+) -> subprocess.CompletedProcess:
     """Run train_gpt.py as a user would: plain python for one process, torchrun (gloo) for several."""
-    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full_env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
     full_env.update(env)
     full_env.setdefault("OMP_NUM_THREADS", "1")
     if nproc == 1:
         cmd = [sys.executable, str(script)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(script)]
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout,
-                          cwd=env.get("RUN_CWD", str(ROOT)))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(script),
+        ]
+    proc = subprocess.run(
+        cmd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=env.get("RUN_CWD", str(ROOT)),
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"train_gpt.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"train_gpt.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -203,14 +265,17 @@ def small_hparams(num_layers: int = 3, **overrides):
     """Validated settings of a tiny model for unit tests: vocab 64, width 32, 4 heads of 8 on 2 KV heads."""
     import train_gpt
 
-    settings = dict(vocab_size=64, num_layers=num_layers, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
+    settings = dict(
+        vocab_size=64, num_layers=num_layers, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2
+    )
     h = train_gpt.Hyperparameters(**{**settings, **overrides})
     h.validate()
     return h
 
 
-def randomized(module: torch.nn.Module, seed: int = 0, std: float = 0.3,
-               dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+def randomized(
+    module: torch.nn.Module, seed: int = 0, std: float = 0.3, dtype: torch.dtype = torch.float64
+) -> torch.nn.Module:
     """The module in `dtype` (float64 unless told) with random values added to every parameter: the
     zero-initialized projections would otherwise hide every block."""
     gen = torch.Generator().manual_seed(seed)
@@ -237,7 +302,9 @@ class ShapeRecorder(torch.nn.Module):
         self.model, self.calls = model, []
 
     def forward(self, x, y, **kwargs):
-        self.calls.append((torch.is_grad_enabled(), tuple(x.shape), tuple(y.shape), kwargs["score_last"]))
+        self.calls.append(
+            (torch.is_grad_enabled(), tuple(x.shape), tuple(y.shape), kwargs["score_last"])
+        )
         return self.model(x, y, **kwargs)
 
 

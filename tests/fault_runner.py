@@ -29,11 +29,13 @@ def inject(fault: str) -> None:
 
         tg.train_step = train_step
     elif kind == "gloo_group_fails":
+
         def new_group(*args, **kwargs):
             raise RuntimeError("injected gloo failure")
 
         tg.dist.new_group = new_group
     elif kind == "before_training":
+
         def build_optimizers(*args, **kwargs):
             raise RuntimeError("injected failure before training")
 

@@ -26,8 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "switches_off.json"
-SETTINGS = dict(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
-                train_seq_len=16, train_batch_tokens=64, grad_accum_steps=1)
+SETTINGS = dict(
+    vocab_size=64,
+    num_layers=4,
+    model_dim=32,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_mult=2,
+    train_seq_len=16,
+    train_batch_tokens=64,
+    grad_accum_steps=1,
+)
 TOLERANCE = 1e-9  # of a tensor's L1 mass
 
 
@@ -59,8 +68,9 @@ def newton_schulz_fp64(g: torch.Tensor, steps: int, coefficients: tuple) -> torc
 def fingerprint(t: torch.Tensor) -> list[float]:
     """[L1 mass, sum, dot product with a fixed random vector], in float64."""
     flat = t.detach().reshape(-1).double()
-    direction = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(flat.numel()),
-                            dtype=torch.float64)
+    direction = torch.randn(
+        flat.numel(), generator=torch.Generator().manual_seed(flat.numel()), dtype=torch.float64
+    )
     return [flat.abs().sum().item(), flat.sum().item(), (flat @ direction).item()]
 
 
@@ -86,8 +96,17 @@ def outputs(h: tg.Hyperparameters | None = None) -> dict[str, torch.Tensor]:
     optimizers = tg.build_optimizers(h, model, newton_schulz_fp64, fused=False)
     loader = FixedBatches(2)
     for step in range(3):
-        tg.train_step(model=model, loader=loader, optimizers=optimizers, base_model=model, h=h,
-                      rt=rt, grad_accum_steps=1, lr_scale=1.0 - 0.2 * step, momentum=0.95)
+        tg.train_step(
+            model=model,
+            loader=loader,
+            optimizers=optimizers,
+            base_model=model,
+            h=h,
+            rt=rt,
+            grad_accum_steps=1,
+            lr_scale=1.0 - 0.2 * step,
+            momentum=0.95,
+        )
     out |= {f"weights.{n}": p for n, p in model.state_dict().items()}
     payload = tg.quantize_state_dict(model.state_dict(), h)
     for name, entry in payload["tensors"].items():

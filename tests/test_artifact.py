@@ -48,7 +48,9 @@ def nearest_rank(percentile: float, n: int) -> int:
     return min(max(math.ceil(Fraction(str(percentile)) * n / 100), 1), n)
 
 
-def slow_quantize(w: np.ndarray, max_level: int, percentile: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def slow_quantize(
+    w: np.ndarray, max_level: int, percentile: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row and per element: clip at the nearest-rank percentile of |w|, fp16 scale = clip / max_level,
     level = round-half-even(w / scale) clamped to +-max_level. Returns levels, scales and the clips."""
     rows, n = w.shape
@@ -76,13 +78,17 @@ def rows_with_outliers(rows: int, n: int, seed: int) -> torch.Tensor:
     return w
 
 
-tiny_hparams = functools.partial(small_hparams, num_layers=2, num_heads=2, num_kv_heads=1, train_seq_len=16,
-                                 fp16_keep=KEEP)
+tiny_hparams = functools.partial(
+    small_hparams, num_layers=2, num_heads=2, num_kv_heads=1, train_seq_len=16, fp16_keep=KEEP
+)
 
 
 def expected_int6_names(num_layers: int, keep: str = KEEP) -> set[str]:
-    names = {f"blocks.{i}.{m}.weight" for i in range(num_layers)
-             for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")}
+    names = {
+        f"blocks.{i}.{m}.weight"
+        for i in range(num_layers)
+        for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
+    }
     return names - {keep}
 
 
@@ -93,25 +99,31 @@ def randomized_model(h: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
     with torch.no_grad():
         for name, p in model.named_parameters():
             control = tg.tensor_role(name, p) in ("control", "gate")
-            p.copy_(torch.randn_like(p) * (0.5 if name == "tok_emb.weight" else 0.05) + float(control))
+            p.copy_(
+                torch.randn_like(p) * (0.5 if name == "tok_emb.weight" else 0.05) + float(control)
+            )
     return model
 
 
-def score_stream(model: tg.GPT, tokens: torch.Tensor, seq_len: int, luts: tg.ByteLuts) -> tuple[float, float]:
+def score_stream(
+    model: tg.GPT, tokens: torch.Tensor, seq_len: int, luts: tg.ByteLuts
+) -> tuple[float, float]:
     """(val_loss, val_bpb) of every target: windows of seq_len tokens side by side, then one window ending at
     the end of the split that scores only the targets the others left."""
     num_targets = tokens.numel() - 1
     full = num_targets // seq_len * seq_len
-    pieces = [(tokens[:full].view(-1, seq_len), tokens[1:full + 1].view(-1, seq_len), 0)]  # (B, T), (B, T)
+    pieces = [
+        (tokens[:full].view(-1, seq_len), tokens[1 : full + 1].view(-1, seq_len), 0)
+    ]  # (B, T), (B, T)
     if full < num_targets:
         start = num_targets - seq_len
-        pieces.append((tokens[start:num_targets][None], tokens[start + 1:][None], full - start))
+        pieces.append((tokens[start:num_targets][None], tokens[start + 1 :][None], full - start))
     loss_sum, count, byte_sum = 0.0, 0, 0
     model.eval()
     with torch.no_grad():
         for x, y, skip in pieces:
             for b in range(0, x.size(0), 64):
-                xb, yb = x[b:b + 64].long(), y[b:b + 64].long()
+                xb, yb = x[b : b + 64].long(), y[b : b + 64].long()
                 logits = model(xb)  # (B, T, V)
                 losses = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none")[:, skip:]
                 loss_sum += losses.double().sum().item()
@@ -127,7 +139,9 @@ def score_stream(model: tg.GPT, tokens: torch.Tensor, seq_len: int, luts: tg.Byt
 
 
 @pytest.mark.parametrize("max_level", [tg.level_of("int6"), tg.level_of("int8")])
-@pytest.mark.parametrize("percentile,n", [(100.0, 200), (99.9, 1000), (95.0, 64), (50.0, 37), (99.99984, 96)])
+@pytest.mark.parametrize(
+    "percentile,n", [(100.0, 200), (99.9, 1000), (95.0, 64), (50.0, 37), (99.99984, 96)]
+)
 def test_quantize_matches_slow_reference(max_level, percentile, n):
     w = rows_with_outliers(6, n, seed=n)
     q, scale = tg.quantize_per_row(w, max_level, percentile)
@@ -154,7 +168,9 @@ def test_quantize_matches_slow_reference(max_level, percentile, n):
     if percentile == 100.0:
         assert torch.equal(clip[:, 0], w.abs().amax(dim=1)) and not beyond.any()
     if nearest_rank(percentile, n) < n:
-        assert beyond.any(dim=1).all()  # every row has weights above its percentile: they really are clipped
+        assert beyond.any(
+            dim=1
+        ).all()  # every row has weights above its percentile: they really are clipped
 
 
 def test_percentile_rank_is_exact_for_decimal_percentiles():
@@ -224,23 +240,35 @@ def test_artifact_round_trip_from_disk(tmp_path, embed_quant):
     kinds = {name: e["kind"] for name, e in payload["tensors"].items()}
     int6 = expected_int6_names(h.num_layers)
     assert {n for n, k in kinds.items() if k == "int6"} == int6
-    assert kinds[KEEP] == "fp16" and kinds["tok_emb.weight"] == embed_quant and kinds["lm_head.weight"] == "int8"
+    assert (
+        kinds[KEEP] == "fp16"
+        and kinds["tok_emb.weight"] == embed_quant
+        and kinds["lm_head.weight"] == "int8"
+    )
     controls = {n for n in state if n not in int6 | {KEEP, "tok_emb.weight", "lm_head.weight"}}
     assert controls and all(kinds[n] == "float" for n in controls)
-    assert any(".q_gain" in n for n in controls) and "smear.gate" in controls and "skip_weights" in controls
+    assert (
+        any(".q_gain" in n for n in controls)
+        and "smear.gate" in controls
+        and "skip_weights" in controls
+    )
 
     for name in controls:  # passed through exactly
         assert torch.equal(from_disk[name], state[name]), name
     assert torch.equal(from_disk[KEEP], state[KEEP].half().float())
     assert not torch.equal(from_disk[KEEP], state[KEEP])
-    for name in int6 | {"lm_head.weight"} | ({"tok_emb.weight"} if embed_quant == "int8" else set()):
+    for name in (
+        int6 | {"lm_head.weight"} | ({"tok_emb.weight"} if embed_quant == "int8" else set())
+    ):
         max_level = tg.level_of("int6") if name in int6 else tg.level_of("int8")
         e = payload["tensors"][name]
         ref_q, ref_scale, _ = slow_quantize(state[name].numpy(), max_level, h.quant_clip_percentile)
         assert e["q"].dtype == torch.int8 and e["scale"].dtype == torch.float16
         assert np.array_equal(e["q"].numpy().astype(np.int64), ref_q), name
         assert np.array_equal(e["scale"].numpy(), ref_scale), name
-        assert torch.equal(from_disk[name], torch.from_numpy(ref_q * ref_scale.astype(np.float32)[:, None]).float())
+        assert torch.equal(
+            from_disk[name], torch.from_numpy(ref_q * ref_scale.astype(np.float32)[:, None]).float()
+        )
     if embed_quant == "fp16":
         assert torch.equal(from_disk["tok_emb.weight"], state["tok_emb.weight"].half().float())
 
@@ -252,7 +280,9 @@ def test_int8_embedding_is_smaller_than_fp16(tmp_path):
     sizes = {}
     for embed_quant in ("fp16", "int8"):
         h = tiny_hparams(embed_quant=embed_quant, vocab_size=512, zstd_level=3)
-        sizes[embed_quant] = len(tg.artifact_bytes(tg.quantize_state_dict(randomized_model(h).state_dict(), h), 3))
+        sizes[embed_quant] = len(
+            tg.artifact_bytes(tg.quantize_state_dict(randomized_model(h).state_dict(), h), 3)
+        )
     assert sizes["int8"] < sizes["fp16"] - 512 * 32 // 2
 
 
@@ -269,12 +299,18 @@ def write(path: Path, data: bytes) -> Path:
 
 def test_damaged_artifacts_give_clear_errors(tmp_path, small_artifact):
     blob = small_artifact
-    assert tg.read_artifact(write(tmp_path / "ok.ptz", blob))["version"] == tg.ARTIFACT_FORMAT_VERSION
+    assert (
+        tg.read_artifact(write(tmp_path / "ok.ptz", blob))["version"] == tg.ARTIFACT_FORMAT_VERSION
+    )
     for cut in (len(blob) // 2, len(blob) - 1, len(tg.ARTIFACT_MAGIC) + 3, len(tg.ARTIFACT_MAGIC)):
         with pytest.raises(tg.ArtifactError, match="truncated or corrupt"):
             tg.read_artifact(write(tmp_path / f"cut{cut}.ptz", blob[:cut]))
     rng = np.random.default_rng(0)
-    for pos in [len(blob) // 2, len(blob) - 2, *rng.integers(len(tg.ARTIFACT_MAGIC) + 16, len(blob), 8)]:
+    for pos in [
+        len(blob) // 2,
+        len(blob) - 2,
+        *rng.integers(len(tg.ARTIFACT_MAGIC) + 16, len(blob), 8),
+    ]:
         flipped = bytearray(blob)
         flipped[pos] ^= 1 << int(rng.integers(8))
         with pytest.raises(tg.ArtifactError, match="truncated or corrupt"):
@@ -291,14 +327,20 @@ def test_damaged_artifacts_give_clear_errors(tmp_path, small_artifact):
                 payload = tg.read_artifact(write(tmp_path / "hdr.ptz", bytes(flipped)))
             except tg.ArtifactError:
                 continue
-            assert all(torch.equal(a, intact[k]) for k, a in tg.dequantize_state_dict(payload).items())
+            assert all(
+                torch.equal(a, intact[k]) for k, a in tg.dequantize_state_dict(payload).items()
+            )
     # A damaged size field declaring 32 TiB of content: zstd tries to allocate it up front.
-    frame = blob[len(tg.ARTIFACT_MAGIC):]
-    descriptor = frame[4]  # frame header: magic (4), descriptor (1), window (0 or 1), content size (0-8)
+    frame = blob[len(tg.ARTIFACT_MAGIC) :]
+    descriptor = frame[
+        4
+    ]  # frame header: magic (4), descriptor (1), window (0 or 1), content size (0-8)
     single_segment = bool(descriptor & 0x20)
     size_len = {0: int(single_segment), 1: 2, 2: 4, 3: 8}[descriptor >> 6]
-    blocks = frame[5 + (not single_segment) + size_len:]
-    huge = frame[:4] + bytes([descriptor | 0xE0]) + (2**45).to_bytes(8, "little") + blocks  # 8-byte size field
+    blocks = frame[5 + (not single_segment) + size_len :]
+    huge = (
+        frame[:4] + bytes([descriptor | 0xE0]) + (2**45).to_bytes(8, "little") + blocks
+    )  # 8-byte size field
     assert zstandard.get_frame_parameters(huge).content_size == 2**45
     with pytest.raises(tg.ArtifactError, match="truncated or corrupt"):
         tg.read_artifact(write(tmp_path / "huge.ptz", tg.ARTIFACT_MAGIC + huge))
@@ -315,10 +357,17 @@ def test_non_artifacts_are_refused(tmp_path, small_artifact):
         tg.read_artifact(write(tmp_path / "empty.ptz", b""))
     zstd = zstandard.ZstdCompressor(level=3)
     with pytest.raises(tg.ArtifactError, match="unreadable"):
-        tg.read_artifact(write(tmp_path / "junk.ptz", tg.ARTIFACT_MAGIC + zstd.compress(b"not a torch file")))
+        tg.read_artifact(
+            write(tmp_path / "junk.ptz", tg.ARTIFACT_MAGIC + zstd.compress(b"not a torch file"))
+        )
     with pytest.raises(tg.ArtifactError, match="not a pgolf-int6"):
-        tg.read_artifact(write(tmp_path / "other.ptz", tg.ARTIFACT_MAGIC + zstd.compress(
-            tg.torch_save_bytes({"format": "something-else", "tensors": {}}))))
+        tg.read_artifact(
+            write(
+                tmp_path / "other.ptz",
+                tg.ARTIFACT_MAGIC
+                + zstd.compress(tg.torch_save_bytes({"format": "something-else", "tensors": {}})),
+            )
+        )
     payload = tg.read_artifact(write(tmp_path / "ok.ptz", small_artifact))
     payload["version"] = tg.ARTIFACT_FORMAT_VERSION + 1
     with pytest.raises(tg.ArtifactError, match="format version"):
@@ -346,7 +395,7 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
         tg.read_artifact(write(tmp_path / "hostile.ptz", blob))
     assert not marker.exists()
     # The payload is really hostile: an unrestricted load runs it.
-    raw = zstandard.ZstdDecompressor().decompress(blob[len(tg.ARTIFACT_MAGIC):])
+    raw = zstandard.ZstdDecompressor().decompress(blob[len(tg.ARTIFACT_MAGIC) :])
     torch.load(io.BytesIO(raw), weights_only=False)
     assert marker.is_dir()
 
@@ -402,15 +451,23 @@ def hand_quantized(model: tg.GPT, percentile: float) -> tg.GPT:
 
 
 def test_qat_runs_in_the_compiled_training_forward_only():
-    percentile = 95.0  # below the rank of the largest weight for rows of 32 or 64: exercises kthvalue
+    percentile = (
+        95.0  # below the rank of the largest weight for rows of 32 or 64: exercises kthvalue
+    )
     h = tiny_hparams(quant_clip_percentile=percentile)
     assert h.qat  # on by default
     model = randomized_model(h)
-    qat_on = {n for n, m in model.named_modules() if isinstance(m, tg.CastedLinear) and m.qat is not None}
-    assert {f"{n}.weight" for n in qat_on} == expected_int6_names(h.num_layers)  # exactly what ships as int6
+    qat_on = {
+        n for n, m in model.named_modules() if isinstance(m, tg.CastedLinear) and m.qat is not None
+    }
+    assert {f"{n}.weight" for n in qat_on} == expected_int6_names(
+        h.num_layers
+    )  # exactly what ships as int6
     ref = hand_quantized(model, percentile).eval()
     plain = copy.deepcopy(model).eval()
-    ids = torch.randint(0, h.vocab_size, (2, h.train_seq_len), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, h.vocab_size, (2, h.train_seq_len), generator=torch.Generator().manual_seed(1)
+    )
     ids[:, 5] = tg.BOS_ID
     with torch.no_grad():
         want_train, want_eval = ref(ids), plain(ids)
@@ -442,12 +499,16 @@ def test_compiled_fake_quantize_is_the_export_grid(percentile):
     """Inductor drops an fp32->fp16->fp32 cast pair; the scale rounding must survive compilation, or the
     training forward would quantize on a different grid than the artifact."""
     g = torch.Generator().manual_seed(7)
-    w = torch.randn(96, 160, generator=g) * torch.logspace(-4, -1, 96)[:, None]  # scales across fp16 ranges
+    w = (
+        torch.randn(96, 160, generator=g) * torch.logspace(-4, -1, 96)[:, None]
+    )  # scales across fp16 ranges
     q, scale = tg.quantize_per_row(w, tg.level_of("int6"), percentile)
     exported = tg.dequantize_per_row(q, scale)
     torch._dynamo.reset()
     try:
-        compiled = torch.compile(lambda x: tg.fake_quantize(x, tg.level_of("int6"), percentile), fullgraph=True)(w)
+        compiled = torch.compile(
+            lambda x: tg.fake_quantize(x, tg.level_of("int6"), percentile), fullgraph=True
+        )(w)
     finally:
         torch._dynamo.reset()
     assert torch.equal(compiled, exported)
@@ -462,7 +523,9 @@ def test_qat_gradients_flow_straight_through_the_compiled_model():
     h = tiny_hparams(quant_clip_percentile=100.0)
     model = randomized_model(h, seed=3)
     ref = hand_quantized(model, 100.0)
-    ids = torch.randint(0, h.vocab_size, (2, h.train_seq_len + 1), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(
+        0, h.vocab_size, (2, h.train_seq_len + 1), generator=torch.Generator().manual_seed(2)
+    )
     torch._dynamo.reset()
     try:
         loss = torch.compile(model, fullgraph=True, backend="aot_eager")(ids[:, :-1], ids[:, 1:])
@@ -479,7 +542,9 @@ def test_qat_gradients_flow_straight_through_the_compiled_model():
     tg.configure_qat(plain, tg.Hyperparameters(qat=False))
     plain(ids[:, :-1], ids[:, 1:]).backward()
     name = "blocks.0.mlp.fc.weight"
-    assert not torch.allclose(model.get_parameter(name).grad, plain.get_parameter(name).grad, rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(
+        model.get_parameter(name).grad, plain.get_parameter(name).grad, rtol=1e-3, atol=1e-6
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -501,15 +566,35 @@ def runs(tiny_data, tmp_path_factory):
     re_env = {**env, "RUN_ID": "reexport", "ITERATIONS": "0", "INIT_CHECKPOINT": str(raw)}
     run_script(re_env, script=code)
     logs = Path(env["LOG_DIR"])
-    return {"env": env, "code": code, "raw": raw, "artifacts": Path(env["ARTIFACT_DIR"]),
-            "summary": json.loads((logs / f"{RUN_ID}.json").read_text()),
-            "log": log_events(logs / f"{RUN_ID}.txt"),
-            "re_summary": json.loads((logs / "reexport.json").read_text())}
+    return {
+        "env": env,
+        "code": code,
+        "raw": raw,
+        "artifacts": Path(env["ARTIFACT_DIR"]),
+        "summary": json.loads((logs / f"{RUN_ID}.json").read_text()),
+        "log": log_events(logs / f"{RUN_ID}.txt"),
+        "re_summary": json.loads((logs / "reexport.json").read_text()),
+    }
 
 
-SUMMARY_FIELDS = ["run_id", "seed", "val_bpb", "val_loss", "prequant_val_bpb", "roundtrip_val_bpb",
-                  "sliding_val_bpb", "bytes_model", "bytes_code", "bytes_total", "fits", "steps", "train_time_ms",
-                  "step_avg_ms", "world_size", "artifact_path"]
+SUMMARY_FIELDS = [
+    "run_id",
+    "seed",
+    "val_bpb",
+    "val_loss",
+    "prequant_val_bpb",
+    "roundtrip_val_bpb",
+    "sliding_val_bpb",
+    "bytes_model",
+    "bytes_code",
+    "bytes_total",
+    "fits",
+    "steps",
+    "train_time_ms",
+    "step_avg_ms",
+    "world_size",
+    "artifact_path",
+]
 
 
 def test_size_accounting_matches_the_files(runs):
@@ -525,10 +610,14 @@ def test_size_accounting_matches_the_files(runs):
     code = re.findall(r"^Code size: (\d+) bytes$", log, re.M)
     fits = re.findall(r"^fits_16mb:(true|false) margin:(-?\d+)$", log, re.M)
     assert [int(x) for x in total] == [s["bytes_total"]]
-    assert [int(x) for x in model] == [s["bytes_model"]] and [int(x) for x in code] == [s["bytes_code"]]
+    assert [int(x) for x in model] == [s["bytes_model"]] and [int(x) for x in code] == [
+        s["bytes_code"]
+    ]
     assert fits == [("true", str(16_000_000 - s["bytes_total"]))]
     assert "WARNING" not in log
-    first = (Path(runs["env"]["LOG_DIR"]) / f"{RUN_ID}.txt").read_text(encoding="utf-8").splitlines()[0]
+    first = (
+        (Path(runs["env"]["LOG_DIR"]) / f"{RUN_ID}.txt").read_text(encoding="utf-8").splitlines()[0]
+    )
     code_sha256 = hashlib.sha256(runs["code"].read_bytes()).hexdigest()
     assert first == f"code_begin path:train_gpt.py bytes:{s['bytes_code']} sha256:{code_sha256}"
     assert s["code_sha256"] == code_sha256  # the logged source is the file that ran
@@ -542,12 +631,14 @@ def test_artifact_is_zstd22_of_the_raw_checkpoint_quantized(runs):
     payload = tg.quantize_state_dict(raw_state, h)
     assert blob == tg.artifact_bytes(payload, 22)
     assert blob != tg.artifact_bytes(payload, 3)
-    params = zstandard.get_frame_parameters(blob[len(tg.ARTIFACT_MAGIC):])
+    params = zstandard.get_frame_parameters(blob[len(tg.ARTIFACT_MAGIC) :])
     assert params.has_checksum
     read_back = tg.read_artifact(runs["artifacts"] / f"{RUN_ID}.int6.ptz")
     kinds = {name: e["kind"] for name, e in read_back["tensors"].items()}
     assert {n for n, k in kinds.items() if k == "int6"} == expected_int6_names(h.num_layers)
-    assert kinds["tok_emb.weight"] == "fp16" and kinds[KEEP] == "fp16"  # the default EMBED_QUANT, FP16_KEEP
+    assert (
+        kinds["tok_emb.weight"] == "fp16" and kinds[KEEP] == "fp16"
+    )  # the default EMBED_QUANT, FP16_KEEP
     on_disk = tg.dequantize_state_dict(read_back)
     in_memory = tg.dequantize_state_dict(payload)
     assert all(torch.equal(on_disk[k], in_memory[k]) for k in in_memory)
@@ -565,7 +656,9 @@ def test_summary_has_every_field_and_setting(runs):
     assert s["hyperparameters"] == {**tg.Hyperparameters.from_env(env).as_env(), "RUN_ID": RUN_ID}
     assert s["hyperparameters"]["ZSTD_LEVEL"] == 22 and s["hyperparameters"]["FP16_KEEP"] == KEEP
     assert s["run_id"] == RUN_ID and s["seed"] == int(env["SEED"]) and s["world_size"] == 1
-    assert s["steps"] == int(env["ITERATIONS"]) and s["sliding_val_bpb"] is None  # EVAL_STRIDE=0: no sliding window
+    assert (
+        s["steps"] == int(env["ITERATIONS"]) and s["sliding_val_bpb"] is None
+    )  # EVAL_STRIDE=0: no sliding window
     assert s["val_bpb"] == s["roundtrip_val_bpb"] and s["val_loss"] == s["roundtrip_val_loss"]
     assert s["step_avg_ms"] == pytest.approx(s["train_time_ms"] / s["steps"], abs=1e-2)
     assert s["train_time_ms"] > 0
@@ -575,7 +668,9 @@ def test_round_trip_scores_the_artifact_on_the_whole_split(runs, tiny_data):
     """Both logged scores, recomputed here: the raw checkpoint's (pre-quant) and the artifact's."""
     h = tg.Hyperparameters.from_env(runs["env"])
     s, log = runs["summary"], runs["log"]
-    tokens = tg.load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.train_seq_len)
+    tokens = tg.load_validation_tokens(
+        os.path.join(h.data_path, "fineweb_val_*.bin"), h.train_seq_len
+    )
     luts = tg.build_byte_luts(tg.load_tokenizer(h), h.vocab_size)
     assert s["scored_tokens"] == tokens.numel() - 1 == tiny_data["val_tokens"] - 1
 
@@ -591,10 +686,19 @@ def test_round_trip_scores_the_artifact_on_the_whole_split(runs, tiny_data):
     assert s["prequant_val_bpb"] == pytest.approx(pre_bpb, rel=1e-6)
     assert loss != pre_loss
 
-    line = re.search(r"^final_int6_roundtrip_exact val_loss:(\S+) val_bpb:(\S+) quant_penalty_bpb:(\S+)", log, re.M)
+    line = re.search(
+        r"^final_int6_roundtrip_exact val_loss:(\S+) val_bpb:(\S+) quant_penalty_bpb:(\S+)",
+        log,
+        re.M,
+    )
     pre = re.search(r"^final_prequant_exact val_loss:(\S+) val_bpb:(\S+)$", log, re.M)
     logged = [float(line[1]), float(line[2]), float(pre[1]), float(pre[2])]
-    summary = [s["roundtrip_val_loss"], s["roundtrip_val_bpb"], s["prequant_val_loss"], s["prequant_val_bpb"]]
+    summary = [
+        s["roundtrip_val_loss"],
+        s["roundtrip_val_bpb"],
+        s["prequant_val_loss"],
+        s["prequant_val_bpb"],
+    ]
     assert logged == pytest.approx(summary, abs=1e-8)  # printed with 8 decimals
     assert float(line[3]) == pytest.approx(s["roundtrip_val_bpb"] - s["prequant_val_bpb"], abs=1e-5)
 
@@ -605,7 +709,11 @@ def test_reexport_from_the_raw_checkpoint_reproduces_the_artifact(runs):
     again = Path(r["artifact_path"])
     assert again == runs["artifacts"] / "reexport.int6.ptz"
     assert again.read_bytes() == original
-    assert r["steps"] == 0 and r["bytes_model"] == s["bytes_model"] and r["bytes_total"] == s["bytes_total"]
+    assert (
+        r["steps"] == 0
+        and r["bytes_model"] == s["bytes_model"]
+        and r["bytes_total"] == s["bytes_total"]
+    )
     for key in ("roundtrip_val_loss", "roundtrip_val_bpb", "prequant_val_loss", "prequant_val_bpb"):
         assert r[key] == s[key], key
 
@@ -618,7 +726,9 @@ def test_over_the_limit_warns_and_still_finishes(tiny_data, tmp_path, monkeypatc
     on_disk = json.loads((Path(env["LOG_DIR"]) / "over.json").read_text())
     assert summary["fits"] is False and on_disk["fits"] is False
     over = summary["bytes_total"] - 1000
-    assert summary["bytes_total"] == os.path.getsize(summary["artifact_path"]) + summary["bytes_code"]
+    assert (
+        summary["bytes_total"] == os.path.getsize(summary["artifact_path"]) + summary["bytes_code"]
+    )
     assert re.search(rf"^fits_16mb:false margin:{-over}$", log, re.M)
     assert re.search(rf"^WARNING: .*{over} bytes OVER the 1000-byte limit", log, re.M)
     assert "run_complete" in log and on_disk["roundtrip_val_bpb"] == summary["roundtrip_val_bpb"]
@@ -638,10 +748,14 @@ def test_failed_export_keeps_the_raw_checkpoint_and_no_artifact(tiny_data, tmp_p
     with pytest.raises(OSError, match="disk full"):
         tg.main(env)
     artifacts = Path(env["ARTIFACT_DIR"])
-    assert [p.name for p in artifacts.iterdir()] == ["broken_export_raw.pt"]  # no artifact, no temporary file
+    assert [p.name for p in artifacts.iterdir()] == [
+        "broken_export_raw.pt"
+    ]  # no artifact, no temporary file
     model = tg.build_model(tg.Hyperparameters.from_env(env), torch.device("cpu"))
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    state, kind, _ = tg.read_weights(str(artifacts / "broken_export_raw.pt"), "INIT_CHECKPOINT", shapes)
+    state, kind, _ = tg.read_weights(
+        str(artifacts / "broken_export_raw.pt"), "INIT_CHECKPOINT", shapes
+    )
     assert kind == "raw checkpoint"
     model.load_state_dict(state)
     assert not (Path(env["LOG_DIR"]) / "broken_export.json").exists()

@@ -14,15 +14,29 @@ from conftest import run_script, tiny_env
 def test_compiled_run_matches_eager(tiny_data, tmp_path):
     results = {}
     for flag in ("0", "1"):
-        env = tiny_env(tiny_data, tmp_path / f"compile{flag}", COMPILE=flag, RUN_ID=f"c{flag}", ITERATIONS=4,
-                       WARMUP_STEPS=2, GRAD_ACCUM_STEPS=1, EVAL_STRIDE=16, OMP_NUM_THREADS=2)
+        env = tiny_env(
+            tiny_data,
+            tmp_path / f"compile{flag}",
+            COMPILE=flag,
+            RUN_ID=f"c{flag}",
+            ITERATIONS=4,
+            WARMUP_STEPS=2,
+            GRAD_ACCUM_STEPS=1,
+            EVAL_STRIDE=16,
+            OMP_NUM_THREADS=2,
+        )
         proc = run_script(env, timeout=600)
         log = (tmp_path / f"compile{flag}" / "logs" / f"c{flag}.txt").read_text()
         assert f"compile:{flag}" in log
-        for name in ("final_int6_roundtrip_exact", "final_sliding_window_exact"):  # padded: at most two shapes
+        for name in (
+            "final_int6_roundtrip_exact",
+            "final_sliding_window_exact",
+        ):  # padded: at most two shapes
             graphs = int(re.search(rf"^{name} .* graphs:(\d+) compile_time:\d+ms$", log, re.M)[1])
             assert graphs <= 2 if flag == "1" else graphs == 0, (name, graphs)
-        results[flag] = json.loads((tmp_path / f"compile{flag}" / "logs" / f"c{flag}.json").read_text())
+        results[flag] = json.loads(
+            (tmp_path / f"compile{flag}" / "logs" / f"c{flag}.json").read_text()
+        )
         assert "run_complete" in proc.stdout
     eager, compiled = results["0"], results["1"]
     assert compiled["steps"] == eager["steps"] == 4

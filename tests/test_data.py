@@ -50,20 +50,46 @@ MIN_TOKENS = 64
 def make_docs(count: int, seed: int = 0) -> list[str]:
     """Distinct documents of made-up words, sentences and numbers."""
     rng = random.Random(seed)
-    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "do", "fi", "gu", "he", "ja", "bo"]
-    words = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(400)})
+    syllables = [
+        "ka",
+        "lo",
+        "mi",
+        "ne",
+        "ru",
+        "sa",
+        "ti",
+        "vo",
+        "ze",
+        "pa",
+        "do",
+        "fi",
+        "gu",
+        "he",
+        "ja",
+        "bo",
+    ]
+    words = sorted(
+        {"".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(400)}
+    )
     docs = []
     for index in range(count):
         sentences = []
         for _ in range(rng.randint(3, 12)):
             sentence = " ".join(rng.choice(words) for _ in range(rng.randint(4, 14)))
             sentences.append(sentence.capitalize() + f" {rng.randint(0, 99999)}.")
-        docs.append(f"Document {index}. " + " ".join(sentences) + ("\n\nNotes: " + rng.choice(words) if index % 3 else ""))
+        docs.append(
+            f"Document {index}. "
+            + " ".join(sentences)
+            + ("\n\nNotes: " + rng.choice(words) if index % 3 else "")
+        )
     return docs
 
 
 def write_jsonl(path: Path, docs: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"text": doc, "id": i}) + "\n" for i, doc in enumerate(docs)), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"text": doc, "id": i}) + "\n" for i, doc in enumerate(docs)),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -91,7 +117,11 @@ def docs_sha256(docs: list[str]) -> str:
 
 
 def no_temp_leftovers(root: Path) -> bool:
-    return not [p for p in root.rglob("*") if p.name.startswith(".") and (p.name.endswith(".tmp") or ".old-" in p.name)]
+    return not [
+        p
+        for p in root.rglob("*")
+        if p.name.startswith(".") and (p.name.endswith(".tmp") or ".old-" in p.name)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +180,10 @@ def test_read_header_rejects_damaged_shards(tmp_path):
 def test_atomic_writes_publish_whole_files_with_default_permissions(tmp_path, monkeypatch):
     path = tmp_path / "new" / "out.txt"
     write_text_atomic(path, "héllo\n")
-    assert path.read_bytes() == "héllo\n".encode() and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~current_umask()
+    assert (
+        path.read_bytes() == "héllo\n".encode()
+        and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~current_umask()
+    )
     write_bytes_atomic(path, b"replaced")
     assert path.read_bytes() == b"replaced"
 
@@ -184,7 +217,9 @@ def test_build_splits_bos_and_disjointness(tiny):
     assert len(names) > 1  # small shards, so documents also cross shard boundaries
     assert names == [f"fineweb_train_{i:06d}.bin" for i in range(len(names))]
     assert [p.name for p in shard_paths(result.dataset_dir, "val")] == ["fineweb_val_000000.bin"]
-    assert [read_header(p) for p in shard_paths(result.dataset_dir, "train")[:-1]] == [SHARD_TOKENS] * (len(names) - 1)
+    assert [read_header(p) for p in shard_paths(result.dataset_dir, "train")[:-1]] == [
+        SHARD_TOKENS
+    ] * (len(names) - 1)
 
 
 def test_manifest_counts_match_shards(tiny):
@@ -205,16 +240,23 @@ def test_manifest_counts_match_shards(tiny):
     on_disk = {p.name: read_header(p) for p in sorted(result.dataset_dir.glob("*.bin"))}
     assert {f["name"]: f["tokens"] for f in manifest["files"]} == on_disk
     assert manifest["docs_sha256"] == docs_sha256(docs)
-    assert manifest["tokenizer"]["sha256"] == hashlib.sha256(result.tokenizer_path.read_bytes()).hexdigest()
+    assert (
+        manifest["tokenizer"]["sha256"]
+        == hashlib.sha256(result.tokenizer_path.read_bytes()).hexdigest()
+    )
     assert manifest["tokenizer"]["path"] == f"tokenizers/tiny_{VOCAB}_bpe.model"
-    assert manifest["tokenizer"]["trained_on_docs"] == len(docs) - VAL_DOCS  # never on validation text
+    assert (
+        manifest["tokenizer"]["trained_on_docs"] == len(docs) - VAL_DOCS
+    )  # never on validation text
     assert result.dataset_dir.name == f"tiny_sp{VOCAB}"
     assert result.tokenizer_path.with_suffix(".vocab").is_file()
     assert no_temp_leftovers(result.dataset_dir.parent.parent)
     # Built in private temporary places, published with the permissions of ordinary files.
     umask = current_umask()
     assert stat.S_IMODE(result.dataset_dir.stat().st_mode) == 0o777 & ~umask
-    assert {stat.S_IMODE(p.stat().st_mode) for p in result.dataset_dir.iterdir()} == {0o666 & ~umask}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in result.dataset_dir.iterdir()} == {
+        0o666 & ~umask
+    }
 
 
 def test_tokenizer_settings(tiny):
@@ -242,7 +284,9 @@ def test_tokenizer_settings(tiny):
     parrot = sp.encode("🦜")
     assert len(parrot) == 4 and all(sp.is_byte(i) for i in parrot) and sp.decode(parrot) == "🦜"
     # Digits are split: every digit is its own piece.
-    digit_pieces = [p for p in sp.encode("ka 20240520 lo", out_type=str) if any(c.isdigit() for c in p)]
+    digit_pieces = [
+        p for p in sp.encode("ka 20240520 lo", out_type=str) if any(c.isdigit() for c in p)
+    ]
     assert "".join(digit_pieces).replace("▁", "") == "20240520"
     assert all(len(p.replace("▁", "")) == 1 for p in digit_pieces)
     # No dummy prefix: a text's first word gets no "▁"; nmt_nfkc folds full-width letters.
@@ -263,15 +307,23 @@ def test_build_is_deterministic(tmp_path, tiny):
 def test_reuse_tokenizer(tmp_path, tiny):
     docs, result = tiny
     corpus = write_jsonl(tmp_path / "tiny.jsonl", docs)
-    reused = build(tiny_config(corpus, tmp_path / "out", name="again", tokenizer=result.tokenizer_path, vocab_size=None))
+    reused = build(
+        tiny_config(
+            corpus, tmp_path / "out", name="again", tokenizer=result.tokenizer_path, vocab_size=None
+        )
+    )
     assert reused.dataset_dir.name == f"again_sp{VOCAB}"
     assert reused.tokenizer_path == result.tokenizer_path
     assert not (tmp_path / "out" / "tokenizers" / f"again_{VOCAB}_bpe.model").exists()
     assert reused.manifest["tokenizer"]["trained_here"] is False
     for split in ("val", "train"):
-        assert np.array_equal(split_tokens(reused.dataset_dir, split), split_tokens(result.dataset_dir, split))
+        assert np.array_equal(
+            split_tokens(reused.dataset_dir, split), split_tokens(result.dataset_dir, split)
+        )
     with pytest.raises(DatasetError, match=f"--vocab-size 512 does not match .*{VOCAB} pieces"):
-        build(tiny_config(corpus, tmp_path / "other", tokenizer=result.tokenizer_path, vocab_size=512))
+        build(
+            tiny_config(corpus, tmp_path / "other", tokenizer=result.tokenizer_path, vocab_size=512)
+        )
 
 
 def test_directory_input(tmp_path):
@@ -296,8 +348,12 @@ def test_directory_input(tmp_path):
     assert result.dataset_dir.name == f"notes_sp{VOCAB}"
     ordered = [files[rel].removeprefix("\ufeff") for rel in sorted(files)]
     sp = spm.SentencePieceProcessor(model_file=str(result.tokenizer_path))
-    assert split_documents(split_tokens(result.dataset_dir, "val")) == [sp.encode(t) for t in ordered[:3]]
-    assert split_documents(split_tokens(result.dataset_dir, "train")) == [sp.encode(t) for t in ordered[3:]]
+    assert split_documents(split_tokens(result.dataset_dir, "val")) == [
+        sp.encode(t) for t in ordered[:3]
+    ]
+    assert split_documents(split_tokens(result.dataset_dir, "train")) == [
+        sp.encode(t) for t in ordered[3:]
+    ]
     assert result.manifest["source"]["kind"] == "dir"
     assert result.manifest["docs_sha256"] == docs_sha256(ordered)
 
@@ -337,15 +393,35 @@ def _write_bytes(path: Path, data: bytes) -> Path:
         (lambda d: _write_bytes(d / "empty.jsonl", b""), "holds no documents"),
         (lambda d: _write_bytes(d / "blank.jsonl", b'{"text": ""}\n' * 20), "hold no text"),
         (
-            lambda d: _write_bytes(d / "latin1.jsonl", b'{"text": "ok"}\n{"text": "ok"}\n{"text": "caf\xe9"}\n'),
+            lambda d: _write_bytes(
+                d / "latin1.jsonl", b'{"text": "ok"}\n{"text": "ok"}\n{"text": "caf\xe9"}\n'
+            ),
             r"latin1.jsonl line 3: not valid UTF-8 \(byte 0xe9",
         ),
-        (lambda d: _write_bytes(d / "broken.jsonl", b'{"text": "ok"}\n{"text": \n'), "broken.jsonl line 2: not valid JSON"),
-        (lambda d: _write_bytes(d / "field.jsonl", b'{"body": "ok"}\n'), 'line 1: expected a JSON object with a string "text"'),
-        (lambda d: _write_bytes(d / "surrogate.jsonl", b'{"text": "a \\ud800 b"}\n'), "unpaired surrogate"),
+        (
+            lambda d: _write_bytes(d / "broken.jsonl", b'{"text": "ok"}\n{"text": \n'),
+            "broken.jsonl line 2: not valid JSON",
+        ),
+        (
+            lambda d: _write_bytes(d / "field.jsonl", b'{"body": "ok"}\n'),
+            'line 1: expected a JSON object with a string "text"',
+        ),
+        (
+            lambda d: _write_bytes(d / "surrogate.jsonl", b'{"text": "a \\ud800 b"}\n'),
+            "unpaired surrogate",
+        ),
         (lambda d: d, "no .txt or .md files"),
     ],
-    ids=["missing", "empty", "empty-texts", "not-utf8", "bad-json", "no-text-field", "surrogate", "no-documents-in-dir"],
+    ids=[
+        "missing",
+        "empty",
+        "empty-texts",
+        "not-utf8",
+        "bad-json",
+        "no-text-field",
+        "surrogate",
+        "no-documents-in-dir",
+    ],
 )
 def test_input_errors(tmp_path, make_input, message):
     source = make_input(tmp_path)
@@ -368,7 +444,9 @@ def test_directory_errors(tmp_path):
         build(tiny_config(root, tmp_path / "out", val_docs=1))
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files without read permission")
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files without read permission"
+)
 def test_unreadable_file(tmp_path):
     corpus = write_jsonl(tmp_path / "locked.jsonl", make_docs(10))
     corpus.chmod(0)
@@ -379,14 +457,32 @@ def test_unreadable_file(tmp_path):
 def test_too_small_inputs(tmp_path, tiny):
     docs, _ = tiny
     corpus = write_jsonl(tmp_path / "tiny.jsonl", docs)
-    with pytest.raises(DatasetError, match=r"val split \(first 1 documents\) has \d+ tokens, fewer than --min-tokens 1025"):
+    with pytest.raises(
+        DatasetError,
+        match=r"val split \(first 1 documents\) has \d+ tokens, fewer than --min-tokens 1025",
+    ):
         build(tiny_config(corpus, tmp_path / "out", val_docs=1, min_tokens=1025))
     # One training document, encoded with the tiny tokenizer (training one on a single document would fail first).
     sp = spm.SentencePieceProcessor(model_file=str(tiny[1].tokenizer_path))
     last = len(sp.encode(docs[-1])) + 1
-    with pytest.raises(DatasetError, match=rf"train split \(documents after the first 59\) has {last} tokens, fewer than --min-tokens {last + 1}"):
-        build(tiny_config(corpus, tmp_path / "out", val_docs=59, min_tokens=last + 1, tokenizer=tiny[1].tokenizer_path, vocab_size=None))
-    with pytest.raises(DatasetError, match=r"60 documents, and the validation split \(the first 60\) takes all of them"):
+    with pytest.raises(
+        DatasetError,
+        match=rf"train split \(documents after the first 59\) has {last} tokens, fewer than --min-tokens {last + 1}",
+    ):
+        build(
+            tiny_config(
+                corpus,
+                tmp_path / "out",
+                val_docs=59,
+                min_tokens=last + 1,
+                tokenizer=tiny[1].tokenizer_path,
+                vocab_size=None,
+            )
+        )
+    with pytest.raises(
+        DatasetError,
+        match=r"60 documents, and the validation split \(the first 60\) takes all of them",
+    ):
         build(tiny_config(corpus, tmp_path / "out", val_docs=60))
     with pytest.raises(DatasetError, match="SentencePiece learned only|could not train"):
         build(tiny_config(corpus, tmp_path / "out", vocab_size=4096))
@@ -401,13 +497,22 @@ def test_trainer_sentences_fit_sentencepiece_limit():
     sentences = list(build_dataset.trainer_sentences(text))
     assert len(sentences) > 3
     assert all(0 < len(s.encode("utf-8")) <= build_dataset.SPM_SENTENCE_BYTES for s in sentences)
-    assert " ".join(sentences).split() == text.replace("\x00", " ").split()  # nothing lost, nothing reordered
+    assert (
+        " ".join(sentences).split() == text.replace("\x00", " ").split()
+    )  # nothing lost, nothing reordered
 
 
 def test_cli_error_is_one_line(tmp_path):
     (tmp_path / "bad.jsonl").write_bytes(b"\xff\xfe\n")
     proc = subprocess.run(
-        [sys.executable, str(DATA_DIR / "build_dataset.py"), "--docs", str(tmp_path / "bad.jsonl"), "--out-root", str(tmp_path)],
+        [
+            sys.executable,
+            str(DATA_DIR / "build_dataset.py"),
+            "--docs",
+            str(tmp_path / "bad.jsonl"),
+            "--out-root",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -427,13 +532,19 @@ def reference_val_docs(sizes: list[int], min_tokens: int) -> int:
     if len(sizes) >= 10 * 50_000:
         return 50_000
     tenth = max(1, len(sizes) // 10)
-    holding = next((k for k in range(1, len(sizes) + 1) if sum(sizes[:k]) >= 8 * min_tokens), len(sizes))
+    holding = next(
+        (k for k in range(1, len(sizes) + 1) if sum(sizes[:k]) >= 8 * min_tokens), len(sizes)
+    )
     return max(tenth, min(holding, len(sizes) // 2))
 
 
 def test_default_val_split_follows_the_rule():
-    assert build_dataset.default_val_split([3000] * 1500, 1025).docs == 150  # a corpus a new user might bring
-    assert build_dataset.default_val_split([100] * 20, 64).docs == 6  # a tenth (2) holds 200 of 512 bytes
+    assert (
+        build_dataset.default_val_split([3000] * 1500, 1025).docs == 150
+    )  # a corpus a new user might bring
+    assert (
+        build_dataset.default_val_split([100] * 20, 64).docs == 6
+    )  # a tenth (2) holds 200 of 512 bytes
     assert build_dataset.default_val_split([100] * 5, 1025).docs == 2  # never more than half
     assert build_dataset.default_val_split([5000], 1025).docs == 1
     rng = random.Random(5)
@@ -463,10 +574,20 @@ def test_default_val_split_is_the_challenge_split_for_large_corpora():
 def test_a_corpus_of_1500_documents_builds_with_the_defaults(tmp_path, capsys):
     docs = make_docs(1500, seed=7)
     corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
-    assert build_dataset.main(["--docs", str(corpus), "--out-root", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (
+        build_dataset.main(
+            ["--docs", str(corpus), "--out-root", str(tmp_path / "out"), "--no-progress"]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
-    assert "val_docs: 150 (a tenth of the corpus' 1,500 documents; --val-docs sets another)" in captured.err
-    manifest = json.loads((tmp_path / "out" / "datasets" / "corpus_sp1024" / "manifest.json").read_text())
+    assert (
+        "val_docs: 150 (a tenth of the corpus' 1,500 documents; --val-docs sets another)"
+        in captured.err
+    )
+    manifest = json.loads(
+        (tmp_path / "out" / "datasets" / "corpus_sp1024" / "manifest.json").read_text()
+    )
     assert manifest["val_docs"] == {"count": 150, "from": "a tenth of the corpus' 1,500 documents"}
     assert (manifest["stats"]["docs_val"], manifest["stats"]["docs_train"]) == (150, 1350)
     assert manifest["tokenizer"]["trained_on_doc_numbers"] == [151, 1500]
@@ -489,7 +610,10 @@ def test_tokenizer_train_docs_uses_the_training_documents_among_the_first_n(tmp_
     corpus = write_jsonl(tmp_path / "tiny.jsonl", docs)
     result = build(tiny_config(corpus, tmp_path / "out", tokenizer_train_docs=40))
     info = result.manifest["tokenizer"]
-    assert (info["trained_on_docs"], info["trained_on_doc_numbers"]) == (40 - VAL_DOCS, [VAL_DOCS + 1, 40])
+    assert (info["trained_on_docs"], info["trained_on_doc_numbers"]) == (
+        40 - VAL_DOCS,
+        [VAL_DOCS + 1, 40],
+    )
     assert info["trained_on_bytes"] == sum(len(d.encode()) for d in docs[VAL_DOCS:40])
     assert info["tokenizer_train_bytes"] is None  # no byte cap unless asked for
     # The same model as one trained directly on documents 6..40, and not the one trained on all of them.
@@ -500,11 +624,20 @@ def test_tokenizer_train_docs_uses_the_training_documents_among_the_first_n(tmp_
     # Every document is still encoded, in its split.
     assert result.manifest["stats"]["docs_train"] == len(docs) - VAL_DOCS
 
-    with pytest.raises(DatasetError, match=f"--tokenizer-train-docs {VAL_DOCS}: .*give more than {VAL_DOCS}"):
+    with pytest.raises(
+        DatasetError, match=f"--tokenizer-train-docs {VAL_DOCS}: .*give more than {VAL_DOCS}"
+    ):
         build(tiny_config(corpus, tmp_path / "other", tokenizer_train_docs=VAL_DOCS))
     with pytest.raises(DatasetError, match="--tokenizer reuses one"):
-        build(tiny_config(corpus, tmp_path / "other", tokenizer=result.tokenizer_path, vocab_size=None,
-                          tokenizer_train_docs=40))
+        build(
+            tiny_config(
+                corpus,
+                tmp_path / "other",
+                tokenizer=result.tokenizer_path,
+                vocab_size=None,
+                tokenizer_train_docs=40,
+            )
+        )
     with pytest.raises(DatasetError, match="--tokenizer-train-docs must be at least 1"):
         build(tiny_config(corpus, tmp_path / "other", tokenizer_train_docs=0))
 
@@ -585,7 +718,16 @@ def test_pydocs_corpus_is_deterministic():
 
 def test_default_build_without_docs(tmp_path, capsys):
     out_root = tmp_path / "out"
-    argv = ["--out-root", str(out_root), "--max-bytes", "300000", "--val-docs", "10", "--min-tokens", str(MIN_TOKENS)]
+    argv = [
+        "--out-root",
+        str(out_root),
+        "--max-bytes",
+        "300000",
+        "--val-docs",
+        "10",
+        "--min-tokens",
+        str(MIN_TOKENS),
+    ]
     assert build_dataset.main(argv) == 0
     dataset_dir = out_root / "datasets" / "pydocs_sp1024"
     model = out_root / "tokenizers" / "pydocs_1024_bpe.model"
@@ -609,8 +751,16 @@ CHALLENGE_REPO = "willdepueoai/parameter-golf"
 RECORDS_REPO = "kevclark/parameter-golf"
 
 
-def write_export(repo: Path, tokenizer: Path, *, listed: tuple[str, ...], unlisted: tuple[str, ...] = (),
-                 listed_without_files: tuple[str, ...] = (), manifest: bool = True, root: str = "datasets") -> Path:
+def write_export(
+    repo: Path,
+    tokenizer: Path,
+    *,
+    listed: tuple[str, ...],
+    unlisted: tuple[str, ...] = (),
+    listed_without_files: tuple[str, ...] = (),
+    manifest: bool = True,
+    root: str = "datasets",
+) -> Path:
     """An export under repo/root/: shards and tokenizer files for the `listed` and `unlisted` variants,
     and a manifest.json (unless manifest=False) that lists `listed` and `listed_without_files` only.
     Every tokenizer file is a copy of the tiny one, named as the export names it."""
@@ -625,28 +775,46 @@ def write_export(repo: Path, tokenizer: Path, *, listed: tuple[str, ...], unlist
         (export / "tokenizers").mkdir(exist_ok=True)
         for suffix in (".model", ".vocab"):
             vocab = variant.removeprefix("sp")
-            (export / "tokenizers" / f"fineweb_{vocab}_bpe{suffix}").write_bytes(tokenizer.with_suffix(suffix).read_bytes())
+            (export / "tokenizers" / f"fineweb_{vocab}_bpe{suffix}").write_bytes(
+                tokenizer.with_suffix(suffix).read_bytes()
+            )
     (export / "docs_selected.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
     (export / "docs_selected.source_manifest.json").write_text(json.dumps({"num_docs": 1}))
 
     def entry(variant: str) -> dict:
-        stats = {"files_val": 1, "files_train": len(HUB_TRAIN_SHARDS), "tokens_val": HUB_VAL_TOKENS,
-                 "tokens_train": sum(HUB_TRAIN_SHARDS)}
+        stats = {
+            "files_val": 1,
+            "files_train": len(HUB_TRAIN_SHARDS),
+            "tokens_val": HUB_VAL_TOKENS,
+            "tokens_train": sum(HUB_TRAIN_SHARDS),
+        }
         vocab = int(variant.removeprefix("sp"))
-        return {"name": f"fineweb10B_{variant}", "tokenizer_name": f"sp_bpe_{vocab}", "vocab_size": vocab, "stats": stats}
+        return {
+            "name": f"fineweb10B_{variant}",
+            "tokenizer_name": f"sp_bpe_{vocab}",
+            "vocab_size": vocab,
+            "stats": stats,
+        }
 
     if manifest:
         variants = listed + listed_without_files
-        (export / "manifest.json").write_text(json.dumps({
-            "version": "10B",
-            "shard_size": HUB_SHARD_SIZE,
-            "datasets": [entry(v) for v in variants],
-            "tokenizers": [
-                {"name": f"sp_bpe_{v[2:]}", "model_path": f"tokenizers/fineweb_{v[2:]}_bpe.model",
-                 "vocab_path": f"tokenizers/fineweb_{v[2:]}_bpe.vocab"}
-                for v in variants
-            ],
-        }))
+        (export / "manifest.json").write_text(
+            json.dumps(
+                {
+                    "version": "10B",
+                    "shard_size": HUB_SHARD_SIZE,
+                    "datasets": [entry(v) for v in variants],
+                    "tokenizers": [
+                        {
+                            "name": f"sp_bpe_{v[2:]}",
+                            "model_path": f"tokenizers/fineweb_{v[2:]}_bpe.model",
+                            "vocab_path": f"tokenizers/fineweb_{v[2:]}_bpe.vocab",
+                        }
+                        for v in variants
+                    ],
+                }
+            )
+        )
     return export
 
 
@@ -655,18 +823,29 @@ def hub(tmp_path, tiny):
     """The challenge's repo with sp384 (and sp8192 listed in its manifest, without files)."""
     _, built = tiny
     root = tmp_path / "hub"
-    write_export(root / CHALLENGE_REPO, built.tokenizer_path, listed=(f"sp{VOCAB}",), listed_without_files=("sp8192",))
+    write_export(
+        root / CHALLENGE_REPO,
+        built.tokenizer_path,
+        listed=(f"sp{VOCAB}",),
+        listed_without_files=("sp8192",),
+    )
     return root
 
 
 def hub_config(hub: Path, out_root: Path, **overrides) -> DownloadConfig:
-    settings = dict(variant=f"sp{VOCAB}", train_shards=2, out_root=out_root, mirror=hub, show_progress=False)
+    settings = dict(
+        variant=f"sp{VOCAB}", train_shards=2, out_root=out_root, mirror=hub, show_progress=False
+    )
     settings.update(overrides)
     return DownloadConfig(**settings)
 
 
 def local_files(out_root: Path) -> dict[str, bytes]:
-    return {p.relative_to(out_root).as_posix(): p.read_bytes() for p in sorted(out_root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(out_root).as_posix(): p.read_bytes()
+        for p in sorted(out_root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_download_fresh(hub, tmp_path):
@@ -676,14 +855,23 @@ def test_download_fresh(hub, tmp_path):
     shards = f"fineweb10B_sp{VOCAB}"
     expected = {
         f"datasets/manifests/{CHALLENGE_REPO}/datasets/manifest.json": export / "manifest.json",
-        f"datasets/{shards}/fineweb_val_000000.bin": export / f"datasets/{shards}/fineweb_val_000000.bin",
-        f"datasets/{shards}/fineweb_train_000000.bin": export / f"datasets/{shards}/fineweb_train_000000.bin",
-        f"datasets/{shards}/fineweb_train_000001.bin": export / f"datasets/{shards}/fineweb_train_000001.bin",
+        f"datasets/{shards}/fineweb_val_000000.bin": export
+        / f"datasets/{shards}/fineweb_val_000000.bin",
+        f"datasets/{shards}/fineweb_train_000000.bin": export
+        / f"datasets/{shards}/fineweb_train_000000.bin",
+        f"datasets/{shards}/fineweb_train_000001.bin": export
+        / f"datasets/{shards}/fineweb_train_000001.bin",
         f"tokenizers/fineweb_{VOCAB}_bpe.model": export / f"tokenizers/fineweb_{VOCAB}_bpe.model",
         f"tokenizers/fineweb_{VOCAB}_bpe.vocab": export / f"tokenizers/fineweb_{VOCAB}_bpe.vocab",
     }
-    assert local_files(out) == {rel: path.read_bytes() for rel, path in expected.items()}  # and nothing else
-    assert (result.repo_id, result.remote_root, result.found_in) == (CHALLENGE_REPO, "datasets", "manifest")
+    assert local_files(out) == {
+        rel: path.read_bytes() for rel, path in expected.items()
+    }  # and nothing else
+    assert (result.repo_id, result.remote_root, result.found_in) == (
+        CHALLENGE_REPO,
+        "datasets",
+        "manifest",
+    )
     assert result.dataset_dir == out / "datasets" / shards
     assert result.tokenizer_path == out / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"
     assert result.vocab_size == VOCAB
@@ -717,17 +905,37 @@ def test_download_resumes_and_refetches_damaged_files(hub, tmp_path):
         "fineweb_train_000002.bin",
         "fineweb_val_000000.bin",
     ]
-    assert (other.stat().st_ino, other.stat().st_mtime_ns) == (other_stat.st_ino, other_stat.st_mtime_ns)
+    assert (other.stat().st_ino, other.stat().st_mtime_ns) == (
+        other_stat.st_ino,
+        other_stat.st_mtime_ns,
+    )
     for path in shard_paths(dataset, "val") + shard_paths(dataset, "train"):
-        assert path.read_bytes() == (hub / CHALLENGE_REPO / "datasets" / "datasets" / dataset.name / path.name).read_bytes()
+        assert (
+            path.read_bytes()
+            == (
+                hub / CHALLENGE_REPO / "datasets" / "datasets" / dataset.name / path.name
+            ).read_bytes()
+        )
     assert no_temp_leftovers(out)
 
 
 def test_download_checks_token_counts_against_the_manifest(hub, tmp_path):
-    remote = hub / CHALLENGE_REPO / "datasets" / "datasets" / f"fineweb10B_sp{VOCAB}" / "fineweb_train_000000.bin"
-    write_shard(remote, np.zeros(999, dtype=np.uint16))  # well-formed, but the manifest implies 1000 tokens
+    remote = (
+        hub
+        / CHALLENGE_REPO
+        / "datasets"
+        / "datasets"
+        / f"fineweb10B_sp{VOCAB}"
+        / "fineweb_train_000000.bin"
+    )
+    write_shard(
+        remote, np.zeros(999, dtype=np.uint16)
+    )  # well-formed, but the manifest implies 1000 tokens
     out = tmp_path / "data"
-    with pytest.raises(DownloadError, match="fineweb_train_000000.bin is not valid: .*999 tokens, the manifest implies 1000"):
+    with pytest.raises(
+        DownloadError,
+        match="fineweb_train_000000.bin is not valid: .*999 tokens, the manifest implies 1000",
+    ):
         download(hub_config(hub, out))
     assert not (out / "datasets" / f"fineweb10B_sp{VOCAB}" / "fineweb_train_000000.bin").exists()
     assert no_temp_leftovers(out)
@@ -736,18 +944,27 @@ def test_download_checks_token_counts_against_the_manifest(hub, tmp_path):
 def test_download_with_docs_and_errors(hub, tmp_path):
     out = tmp_path / "data"
     download(hub_config(hub, out, train_shards=0, with_docs=True))
-    assert (out / "datasets" / "docs_selected.jsonl").read_bytes() == (hub / CHALLENGE_REPO / "datasets" / "docs_selected.jsonl").read_bytes()
+    assert (out / "datasets" / "docs_selected.jsonl").read_bytes() == (
+        hub / CHALLENGE_REPO / "datasets" / "docs_selected.jsonl"
+    ).read_bytes()
     assert shard_paths(out / "datasets" / f"fineweb10B_sp{VOCAB}", "train") == []
 
     with pytest.raises(DownloadError, match="has 3 training shards, --train-shards asks for 4"):
         download(hub_config(hub, out, train_shards=4))
     # Listed in the manifest, but the repo lacks its files.
-    with pytest.raises(DownloadError, match=r"fineweb10B_sp8192/fineweb_val_000000.bin is not in the mirror"):
+    with pytest.raises(
+        DownloadError, match=r"fineweb10B_sp8192/fineweb_val_000000.bin is not in the mirror"
+    ):
         download(hub_config(hub, out, variant="sp8192", repo_id=CHALLENGE_REPO))
     # sp8192 is published elsewhere: this mirror holds no copy of that repo.
-    with pytest.raises(DownloadError, match=f"has no copy of {RECORDS_REPO} .*it holds: {CHALLENGE_REPO} "):
+    with pytest.raises(
+        DownloadError, match=f"has no copy of {RECORDS_REPO} .*it holds: {CHALLENGE_REPO} "
+    ):
         download(hub_config(hub, out, variant="sp8192"))
-    with pytest.raises(DownloadError, match="variant 'sp384' is not in .*folder other_root/.*no manifest.json, and its files hold no variant"):
+    with pytest.raises(
+        DownloadError,
+        match="variant 'sp384' is not in .*folder other_root/.*no manifest.json, and its files hold no variant",
+    ):
         download(hub_config(hub, tmp_path / "elsewhere", remote_root="other_root"))
 
 
@@ -761,9 +978,14 @@ def test_download_missing_variant_names_what_exists(hub, tmp_path):
     assert not (tmp_path / "data" / "datasets" / "fineweb10B_sp999").exists()
 
 
-@pytest.mark.parametrize("variant", ["byte260", "sp8192_lossless_caps_caseops_v1_reserved", "SP1024"])
+@pytest.mark.parametrize(
+    "variant", ["byte260", "sp8192_lossless_caps_caseops_v1_reserved", "SP1024"]
+)
 def test_download_refuses_variants_the_trainer_cannot_score(hub, tmp_path, variant):
-    with pytest.raises(DownloadError, match=f"--variant {variant}: train_gpt.py counts bytes from SentencePiece pieces"):
+    with pytest.raises(
+        DownloadError,
+        match=f"--variant {variant}: train_gpt.py counts bytes from SentencePiece pieces",
+    ):
         download(hub_config(hub, tmp_path / "data", variant=variant, repo_id=CHALLENGE_REPO))
     assert not (tmp_path / "data").exists()
 
@@ -775,51 +997,100 @@ def two_repos(tmp_path, tiny):
     _, built = tiny
     root = tmp_path / "hub"
     write_export(root / CHALLENGE_REPO, built.tokenizer_path, listed=("sp1024",))
-    write_export(root / RECORDS_REPO, built.tokenizer_path, listed=("sp8192",), unlisted=("sp4096",))
+    write_export(
+        root / RECORDS_REPO, built.tokenizer_path, listed=("sp8192",), unlisted=("sp4096",)
+    )
     return root
 
 
-@pytest.mark.parametrize("variant, repo, found_in, expected_tokens", [
-    ("sp1024", CHALLENGE_REPO, "manifest", True),
-    ("sp8192", RECORDS_REPO, "manifest", True),
-    ("sp4096", RECORDS_REPO, "file listing", False),
-])
-def test_download_reads_each_variant_from_the_repo_that_publishes_it(two_repos, tmp_path, variant, repo, found_in,
-                                                                     expected_tokens):
+@pytest.mark.parametrize(
+    "variant, repo, found_in, expected_tokens",
+    [
+        ("sp1024", CHALLENGE_REPO, "manifest", True),
+        ("sp8192", RECORDS_REPO, "manifest", True),
+        ("sp4096", RECORDS_REPO, "file listing", False),
+    ],
+)
+def test_download_reads_each_variant_from_the_repo_that_publishes_it(
+    two_repos, tmp_path, variant, repo, found_in, expected_tokens
+):
     result = download(hub_config(two_repos, tmp_path / "data", variant=variant, train_shards=3))
     assert (result.repo_id, result.found_in) == (repo, found_in)
     remote = two_repos / repo / "datasets"
     dataset = tmp_path / "data" / "datasets" / f"fineweb10B_{variant}"
-    assert sorted(p.name for p in dataset.iterdir()) == ["fineweb_train_000000.bin", "fineweb_train_000001.bin",
-                                                         "fineweb_train_000002.bin", "fineweb_val_000000.bin"]
+    assert sorted(p.name for p in dataset.iterdir()) == [
+        "fineweb_train_000000.bin",
+        "fineweb_train_000001.bin",
+        "fineweb_train_000002.bin",
+        "fineweb_val_000000.bin",
+    ]
     for path in dataset.iterdir():
         assert path.read_bytes() == (remote / "datasets" / dataset.name / path.name).read_bytes()
     vocab = variant.removeprefix("sp")
     assert result.tokenizer_path == tmp_path / "data" / "tokenizers" / f"fineweb_{vocab}_bpe.model"
-    assert result.tokenizer_path.with_suffix(".vocab").read_bytes() == (remote / f"tokenizers/fineweb_{vocab}_bpe.vocab").read_bytes()
+    assert (
+        result.tokenizer_path.with_suffix(".vocab").read_bytes()
+        == (remote / f"tokenizers/fineweb_{vocab}_bpe.vocab").read_bytes()
+    )
     # Shard sizes are checked against the manifest when it lists the variant; a listing gives none.
     config = hub_config(two_repos, tmp_path / "again", variant=variant, train_shards=3)
-    found = downloader.find_variant(downloader.MirrorFetcher(two_repos, repo), config, repo, "datasets")
+    found = downloader.find_variant(
+        downloader.MirrorFetcher(two_repos, repo), config, repo, "datasets"
+    )
     planned, _, _ = downloader.plan_downloads(found, config, "datasets")
     shards = [item for item in planned if item.local_path.suffix == ".bin"]
     assert [item.expected_tokens for item in shards] == (
-        [HUB_VAL_TOKENS, *HUB_TRAIN_SHARDS] if expected_tokens else [None] * 4)
+        [HUB_VAL_TOKENS, *HUB_TRAIN_SHARDS] if expected_tokens else [None] * 4
+    )
 
 
 def test_download_repo_and_root_overrides(two_repos, tmp_path, monkeypatch, capsys):
-    write_export(two_repos / "someone/export", two_repos / RECORDS_REPO / "datasets/tokenizers/fineweb_8192_bpe.model",
-                 listed=("sp8192",), root="v2")
+    write_export(
+        two_repos / "someone/export",
+        two_repos / RECORDS_REPO / "datasets/tokenizers/fineweb_8192_bpe.model",
+        listed=("sp8192",),
+        root="v2",
+    )
     out = tmp_path / "data"
     monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "someone/export")
     monkeypatch.setenv("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "v2")
-    assert downloader.main(["--variant", "sp8192", "1", "--mirror", str(two_repos), "--out-root", str(out),
-                            "--no-progress"]) == 0
+    assert (
+        downloader.main(
+            [
+                "--variant",
+                "sp8192",
+                "1",
+                "--mirror",
+                str(two_repos),
+                "--out-root",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "source: someone/export folder v2/ (files from its manifest)" in printed
     assert (out / "datasets/manifests/someone/export/v2/manifest.json").is_file()
     # The flags win over the environment.
-    assert downloader.main(["--variant", "sp8192", "0", "--mirror", str(two_repos), "--out-root", str(out),
-                            "--repo-id", RECORDS_REPO, "--remote-root", "datasets"]) == 0
+    assert (
+        downloader.main(
+            [
+                "--variant",
+                "sp8192",
+                "0",
+                "--mirror",
+                str(two_repos),
+                "--out-root",
+                str(out),
+                "--repo-id",
+                RECORDS_REPO,
+                "--remote-root",
+                "datasets",
+            ]
+        )
+        == 0
+    )
     assert f"source: {RECORDS_REPO} folder datasets/" in capsys.readouterr().out
     with pytest.raises(DownloadError, match="repo id 'nobody' is not of the form owner/name"):
         download(hub_config(two_repos, out, variant="sp8192", repo_id="nobody"))
@@ -831,21 +1102,30 @@ def test_download_fetches_a_stale_manifest_again(two_repos, tmp_path):
     out = tmp_path / "data"
     cache = out / "datasets" / "manifests" / RECORDS_REPO / "datasets" / "manifest.json"
     cache.parent.mkdir(parents=True)
-    cache.write_text(json.dumps({"datasets": [], "tokenizers": []}))  # fetched before sp8192 was published
+    cache.write_text(
+        json.dumps({"datasets": [], "tokenizers": []})
+    )  # fetched before sp8192 was published
     result = download(hub_config(two_repos, out, variant="sp8192", train_shards=0))
     assert result.found_in == "manifest"
-    assert cache.read_bytes() == (two_repos / RECORDS_REPO / "datasets" / "manifest.json").read_bytes()
+    assert (
+        cache.read_bytes() == (two_repos / RECORDS_REPO / "datasets" / "manifest.json").read_bytes()
+    )
 
 
 def test_download_listing_errors(two_repos, tmp_path):
     shards = two_repos / RECORDS_REPO / "datasets" / "datasets" / "fineweb10B_sp4096"
     (shards / "fineweb_train_000001.bin").unlink()
-    with pytest.raises(DownloadError, match="lists 2 train shards but not fineweb_train_000001.bin"):
+    with pytest.raises(
+        DownloadError, match="lists 2 train shards but not fineweb_train_000001.bin"
+    ):
         download(hub_config(two_repos, tmp_path / "data", variant="sp4096"))
     (shards / "fineweb_train_000002.bin").unlink()
     (two_repos / RECORDS_REPO / "datasets" / "tokenizers" / "fineweb_4096_bpe.model").unlink()
-    with pytest.raises(DownloadError, match="no tokenizer datasets/tokenizers/fineweb_4096_bpe.model beside it "
-                                            r"\(the repo's tokenizers: datasets/tokenizers/fineweb_8192_bpe.model\)"):
+    with pytest.raises(
+        DownloadError,
+        match="no tokenizer datasets/tokenizers/fineweb_4096_bpe.model beside it "
+        r"\(the repo's tokenizers: datasets/tokenizers/fineweb_8192_bpe.model\)",
+    ):
         download(hub_config(two_repos, tmp_path / "data", variant="sp4096", train_shards=1))
 
 
@@ -876,11 +1156,19 @@ def test_download_leaves_a_built_dataset_alone(two_repos, tmp_path):
 
 def test_download_cli_with_mirror(hub, tmp_path, capsys):
     out = tmp_path / "data"
-    assert downloader.main(["--variant", f"sp{VOCAB}", "1", "--mirror", str(hub), "--out-root", str(out)]) == 0
+    assert (
+        downloader.main(
+            ["--variant", f"sp{VOCAB}", "1", "--mirror", str(hub), "--out-root", str(out)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "files: 4 fetched, 0 already complete" in printed
     assert f"VOCAB_SIZE={VOCAB}" in printed
-    assert shard_paths(out / "datasets" / f"fineweb10B_sp{VOCAB}", "train")[-1].name == "fineweb_train_000000.bin"
+    assert (
+        shard_paths(out / "datasets" / f"fineweb10B_sp{VOCAB}", "train")[-1].name
+        == "fineweb_train_000000.bin"
+    )
 
 
 @pytest.mark.parametrize("variant, repo", [("sp1024", CHALLENGE_REPO), ("sp8192", RECORDS_REPO)])
@@ -889,8 +1177,14 @@ def test_download_offline_gives_one_clear_message(tmp_path, variant, repo):
     env.pop("MATCHED_FINEWEB_REPO_ID", None)
     env.pop("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", None)
     proc = subprocess.run(
-        [sys.executable, str(DATA_DIR / "cached_challenge_fineweb.py"), "--variant", variant,
-         "--out-root", str(tmp_path / "data")],
+        [
+            sys.executable,
+            str(DATA_DIR / "cached_challenge_fineweb.py"),
+            "--variant",
+            variant,
+            "--out-root",
+            str(tmp_path / "data"),
+        ],
         capture_output=True,
         text=True,
         env=env,

@@ -19,8 +19,15 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from conftest import (ROOT, decoded_document_bytes, run_script, split_documents, split_tokens, stdlib_documents,
-                      tiny_env)
+from conftest import (
+    ROOT,
+    decoded_document_bytes,
+    run_script,
+    split_documents,
+    split_tokens,
+    stdlib_documents,
+    tiny_env,
+)
 
 sys.path.insert(0, str(ROOT / "data"))
 import build_dataset  # noqa: E402
@@ -39,7 +46,9 @@ UNUSUAL_DOCS = [
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
-    docs = list(dict.fromkeys(UNUSUAL_DOCS + stdlib_documents(1500)))  # each text once: splits are disjoint by text too
+    docs = list(
+        dict.fromkeys(UNUSUAL_DOCS + stdlib_documents(1500))
+    )  # each text once: splits are disjoint by text too
     path = tmp_path_factory.mktemp("large_vocab") / "stdlib.jsonl"
     path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
     return path, docs
@@ -49,9 +58,17 @@ def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
 def built(corpus) -> dict[int, build_dataset.BuildResult]:
     path, _ = corpus
     return {
-        vocab: build_dataset.build(build_dataset.BuildConfig(
-            docs=path, vocab_size=vocab, tokenizer_train_docs=TOKENIZER_TRAIN_DOCS, out_root=path.parent / "out",
-            shard_tokens=50_000, workers=2, show_progress=False))
+        vocab: build_dataset.build(
+            build_dataset.BuildConfig(
+                docs=path,
+                vocab_size=vocab,
+                tokenizer_train_docs=TOKENIZER_TRAIN_DOCS,
+                out_root=path.parent / "out",
+                shard_tokens=50_000,
+                workers=2,
+                show_progress=False,
+            )
+        )
         for vocab in VOCABS
     }
 
@@ -59,7 +76,9 @@ def built(corpus) -> dict[int, build_dataset.BuildResult]:
 def test_splits_at_vocab_8192(corpus, built):
     _, docs = corpus
     result = built[8192]
-    val_docs = build_dataset.default_val_split([len(d.encode()) for d in docs], build_dataset.DEFAULT_MIN_TOKENS).docs
+    val_docs = build_dataset.default_val_split(
+        [len(d.encode()) for d in docs], build_dataset.DEFAULT_MIN_TOKENS
+    ).docs
     assert val_docs == len(docs) // 10  # the default for a corpus of fewer than 500,000 documents
     assert result.manifest["val_docs"]["count"] == val_docs
     sp = spm.SentencePieceProcessor(model_file=str(result.tokenizer_path))
@@ -79,8 +98,14 @@ def test_tokenizer_learns_from_the_training_documents_among_the_first_n(corpus, 
     val_docs = result.manifest["val_docs"]["count"]
     info = result.manifest["tokenizer"]
     assert info["trained_on_doc_numbers"] == [val_docs + 1, TOKENIZER_TRAIN_DOCS]
-    sentences = [s for doc in docs[val_docs:TOKENIZER_TRAIN_DOCS] for s in build_dataset.trainer_sentences(doc)]
-    assert result.tokenizer_path.read_bytes() == build_dataset.train_tokenizer(sentences, vocab_size=vocab, source="x")
+    sentences = [
+        s
+        for doc in docs[val_docs:TOKENIZER_TRAIN_DOCS]
+        for s in build_dataset.trainer_sentences(doc)
+    ]
+    assert result.tokenizer_path.read_bytes() == build_dataset.train_tokenizer(
+        sentences, vocab_size=vocab, source="x"
+    )
 
 
 def test_byte_counting_at_vocab_8192_equals_the_decoded_text(built):
@@ -94,7 +119,9 @@ def test_byte_counting_at_vocab_8192_equals_the_decoded_text(built):
     # Document by document, so an error cannot cancel out across documents.
     starts = list(np.flatnonzero(tokens == build_dataset.BOS_ID)) + [len(tokens)]
     for a, b in zip(starts, starts[1:]):
-        assert int(counted[a:b - 1].sum()) == len(sp.decode(tokens[a + 1:b].tolist()).encode("utf-8"))
+        assert int(counted[a : b - 1].sum()) == len(
+            sp.decode(tokens[a + 1 : b].tolist()).encode("utf-8")
+        )
     # What the count must get right occurs: byte fallback, long pieces with a space, multi-byte text.
     pieces = [sp.id_to_piece(int(i)) for i in np.unique(tokens)]
     assert any(sp.is_byte(int(i)) for i in np.unique(tokens))
@@ -105,24 +132,36 @@ def test_byte_counting_at_vocab_8192_equals_the_decoded_text(built):
 @pytest.mark.parametrize("vocab", VOCABS)
 def test_the_trainer_runs_at_a_larger_vocabulary_with_mlp_4x(built, tmp_path, vocab):
     result = built[vocab]
-    data = {"data_path": str(result.dataset_dir), "tokenizer_path": str(result.tokenizer_path), "vocab_size": vocab}
+    data = {
+        "data_path": str(result.dataset_dir),
+        "tokenizer_path": str(result.tokenizer_path),
+        "vocab_size": vocab,
+    }
     env = tiny_env(data, tmp_path, MLP_MULT=4, RUN_ID=f"v{vocab}")
     run_script(env)
     summary = json.loads((tmp_path / "logs" / f"v{vocab}.json").read_text())
-    assert summary["hyperparameters"]["VOCAB_SIZE"] == vocab and summary["hyperparameters"]["MLP_MULT"] == 4
+    assert (
+        summary["hyperparameters"]["VOCAB_SIZE"] == vocab
+        and summary["hyperparameters"]["MLP_MULT"] == 4
+    )
     log = (tmp_path / "logs" / f"v{vocab}.txt").read_text(encoding="utf-8")
     assert " mlp_mult:4 " in log
     # The model: a (vocab x 64) tied embedding and, per layer, an MLP of 4 x 64 hidden units.
     state = torch.load(tmp_path / "artifacts" / f"v{vocab}_raw.pt", weights_only=True)
     assert tuple(state["tok_emb.weight"].shape) == (vocab, 64)
-    assert {tuple(v.shape) for k, v in state.items() if k.startswith("blocks.0.mlp.")} == {(256, 64), (64, 256)}
+    assert {tuple(v.shape) for k, v in state.items() if k.startswith("blocks.0.mlp.")} == {
+        (256, 64),
+        (64, 256),
+    }
     # val_bpb is the loss per token times tokens per byte, the bytes counted by SentencePiece's decode.
     sp = spm.SentencePieceProcessor(model_file=str(result.tokenizer_path))
     tokens = split_tokens(result.dataset_dir, "val")
     targets, text_bytes = len(tokens) - 1, decoded_document_bytes(sp, tokens)
     assert summary["scored_tokens"] == targets
-    for loss, bpb in [(summary["roundtrip_val_loss"], summary["roundtrip_val_bpb"]),
-                      (summary["prequant_val_loss"], summary["prequant_val_bpb"])]:
+    for loss, bpb in [
+        (summary["roundtrip_val_loss"], summary["roundtrip_val_bpb"]),
+        (summary["prequant_val_loss"], summary["prequant_val_bpb"]),
+    ]:
         assert math.isfinite(loss) and loss < math.log(vocab) + 1
         assert bpb == pytest.approx(loss / math.log(2) * targets / text_bytes, rel=1e-12)
     assert summary["fits"]

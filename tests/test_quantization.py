@@ -21,10 +21,14 @@ from conftest import CPU, run_script, small_hparams, tiny_env
 
 
 def rtn(w: torch.Tensor, max_level: int, scale: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(w / scale[:, None].float()), -max_level, max_level).to(torch.int8)
+    return torch.clamp(torch.round(w / scale[:, None].float()), -max_level, max_level).to(
+        torch.int8
+    )
 
 
-def weighted_error(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor) -> float:
+def weighted_error(
+    w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor
+) -> float:
     d = (w - q.float() * scale.float()[:, None]).double()
     return float(torch.einsum("ri,ij,rj->", d, hessian.double(), d))
 
@@ -71,7 +75,9 @@ def test_clip_search_takes_each_rows_best_candidate():
     q, scale = tg.quantize_per_row(w, 7, 0.0, "search")
     for r in range(5):
         best = None
-        for fraction in tg.SEARCH_CLIP_FRACTIONS:  # slow reference: every candidate, in order, first best wins
+        for (
+            fraction
+        ) in tg.SEARCH_CLIP_FRACTIONS:  # slow reference: every candidate, in order, first best wins
             s = float(np.float16(max(float(w[r].abs().max()) * fraction / 7, 2**-24)))
             levels = np.clip(np.round(w[r].numpy() / np.float32(s)), -7, 7)
             error = float(((levels * s - w[r].numpy()) ** 2).sum())
@@ -85,29 +91,43 @@ def test_clip_search_takes_each_rows_best_candidate():
 tiny_h = functools.partial(small_hparams, num_layers=2)
 
 
-@pytest.mark.parametrize("mlp_bits, attn_bits, embed, compressor", [
-    (5, 6, "fp16", "zstd"), (6, 7, "int8", "lzma"), (8, 5, "int7", "zstd"), (7, 8, "int6", "lzma")])
-def test_every_bit_width_and_compressor_round_trips(tmp_path, mlp_bits, attn_bits, embed, compressor):
+@pytest.mark.parametrize(
+    "mlp_bits, attn_bits, embed, compressor",
+    [
+        (5, 6, "fp16", "zstd"),
+        (6, 7, "int8", "lzma"),
+        (8, 5, "int7", "zstd"),
+        (7, 8, "int6", "lzma"),
+    ],
+)
+def test_every_bit_width_and_compressor_round_trips(
+    tmp_path, mlp_bits, attn_bits, embed, compressor
+):
     h = tiny_h(mlp_bits=mlp_bits, attn_bits=attn_bits, embed_quant=embed, compressor=compressor)
     torch.manual_seed(0)
     model = tg.build_model(h, CPU)
     state = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
     payload = tg.quantize_state_dict(state, h)
     kinds = {n: e["kind"] for n, e in payload["tensors"].items()}
-    assert kinds["blocks.0.mlp.fc.weight"] == f"int{mlp_bits}" and kinds["blocks.1.attn.c_q.weight"] == f"int{attn_bits}"
+    assert (
+        kinds["blocks.0.mlp.fc.weight"] == f"int{mlp_bits}"
+        and kinds["blocks.1.attn.c_q.weight"] == f"int{attn_bits}"
+    )
     assert kinds["tok_emb.weight"] == embed
     for name, e in payload["tensors"].items():
         if "q" in e:
             assert e["q"].abs().max() <= tg.level_of(e["kind"])
     blob = tg.artifact_bytes(payload, 3, compressor)
-    assert blob[len(tg.ARTIFACT_MAGIC):].startswith(tg.XZ_MAGIC) == (compressor == "lzma")
+    assert blob[len(tg.ARTIFACT_MAGIC) :].startswith(tg.XZ_MAGIC) == (compressor == "lzma")
     path = tmp_path / "a.ptz"
     path.write_bytes(blob)
     back = tg.read_artifact(path)  # reading needs no settings
     assert back["made_with"]["compressor"] == compressor
     for name, t in tg.dequantize_state_dict(back).items():
         assert torch.equal(t, tg.dequantize_state_dict(payload)[name]), name
-    qat = {n: m.qat[0] for n, m in model.named_modules() if isinstance(m, tg.CastedLinear) and m.qat}
+    qat = {
+        n: m.qat[0] for n, m in model.named_modules() if isinstance(m, tg.CastedLinear) and m.qat
+    }
     assert qat["blocks.0.mlp.proj"] == tg.level_of(f"int{mlp_bits}")  # QAT on the export's grid
     assert qat["blocks.0.attn.c_k"] == tg.level_of(f"int{attn_bits}")
 
@@ -131,8 +151,9 @@ def test_a_hostile_lzma_payload_is_still_refused(tmp_path):
 
 
 def test_calibration_reads_only_training_shards_and_sums_x_xt(tiny_data, monkeypatch):
-    h = tg.Hyperparameters.from_env(tiny_env(tiny_data, Path("/nonexistent"), EMBED_QUANT="int8",
-                                             GPTQ_CALIB_TOKENS=2048))
+    h = tg.Hyperparameters.from_env(
+        tiny_env(tiny_data, Path("/nonexistent"), EMBED_QUANT="int8", GPTQ_CALIB_TOKENS=2048)
+    )
     torch.manual_seed(0)
     model = tg.build_model(h, CPU)
     opened = []
@@ -146,49 +167,76 @@ def test_calibration_reads_only_training_shards_and_sums_x_xt(tiny_data, monkeyp
 
     monkeypatch.setattr(np, "fromfile", fromfile)
     inputs = []
-    hook = model.blocks[1].mlp.proj.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach()))
+    hook = model.blocks[1].mlp.proj.register_forward_pre_hook(
+        lambda _, args: inputs.append(args[0].detach())
+    )
     rt = tg.Runtime(0, 0, 1, CPU, False, None)
     hessians = tg.collect_hessians(model, h, rt, grad_accum_steps=8)
     hook.remove()
     assert opened and all("fineweb_train" in p for p in opened)
-    int_matrices = {n for n, p in model.state_dict().items()
-                    if tg.export_kind(n, p, h).startswith("int") and n not in ("bigram.embed.weight",)}
+    int_matrices = {
+        n
+        for n, p in model.state_dict().items()
+        if tg.export_kind(n, p, h).startswith("int") and n not in ("bigram.embed.weight",)
+    }
     assert set(hessians) == int_matrices  # every intN matrix, and the tied embedding as the head
     x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs]).double()
     assert x.shape[0] == 2048
-    torch.testing.assert_close(hessians["blocks.1.mlp.proj.weight"].double(), x.T @ x, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        hessians["blocks.1.mlp.proj.weight"].double(), x.T @ x, rtol=1e-5, atol=1e-4
+    )
 
 
 def test_a_gptq_run_ships_a_scored_artifact_inside_the_wall_clock(tiny_data, tmp_path):
-    env = tiny_env(tiny_data, tmp_path, QUANT_METHOD="gptq", CLIP="sdclip", MLP_BITS=5, EMBED_QUANT="int7",
-                   COMPRESSOR="lzma", GPTQ_CALIB_TOKENS=4096, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3,
-                   GPTQ_RESERVE_SECONDS=2)
+    env = tiny_env(
+        tiny_data,
+        tmp_path,
+        QUANT_METHOD="gptq",
+        CLIP="sdclip",
+        MLP_BITS=5,
+        EMBED_QUANT="int7",
+        COMPRESSOR="lzma",
+        GPTQ_CALIB_TOKENS=4096,
+        ITERATIONS=100_000,
+        MAX_WALLCLOCK_SECONDS=3,
+        GPTQ_RESERVE_SECONDS=2,
+    )
     proc = run_script(env)
     log = proc.stdout
     assert re.search(r"^gptq_calibration tokens:4096 time:\d+ms$", log, re.M)
     assert re.search(r"^gptq calibration\+quantization:\d+ms reserved:2000ms", log, re.M)
     assert re.search(r"^Total submission size int5/6\+lzma: \d+ bytes$", log, re.M)
     summary = json.loads((tmp_path / "logs" / "tiny.json").read_text())
-    assert summary["train_time_ms"] < 1000 + 3 * summary["step_avg_ms"]  # stopped at 3 s - 2 s reserved
+    assert (
+        summary["train_time_ms"] < 1000 + 3 * summary["step_avg_ms"]
+    )  # stopped at 3 s - 2 s reserved
     assert abs(summary["roundtrip_val_bpb"] - summary["prequant_val_bpb"]) < 0.05
     with pytest.raises(ValueError, match="GPTQ_RESERVE_SECONDS=10.0 leaves no training time"):
         tg.Hyperparameters.from_env({"QUANT_METHOD": "gptq", "MAX_WALLCLOCK_SECONDS": "5"})
 
 
-@pytest.mark.parametrize("tamper, message", [
-    (lambda p: p.update(q=p["q"][:-1]), "the q run ends early"),
-    (lambda p: p.update(float=torch.cat([p["float"], torch.zeros(3)])), "hold more than the index names"),
-    (lambda p: p.update(scale=p["scale"].float()), "wrong type"),
-    (lambda p: p["index"][0].__setitem__(1, "int9"), "is malformed"),
-    (lambda p: p.pop("index"), "KeyError"),
-])
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda p: p.update(q=p["q"][:-1]), "the q run ends early"),
+        (
+            lambda p: p.update(float=torch.cat([p["float"], torch.zeros(3)])),
+            "hold more than the index names",
+        ),
+        (lambda p: p.update(scale=p["scale"].float()), "wrong type"),
+        (lambda p: p["index"][0].__setitem__(1, "int9"), "is malformed"),
+        (lambda p: p.pop("index"), "KeyError"),
+    ],
+)
 def test_a_packed_payload_that_does_not_add_up_is_refused(tmp_path, tamper, message):
     h = tiny_h(embed_quant="fp16")
     packed = tg.pack_payload(tg.quantize_state_dict(tg.build_model(h, CPU).state_dict(), h))
     tamper(packed)
     path = tmp_path / "bad.ptz"
     path.write_bytes(tg.ARTIFACT_MAGIC + lzma.compress(tg.torch_save_bytes(packed)))
-    with pytest.raises(tg.ArtifactError, match=f"malformed artifact payload .*{re.escape(message)}"):
+    with pytest.raises(
+        tg.ArtifactError, match=f"malformed artifact payload .*{re.escape(message)}"
+    ):
         tg.read_artifact(path)
 
 
@@ -202,4 +250,7 @@ def test_packing_groups_alike_bytes_and_round_trips():
     back = tg.unpack_payload(packed)
     for name, e in payload["tensors"].items():
         for key, t in e.items():
-            assert (t == back[name][key]) if key == "kind" else torch.equal(t, back[name][key]), (name, key)
+            assert (t == back[name][key]) if key == "kind" else torch.equal(t, back[name][key]), (
+                name,
+                key,
+            )

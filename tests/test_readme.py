@@ -36,8 +36,18 @@ def test_every_setting_is_in_the_readme_with_its_default_rule_and_meaning():
 def test_every_declared_rule_is_enforced_and_every_default_keeps_it():
     """Each rule is a string `validate` reads: the defaults pass it, and a value outside it is
     refused with an error naming the variable."""
-    outside = {">0": 0, ">=0": -1, "[0, 1)": 1.0, "[0, 1]": 1.5, "(0, 100]": 0.0, "5..8": 9,
-               "1..22": 0, "1..65536": 65537, "0 or >=2": 1, "name": "a/b"}
+    outside = {
+        ">0": 0,
+        ">=0": -1,
+        "[0, 1)": 1.0,
+        "[0, 1]": 1.5,
+        "(0, 100]": 0.0,
+        "5..8": 9,
+        "1..22": 0,
+        "1..65536": 65537,
+        "0 or >=2": 1,
+        "name": "a/b",
+    }
     for f in dataclasses.fields(tg.Hyperparameters):
         rule, name = f.metadata["rule"], f.name.upper()
         assert tg.rule_error(name, f.default, rule) is None, name
@@ -55,7 +65,9 @@ def test_readme_commands_exist():
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is missing")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message shown when CUDA is missing"
+)
 def test_cuda_requested_without_cuda_is_a_clear_error():
     h = tg.Hyperparameters.from_env({"DEVICE": "cuda"})
     with pytest.raises(ValueError, match="DEVICE=cuda"):

@@ -30,8 +30,18 @@ import make_submission  # noqa: E402
 import record_tools as rt  # noqa: E402
 
 SEEDS = (1, 2, 3)
-SUBMIT_ARGS = ["--name", "Tiny Test: 2x64", "--author", "Test Author", "--github-id", "tester",
-               "--blurb", "A two-layer model trained for 20 steps.", "--date", "2026-01-02"]
+SUBMIT_ARGS = [
+    "--name",
+    "Tiny Test: 2x64",
+    "--author",
+    "Test Author",
+    "--github-id",
+    "tester",
+    "--blurb",
+    "A two-layer model trained for 20 steps.",
+    "--date",
+    "2026-01-02",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +61,19 @@ class TinyRuns:
 def tiny_settings(tiny_data: dict, root: Path) -> dict[str, str]:
     """conftest's tiny model with two heads, trained for 20 steps with validation and a sliding evaluation:
     a few seconds on one CPU core. Its logs go to root/logs."""
-    return tiny_env(tiny_data, root, NUM_HEADS=2, NUM_KV_HEADS=1, VAL_BATCH_SIZE=4096, ITERATIONS=20,
-                    VAL_LOSS_EVERY=10, TRAIN_LOG_EVERY=10, WARMDOWN_ITERS=5, EVAL_STRIDE=32, COMPILE=0)
+    return tiny_env(
+        tiny_data,
+        root,
+        NUM_HEADS=2,
+        NUM_KV_HEADS=1,
+        VAL_BATCH_SIZE=4096,
+        ITERATIONS=20,
+        VAL_LOSS_EVERY=10,
+        TRAIN_LOG_EVERY=10,
+        WARMDOWN_ITERS=5,
+        EVAL_STRIDE=32,
+        COMPILE=0,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -67,10 +88,17 @@ def tiny(tmp_path_factory, tiny_data) -> TinyRuns:
     return TinyRuns(root=root, logs=root / "logs", code=code)
 
 
-def forge_run(real: Path, dest: Path, *, source: bytes | None = None,
-              bytes_model: int | None = None, cut_at: str | None = None,
-              remove: str | None = None, write_summary: bool = True,
-              summary_edits: dict | None = None) -> Path:
+def forge_run(
+    real: Path,
+    dest: Path,
+    *,
+    source: bytes | None = None,
+    bytes_model: int | None = None,
+    cut_at: str | None = None,
+    remove: str | None = None,
+    write_summary: bool = True,
+    summary_edits: dict | None = None,
+) -> Path:
     """A copy of a real run under `dest`, edited so that its log and summary still agree
     (apart from `summary_edits`); returns the copy's log path. `cut_at` ends the log before
     the first line starting with it; `remove` drops the lines starting with it."""
@@ -89,8 +117,10 @@ def forge_run(real: Path, dest: Path, *, source: bytes | None = None,
         elif line.startswith("Total submission size"):
             line = f"{line.split(':')[0]}: {summary['bytes_total']} bytes"
         elif line.startswith("fits_16mb:"):
-            line = (f"fits_16mb:{str(summary['fits']).lower()} "
-                    f"margin:{rt.ARTIFACT_LIMIT_BYTES - summary['bytes_total']}")
+            line = (
+                f"fits_16mb:{str(summary['fits']).lower()} "
+                f"margin:{rt.ARTIFACT_LIMIT_BYTES - summary['bytes_total']}"
+            )
         if cut_at is not None and line.startswith(cut_at):
             break
         if remove is None or not line.startswith(remove):
@@ -98,10 +128,13 @@ def forge_run(real: Path, dest: Path, *, source: bytes | None = None,
     summary.update(summary_edits or {})
     dest.mkdir(parents=True, exist_ok=True)
     log_path = dest / run.log_path.name
-    header = (f"code_begin path:train_gpt.py bytes:{len(source)} "
-              f"sha256:{hashlib.sha256(source).hexdigest()}\n")
-    log_path.write_bytes(header.encode() + source + b"\ncode_end\n"
-                         + "".join(line + "\n" for line in lines).encode())
+    header = (
+        f"code_begin path:train_gpt.py bytes:{len(source)} "
+        f"sha256:{hashlib.sha256(source).hexdigest()}\n"
+    )
+    log_path.write_bytes(
+        header.encode() + source + b"\ncode_end\n" + "".join(line + "\n" for line in lines).encode()
+    )
     if write_summary:
         (dest / run.summary_path.name).write_text(json.dumps(summary, indent=2))
     return log_path
@@ -109,16 +142,31 @@ def forge_run(real: Path, dest: Path, *, source: bytes | None = None,
 
 def submit(tiny: TinyRuns, runs: list[Path], track: Path, *extra: str) -> Path:
     """Run `make_submission.py submit` in-process; returns the folder it made."""
-    argv = ["submit", *map(str, runs), *SUBMIT_ARGS, "--code", str(tiny.code),
-            "--track-dir", str(track), *extra]
+    argv = [
+        "submit",
+        *map(str, runs),
+        *SUBMIT_ARGS,
+        "--code",
+        str(tiny.code),
+        "--track-dir",
+        str(track),
+        *extra,
+    ]
     assert make_submission.main(argv) == 0
     return track / "2026-01-02_Tiny_Test_2x64"
 
 
 def refusal(runs: list[Path], code: Path, track: Path) -> str:
     with pytest.raises(rt.RecordError) as err:
-        rt.make_submission([rt.load_run(p) for p in runs], name="Refused", author="a",
-                           github_id="b", blurb="c", code_path=code, track_dir=track)
+        rt.make_submission(
+            [rt.load_run(p) for p in runs],
+            name="Refused",
+            author="a",
+            github_id="b",
+            blurb="c",
+            code_path=code,
+            track_dir=track,
+        )
     assert not track.exists() or not any(track.iterdir()), "a refused submission left files"
     return str(err.value)
 
@@ -126,6 +174,7 @@ def refusal(runs: list[Path], code: Path, track: Path) -> str:
 # ---------------------------------------------------------------------------------------
 # Reading real runs
 # ---------------------------------------------------------------------------------------
+
 
 def test_a_real_run_reads_back_with_the_source_that_ran(tiny):
     run = rt.load_run(tiny.run("seed1"))
@@ -141,6 +190,7 @@ def test_a_real_run_reads_back_with_the_source_that_ran(tiny):
 # submit
 # ---------------------------------------------------------------------------------------
 
+
 def test_submit_writes_the_folder(tiny, tmp_path):
     folder = submit(tiny, tiny.seeds, tmp_path / "track")
     summaries = [json.loads((tiny.logs / f"seed{s}.json").read_text()) for s in SEEDS]
@@ -152,11 +202,19 @@ def test_submit_writes_the_folder(tiny, tmp_path):
             assert (folder / name).read_bytes() == (tiny.logs / name).read_bytes()
 
     meta = json.loads((folder / "submission.json").read_text())
-    assert (meta["author"], meta["github_id"], meta["name"], meta["date"]) == \
-        ("Test Author", "tester", "Tiny Test: 2x64", "2026-01-02")
+    assert (meta["author"], meta["github_id"], meta["name"], meta["date"]) == (
+        "Test Author",
+        "tester",
+        "Tiny Test: 2x64",
+        "2026-01-02",
+    )
     assert meta["blurb"] == "A two-layer model trained for 20 steps."
-    assert meta["val_bpb"] == pytest.approx(statistics.fmean(s["val_bpb"] for s in summaries), abs=1e-8)
-    assert meta["val_loss"] == pytest.approx(statistics.fmean(s["val_loss"] for s in summaries), abs=1e-8)
+    assert meta["val_bpb"] == pytest.approx(
+        statistics.fmean(s["val_bpb"] for s in summaries), abs=1e-8
+    )
+    assert meta["val_loss"] == pytest.approx(
+        statistics.fmean(s["val_loss"] for s in summaries), abs=1e-8
+    )
     assert meta["bytes_total"] == max(s["bytes_total"] for s in summaries)
     assert meta["bytes_code"] == len(tiny.code.read_bytes())
     assert [r["seed"] for r in meta["runs"]] == list(SEEDS)
@@ -164,7 +222,9 @@ def test_submit_writes_the_folder(tiny, tmp_path):
 
     readme = (folder / "README.md").read_text()
     for s, summary in zip(SEEDS, summaries):
-        assert f"| {s} | `seed{s}` | {summary['val_loss']:.6f} | {summary['val_bpb']:.6f} |" in readme
+        assert (
+            f"| {s} | `seed{s}` | {summary['val_loss']:.6f} | {summary['val_bpb']:.6f} |" in readme
+        )
         assert f"SEED={s} RUN_ID=seed{s} " in readme
     assert "| `NUM_LAYERS` | `2` |" in readme and "| `MODEL_DIM` | `64` |" in readme
     assert "| `SEED`" not in readme and "| `RUN_ID`" not in readme  # per-run, not configuration
@@ -176,10 +236,24 @@ def test_submit_writes_the_folder(tiny, tmp_path):
 def test_submit_script_runs_standalone_with_a_reference(tiny, tmp_path):
     track = tmp_path / "track"
     result = subprocess.run(
-        [sys.executable, str(REPO / "records" / "make_submission.py"), "submit",
-         *map(str, tiny.seeds), *SUBMIT_ARGS, "--code", str(tiny.code), "--track-dir", str(track),
-         "--reference", str(tiny.run("short1")), str(tiny.run("short2"))],
-        capture_output=True, text=True, cwd=tmp_path)
+        [
+            sys.executable,
+            str(REPO / "records" / "make_submission.py"),
+            "submit",
+            *map(str, tiny.seeds),
+            *SUBMIT_ARGS,
+            "--code",
+            str(tiny.code),
+            "--track-dir",
+            str(track),
+            "--reference",
+            str(tiny.run("short1")),
+            str(tiny.run("short2")),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "verdict: significant" in result.stdout
     folder = track / "2026-01-02_Tiny_Test_2x64"
@@ -211,12 +285,15 @@ def test_refuses_an_artifact_over_16mb(tiny, tmp_path):
     assert "does not fit" in message and f"{over:,} bytes over" in message
 
 
-@pytest.mark.parametrize("edit, expected", [
-    ({"cut_at": "run_complete"}, "did not finish: its last line is '"),
-    ({"cut_at": "final_int6_roundtrip_exact"}, "its last line is 'final_prequant_exact"),
-    ({"remove": "Total submission size"}, "did not finish: no 'Total submission size' line"),
-    ({"remove": "final_int6_roundtrip_exact"}, "no 'final_int6_roundtrip_exact' line"),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        ({"cut_at": "run_complete"}, "did not finish: its last line is '"),
+        ({"cut_at": "final_int6_roundtrip_exact"}, "its last line is 'final_prequant_exact"),
+        ({"remove": "Total submission size"}, "did not finish: no 'Total submission size' line"),
+        ({"remove": "final_int6_roundtrip_exact"}, "no 'final_int6_roundtrip_exact' line"),
+    ],
+)
 def test_refuses_a_run_without_its_final_lines(tiny, tmp_path, edit, expected):
     cut = forge_run(tiny.run("seed3"), tmp_path / "cut", write_summary=False, **edit)
     with pytest.raises(rt.RecordError, match="did not finish") as err:
@@ -259,14 +336,28 @@ def test_refuses_a_folder_that_exists(tiny, tmp_path):
     existing = track / "2026-01-02_Tiny_Test_2x64"
     existing.mkdir(parents=True)
     (existing / "keep.txt").write_text("untouched")
-    argv = ["submit", *map(str, tiny.seeds), *SUBMIT_ARGS, "--code", str(tiny.code),
-            "--track-dir", str(track)]
+    argv = [
+        "submit",
+        *map(str, tiny.seeds),
+        *SUBMIT_ARGS,
+        "--code",
+        str(tiny.code),
+        "--track-dir",
+        str(track),
+    ]
     assert make_submission.main(argv) == 1
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
     with pytest.raises(rt.RecordError, match="Tiny_Test_2x64: already exists"):
-        rt.make_submission([rt.load_run(p) for p in tiny.seeds], name="Tiny Test: 2x64",
-                           author="a", github_id="b", blurb="c", date="2026-01-02",
-                           code_path=tiny.code, track_dir=track)
+        rt.make_submission(
+            [rt.load_run(p) for p in tiny.seeds],
+            name="Tiny Test: 2x64",
+            author="a",
+            github_id="b",
+            blurb="c",
+            date="2026-01-02",
+            code_path=tiny.code,
+            track_dir=track,
+        )
 
 
 def test_refuses_repeated_seeds_and_mixed_configurations(tiny, tmp_path):
@@ -306,7 +397,11 @@ def test_welch_tests_the_improvement_against_the_margin():
     # The same test on hand-shifted samples: new runs made worse by the margin, no margin.
     assert (t, df, p) == pytest.approx(rt.welch_improvement_test(new + margin, ref, 0.0))
     # A larger margin is harder to show.
-    assert rt.welch_improvement_test(new, ref, 1.5)[2] > p > rt.welch_improvement_test(new, ref, 0.0)[2]
+    assert (
+        rt.welch_improvement_test(new, ref, 1.5)[2]
+        > p
+        > rt.welch_improvement_test(new, ref, 0.0)[2]
+    )
     # From mean, std and n: the same numbers.
     given = rt.SummaryStats(ref.mean(), ref.std(ddof=1), len(ref))
     assert rt.welch_improvement_test(new, given, margin) == pytest.approx((t, df, p), rel=1e-10)
@@ -335,16 +430,34 @@ def test_compare_reports_nats_bpb_and_verdict():
 
 def test_compare_real_runs_against_shorter_runs(tiny, capsys):
     new = [str(tiny.logs / f"seed{s}.json") for s in SEEDS]
-    assert make_submission.main(["compare", *new, "--reference", str(tiny.run("short1")),
-                                 str(tiny.run("short2"))]) == 0
+    assert (
+        make_submission.main(
+            ["compare", *new, "--reference", str(tiny.run("short1")), str(tiny.run("short2"))]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "new        n=3" in out and "reference  n=2" in out
     assert "verdict: significant" in out
     # Against a given mean and std: an improvement of 10 nats is not shown.
     short = [json.loads((tiny.logs / f"short{s}.json").read_text())["val_loss"] for s in (1, 2)]
-    assert make_submission.main(
-        ["compare", *new, "--ref-mean", str(statistics.fmean(short)), "--ref-std",
-         str(statistics.stdev(short)), "--ref-n", "2", "--min-improvement", "10"]) == 0
+    assert (
+        make_submission.main(
+            [
+                "compare",
+                *new,
+                "--ref-mean",
+                str(statistics.fmean(short)),
+                "--ref-std",
+                str(statistics.stdev(short)),
+                "--ref-n",
+                "2",
+                "--min-improvement",
+                "10",
+            ]
+        )
+        == 0
+    )
     assert "verdict: not significant" in capsys.readouterr().out
 
 
@@ -355,8 +468,10 @@ def test_reference_scores_from_folders_and_other_logs(tiny, tmp_path):
     # A log from another trainer: its last final_*_exact line is the score.
     other = tmp_path / "other" / "train_seed42.log"
     other.parent.mkdir()
-    other.write_text("step:100/100 val_loss:2.1 val_bpb:1.25\n"
-                     "final_int8_zlib_roundtrip_exact val_loss:2.06035852 val_bpb:1.21687994\n")
+    other.write_text(
+        "step:100/100 val_loss:2.1 val_bpb:1.25\n"
+        "final_int8_zlib_roundtrip_exact val_loss:2.06035852 val_bpb:1.21687994\n"
+    )
     hidden = other.parent / ".ipynb_checkpoints" / "train_seed42-checkpoint.log"
     hidden.parent.mkdir()
     shutil.copyfile(other, hidden)  # an editor's copy is not a second run
@@ -372,10 +487,11 @@ def test_reference_scores_from_folders_and_other_logs(tiny, tmp_path):
 # Sweeps and plots
 # ---------------------------------------------------------------------------------------
 
+
 def write_running_log(tiny: TinyRuns, path: Path) -> None:
     """A run still in progress: seed1's log up to its last training step, no summary."""
     log = tiny.run("seed1").read_bytes()
-    path.write_bytes(log[:log.index(b"step:20/20 train_loss")])
+    path.write_bytes(log[: log.index(b"step:20/20 train_loss")])
 
 
 def test_sweep_table_shows_what_differs_best_first(tiny, tmp_path):
@@ -385,16 +501,32 @@ def test_sweep_table_shows_what_differs_best_first(tiny, tmp_path):
     table = rt.sweep_table(logs)
     lines = table.splitlines()
     header = lines[0].split()
-    assert header == ["run_id", "preset", "ITERATIONS", "SEED", "val_bpb", "bytes_total", "fits", "steps",
-                      "step_avg_ms"]
+    assert header == [
+        "run_id",
+        "preset",
+        "ITERATIONS",
+        "SEED",
+        "val_bpb",
+        "bytes_total",
+        "fits",
+        "steps",
+        "step_avg_ms",
+    ]
     rows = [line.split() for line in lines[2:7]]
     summaries = {p.stem: json.loads(p.read_text()) for p in logs.glob("*.json")}
     assert [r[0] for r in rows] == sorted(summaries, key=lambda k: summaries[k]["val_bpb"])
     for row in rows:
         s = summaries[row[0]]
-        assert row[1:] == ["-", str(s["hyperparameters"]["ITERATIONS"]), str(s["seed"]),
-                           f"{s['val_bpb']:.4f}", f"{s['bytes_total']:,}", "yes", str(s["steps"]),
-                           f"{s['step_avg_ms']:.2f}"]
+        assert row[1:] == [
+            "-",
+            str(s["hyperparameters"]["ITERATIONS"]),
+            str(s["seed"]),
+            f"{s['val_bpb']:.4f}",
+            f"{s['bytes_total']:,}",
+            "yes",
+            str(s["steps"]),
+            f"{s['step_avg_ms']:.2f}",
+        ]
     assert f"not finished (no summary): {logs / 'running.txt'}" in table
     assert make_submission.main(["sweep", str(logs), "--markdown"]) == 0
 
@@ -409,8 +541,14 @@ def test_plot_writes_a_png(tiny, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert sorted(p.name for p in out.parent.iterdir()) == ["sweep.png"]
     curves = rt.load_curves([logs])
-    assert {c.label.split()[0] for c in curves} == {"seed1", "seed2", "seed3", "short1",
-                                                      "short2", "running"}
+    assert {c.label.split()[0] for c in curves} == {
+        "seed1",
+        "seed2",
+        "seed3",
+        "short1",
+        "short2",
+        "running",
+    }
     seed1 = next(c for c in curves if c.label.startswith("seed1 "))
     assert seed1.steps == [10, 20]  # step 0 left out
 
@@ -444,12 +582,22 @@ def test_packing_round_trips_and_saves_bytes(tiny, packed, capsys):
     assert make_submission.main(["pack", str(tiny.code), "-o", str(again)]) == 0
     assert again.read_bytes() == data
     assert f"; {len(source) - len(data):,} bytes saved)" in capsys.readouterr().out
-    assert make_submission.main(["unpack", str(packed.code), "-o", str(packed.root / "source.py")]) == 0
+    assert (
+        make_submission.main(["unpack", str(packed.code), "-o", str(packed.root / "source.py")])
+        == 0
+    )
     assert (packed.root / "source.py").read_bytes() == source
-    assert make_submission.main(["pack", str(packed.code), "-o", str(packed.root / "twice.py")]) == 1
+    assert (
+        make_submission.main(["pack", str(packed.code), "-o", str(packed.root / "twice.py")]) == 1
+    )
     assert "is already packed" in capsys.readouterr().err
     assert not (packed.root / "twice.py").exists()
-    assert make_submission.main(["pack", str(packed.root / "source.py"), "-o", str(packed.root / "source.py")]) == 1
+    assert (
+        make_submission.main(
+            ["pack", str(packed.root / "source.py"), "-o", str(packed.root / "source.py")]
+        )
+        == 1
+    )
     assert "is the source itself" in capsys.readouterr().err
     assert (packed.root / "source.py").read_bytes() == source
 
@@ -458,15 +606,27 @@ def test_runs_from_the_packed_file_score_as_the_plain_ones(tiny, packed):
     data = packed.code.read_bytes()
     for s in PACKED_SEEDS:
         plain, run = rt.load_run(tiny.run(f"seed{s}")), rt.load_run(packed.run(f"seed{s}"))
-        for key in ("val_loss", "val_bpb", "prequant_val_loss", "roundtrip_val_bpb", "sliding_val_bpb",
-                    "bytes_model", "steps", "val_tokens", "scored_tokens"):
+        for key in (
+            "val_loss",
+            "val_bpb",
+            "prequant_val_loss",
+            "roundtrip_val_bpb",
+            "sliding_val_bpb",
+            "bytes_model",
+            "steps",
+            "val_tokens",
+            "scored_tokens",
+        ):
             assert run.summary[key] == plain.summary[key], key
-        assert [h["val_bpb"] for h in run.summary["val_history"]] == \
-            [h["val_bpb"] for h in plain.summary["val_history"]]
+        assert [h["val_bpb"] for h in run.summary["val_history"]] == [
+            h["val_bpb"] for h in plain.summary["val_history"]
+        ]
         # The code that ran is the packed file: logged whole, counted at its size.
         assert run.source == data
         assert run.log_path.read_bytes().startswith(
-            f"code_begin path:train_gpt.py bytes:{len(data)} sha256:{rt.sha256_hex(data)}\n".encode() + data)
+            f"code_begin path:train_gpt.py bytes:{len(data)} sha256:{rt.sha256_hex(data)}\n".encode()
+            + data
+        )
         assert run.summary["bytes_code"] == len(data) == packed.code.stat().st_size
         assert run.summary["bytes_total"] == plain.summary["bytes_model"] + len(data)
         assert f"Code size: {len(data)} bytes" in rt.split_log(run.log_path)[1]
@@ -477,8 +637,10 @@ def test_submit_ships_the_packed_file(tiny, packed, tmp_path):
     assert (folder / "train_gpt.py").read_bytes() == packed.code.read_bytes()
     meta = json.loads((folder / "submission.json").read_text())
     assert meta["bytes_code"] == packed.code.stat().st_size
-    assert meta["code_packed"] == {"bytes_source": len(tiny.code.read_bytes()),
-                                   "source_sha256": rt.sha256_hex(tiny.code.read_bytes())}
+    assert meta["code_packed"] == {
+        "bytes_source": len(tiny.code.read_bytes()),
+        "source_sha256": rt.sha256_hex(tiny.code.read_bytes()),
+    }
     readme = (folder / "README.md").read_text()
     assert "It is lzma-packed" in readme and "make_submission.py unpack train_gpt.py" in readme
     # The usual check: the file shipped is the file that ran, packed or plain.
@@ -491,14 +653,22 @@ def test_submit_ships_the_packed_file(tiny, packed, tmp_path):
 def test_edited_packed_files_are_refused(packed, tmp_path):
     data = packed.code.read_bytes()
     head, tail = rt.PACKED_HEAD, rt.PACKED_TAIL
-    payload = data[len(head):-len(tail)]
+    payload = data[len(head) : -len(tail)]
     cases = {
         "appended": (data + b"import os\n", "does not end with the packer's stub"),
         "tail edited": (data.replace(b'"exec"', b'"eval"'), "does not end with the packer's stub"),
-        "outside base85": (head + payload[:100] + b'"+__import__("os").name+"' + payload[100:] + tail,
-                           "characters outside base85"),
-        "payload damaged": (head + payload[:200] + (b"A" if payload[200:201] != b"A" else b"B")
-                            + payload[201:] + tail, "the packed payload is damaged"),
+        "outside base85": (
+            head + payload[:100] + b'"+__import__("os").name+"' + payload[100:] + tail,
+            "characters outside base85",
+        ),
+        "payload damaged": (
+            head
+            + payload[:200]
+            + (b"A" if payload[200:201] != b"A" else b"B")
+            + payload[201:]
+            + tail,
+            "the packed payload is damaged",
+        ),
         "payload cut": (head + payload[:-50] + tail, "damaged|truncated"),
     }
     for label, (edited, message) in cases.items():
@@ -518,11 +688,24 @@ def test_the_packed_file_executes_only_its_own_source(tiny, packed, tmp_path):
     alone.mkdir()
     workdir.mkdir()
     shutil.copyfile(packed.code, alone / "train_gpt.py")
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONDONTWRITEBYTECODE": "1",
-           "OMP_NUM_THREADS": "1", "MODEL_DIM": "abc", "WORLD_SIZE": "2", "RANK": "1", "DEVICE": "cuda",
-           "LOG_DIR": str(tmp_path / "logs")}
-    proc = subprocess.run([sys.executable, "-I", "-c", IMPORT_PROBE, str(alone)], env=env, cwd=workdir,
-                          capture_output=True, text=True, timeout=120)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MODEL_DIM": "abc",
+        "WORLD_SIZE": "2",
+        "RANK": "1",
+        "DEVICE": "cuda",
+        "LOG_DIR": str(tmp_path / "logs"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", IMPORT_PROBE, str(alone)],
+        env=env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     source = tiny.code.read_text(encoding="utf-8")
@@ -530,19 +713,26 @@ def test_the_packed_file_executes_only_its_own_source(tiny, packed, tmp_path):
     assert report["exec"].count("<unpacked train_gpt.py>") == 1
     assert report["reads"] == [] and not report["dist"] and not report["cuda"]
     assert report["socket"] == []
-    in_project = [p for p in report["open"] if p.startswith(str(REPO)) and not p.startswith(sys.prefix)]
+    in_project = [
+        p for p in report["open"] if p.startswith(str(REPO)) and not p.startswith(sys.prefix)
+    ]
     assert in_project == []
     assert str(alone / "train_gpt.py") in report["open"]
     # The module holds what the plain file defines (and the stub's four names).
     plain = [n for n in compile_names(source)]
-    stub = {"base64", "linecache", "lzma", "s", "n"} - set(plain)  # the source may import lzma itself
+    stub = {"base64", "linecache", "lzma", "s", "n"} - set(
+        plain
+    )  # the source may import lzma itself
     assert sorted(set(report["names"]) - stub) == sorted(plain)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone", "cwd"] and not any(workdir.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone", "cwd"] and not any(
+        workdir.iterdir()
+    )
 
 
 def compile_names(source: str) -> list[str]:
     """Public module-level names of a source: its imports, functions, classes and assignments."""
     import ast
+
     names = set()
     for node in ast.parse(source).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
@@ -560,4 +750,7 @@ def test_two_processes_run_from_the_packed_file(packed, tiny_data, tmp_path):
     run_script(env, nproc=2, script=packed.code)
     run = rt.load_run(tmp_path / "logs" / "packed_ddp")
     assert run.summary["world_size"] == 2
-    assert run.source == packed.code.read_bytes() and run.summary["bytes_code"] == packed.code.stat().st_size
+    assert (
+        run.source == packed.code.read_bytes()
+        and run.summary["bytes_code"] == packed.code.stat().st_size
+    )

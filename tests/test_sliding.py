@@ -25,8 +25,10 @@ TRAIN_SEQ_LEN = 128
 EVAL_STRIDE = 32
 TRAIN_STEPS = 300
 
-SLIDING_LINE = re.compile(r"final_sliding_window_exact stride:(\d+) seq_len:(\d+) val_loss:(\S+) val_bpb:(\S+) "
-                          r"scored_tokens:(\d+) eval_time:(\d+)ms")
+SLIDING_LINE = re.compile(
+    r"final_sliding_window_exact stride:(\d+) seq_len:(\d+) val_loss:(\S+) val_bpb:(\S+) "
+    r"scored_tokens:(\d+) eval_time:(\d+)ms"
+)
 RATE_LINE = re.compile(r"sliding_rate scored_tok_s:(\d+) per_rank:(\d+)$", re.M)
 
 
@@ -64,19 +66,21 @@ def piece_bytes(sp: spm.SentencePieceProcessor, prev: int, tok: int) -> int:
 
 
 @torch.no_grad()
-def naive_plain(model, tokens: torch.Tensor, seq_len: int, luts: tg.ByteLuts) -> tuple[float, int, int]:
+def naive_plain(
+    model, tokens: torch.Tensor, seq_len: int, luts: tg.ByteLuts
+) -> tuple[float, int, int]:
     """Non-overlapping chunks of w tokens; a tail shorter than w is scored at the end of the last full-length
     window (the plan's docstring: the last window ends at the end of the split). Returns (loss sum, targets, bytes)."""
     n = tokens.numel() - 1
     w = min(seq_len, n)
     full = n // w * w
-    x, y = tokens[:full].view(-1, w).long(), tokens[1:full + 1].view(-1, w).long()
+    x, y = tokens[:full].view(-1, w).long(), tokens[1 : full + 1].view(-1, w).long()
     loss_sum = model(x, y, reduction="none").double().sum().item()
     byte_sum = int(luts.count(x, y).sum())
     count = y.numel()
     tail = n - full
     if tail:
-        x, y = tokens[n - w:n][None].long(), tokens[n - w + 1:n + 1][None].long()
+        x, y = tokens[n - w : n][None].long(), tokens[n - w + 1 : n + 1][None].long()
         loss_sum += model(x, y, reduction="none")[:, -tail:].double().sum().item()
         byte_sum += int(luts.count(x[:, -tail:], y[:, -tail:]).sum())
         count += tail
@@ -90,20 +94,22 @@ def target_losses_by_plan(model, tokens: torch.Tensor, seq_len: int, stride: int
     w = min(seq_len, n)
     losses = torch.full((n,), float("nan"), dtype=torch.float64)
     for start, scored in tg.plan_windows(n, seq_len, stride):
-        logits = model(tokens[start:start + w][None].long())[0]  # (w, V)
+        logits = model(tokens[start : start + w][None].long())[0]  # (w, V)
         for t in range(start + w - scored, start + w):
             losses[t] = F.cross_entropy(logits[t - start], tokens[t + 1].long()).double()
     return losses
 
 
 @torch.no_grad()
-def target_losses_first_principles(model, tokens: torch.Tensor, seq_len: int, stride: int) -> torch.Tensor:
+def target_losses_first_principles(
+    model, tokens: torch.Tensor, seq_len: int, stride: int
+) -> torch.Tensor:
     """Per-target loss with the model run on exactly that target's context, the last position scored."""
     n = tokens.numel() - 1
     losses = torch.empty(n, dtype=torch.float64)
     for t in range(n):
         ctx = first_principles_context(t, n, seq_len, stride)
-        logits = model(tokens[t - ctx:t + 1][None].long())[0, -1]  # (V,)
+        logits = model(tokens[t - ctx : t + 1][None].long())[0, -1]  # (V,)
         losses[t] = F.cross_entropy(logits, tokens[t + 1].long()).double()
     return losses
 
@@ -121,7 +127,7 @@ def snippet(val_tokens) -> torch.Tensor:
     """301 real validation tokens with a document boundary (BOS) inside, not at the start."""
     bos = (val_tokens == tg.BOS_ID).nonzero().flatten()
     start = int(bos[bos > 120][0]) - 120
-    return val_tokens[start:start + 301]
+    return val_tokens[start : start + 301]
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +141,17 @@ def random_model(tiny_data) -> tg.GPT:
 def trained(tiny_data, tmp_path_factory) -> dict:
     """One real run: a tiny model trained for a few hundred CPU steps, scored with stride EVAL_STRIDE."""
     root = tmp_path_factory.mktemp("sliding_trained")
-    env = tiny_env(tiny_data, root, ITERATIONS=TRAIN_STEPS, TRAIN_SEQ_LEN=TRAIN_SEQ_LEN, EVAL_STRIDE=EVAL_STRIDE,
-                   TRAIN_BATCH_TOKENS=512, GRAD_ACCUM_STEPS=1, TRAIN_LOG_EVERY=100, RUN_ID="trained")
+    env = tiny_env(
+        tiny_data,
+        root,
+        ITERATIONS=TRAIN_STEPS,
+        TRAIN_SEQ_LEN=TRAIN_SEQ_LEN,
+        EVAL_STRIDE=EVAL_STRIDE,
+        TRAIN_BATCH_TOKENS=512,
+        GRAD_ACCUM_STEPS=1,
+        TRAIN_LOG_EVERY=100,
+        RUN_ID="trained",
+    )
     run_script(env)
     log = log_events(root / "logs" / "trained.txt")
     summary = json.loads((root / "logs" / "trained.json").read_text())
@@ -145,8 +160,8 @@ def trained(tiny_data, tmp_path_factory) -> dict:
 
 def check_rate_line(log: str, world_size: int) -> None:
     """The rate line; on a CPU no projection of the 8-GPU FineWeb evaluation time (it would mean nothing)."""
-    (_, _, _, _, scored, eval_ms), = [m.groups() for m in SLIDING_LINE.finditer(log)]
-    (rate, per_rank), = [m.groups() for m in RATE_LINE.finditer(log)]
+    ((_, _, _, _, scored, eval_ms),) = [m.groups() for m in SLIDING_LINE.finditer(log)]
+    ((rate, per_rank),) = [m.groups() for m in RATE_LINE.finditer(log)]
     assert float(rate) == pytest.approx(int(scored) / (int(eval_ms) / 1000.0), rel=0.02)
     assert float(per_rank) == pytest.approx(float(rate) / world_size, abs=1)
     assert "projected_fineweb" not in log and "evaluation budget" not in log
@@ -154,19 +169,30 @@ def check_rate_line(log: str, world_size: int) -> None:
 
 def test_the_fineweb_projection_and_its_warning(capsys):
     assert tg.projected_fineweb_eval_seconds(tg.FINEWEB_VAL_TOKENS / 8, 1) == pytest.approx(1.0)
-    assert tg.projected_fineweb_eval_seconds(1000.0, 4) == pytest.approx(tg.FINEWEB_VAL_TOKENS / 2000.0)
+    assert tg.projected_fineweb_eval_seconds(1000.0, 4) == pytest.approx(
+        tg.FINEWEB_VAL_TOKENS / 2000.0
+    )
     lines = []
     log = lambda msg, console=True: lines.append(msg)  # noqa: E731
     tg.log_eval_projection(log, 2 * tg.FINEWEB_VAL_TOKENS / 8 / 500, 2)  # 500 s: inside the budget
     assert lines == ["projected_fineweb_8gpu:500.0s"]
     tg.log_eval_projection(log, tg.FINEWEB_VAL_TOKENS / 8 / 700, 1)
-    assert lines[1] == "projected_fineweb_8gpu:700.0s" and "over the 600s evaluation budget" in lines[2]
+    assert (
+        lines[1] == "projected_fineweb_8gpu:700.0s"
+        and "over the 600s evaluation budget" in lines[2]
+    )
 
 
 def rescore_env(trained: dict, tmp_path: Path, **overrides) -> dict:
     """Settings that re-export and re-score the trained weights without training (ITERATIONS=0)."""
-    env = dict(trained["env"], LOG_DIR=str(tmp_path / "logs"), ARTIFACT_DIR=str(tmp_path / "artifacts"),
-               ITERATIONS="0", INIT_CHECKPOINT=trained["summary"]["raw_checkpoint_path"], RUN_ID="rescore")
+    env = dict(
+        trained["env"],
+        LOG_DIR=str(tmp_path / "logs"),
+        ARTIFACT_DIR=str(tmp_path / "artifacts"),
+        ITERATIONS="0",
+        INIT_CHECKPOINT=trained["summary"]["raw_checkpoint_path"],
+        RUN_ID="rescore",
+    )
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 
@@ -217,10 +243,22 @@ def check_plan(num_targets: int, seq_len: int, stride: int) -> None:
 
 
 def test_plan_matches_brute_force_enumeration():
-    triples = [(n, seq_len, stride) for n in range(1, 50) for seq_len in (1, 2, 3, 5, 8, 13, 16)
-               for stride in range(0, 19)]
-    triples += [(1000, 64, 7), (1000, 64, 64), (999, 128, 32), (1025, 1024, 64), (63, 64, 16), (64, 64, 16),
-                (65, 64, 16), (100, 1024, 64)]
+    triples = [
+        (n, seq_len, stride)
+        for n in range(1, 50)
+        for seq_len in (1, 2, 3, 5, 8, 13, 16)
+        for stride in range(0, 19)
+    ]
+    triples += [
+        (1000, 64, 7),
+        (1000, 64, 64),
+        (999, 128, 32),
+        (1025, 1024, 64),
+        (63, 64, 16),
+        (64, 64, 16),
+        (65, 64, 16),
+        (100, 1024, 64),
+    ]
     for n, seq_len, stride in triples:
         check_plan(n, seq_len, stride)
 
@@ -232,9 +270,13 @@ def test_plan_stride_off_is_non_overlapping():
         assert tg.plan_windows(n, seq_len, seq_len) == plain
         assert tg.plan_windows(n, seq_len, seq_len + 5) == plain
         full = n // w
-        assert plain[:full] == [(k * w, w) for k in range(full)]  # disjoint chunks, each scored whole
+        assert plain[:full] == [
+            (k * w, w) for k in range(full)
+        ]  # disjoint chunks, each scored whole
         tail = n - full * w
-        assert plain[full:] == ([(n - w, tail)] if tail else [])  # the tail once, from the last full window
+        assert plain[full:] == (
+            [(n - w, tail)] if tail else []
+        )  # the tail once, from the last full window
     assert tg.plan_windows(0, 16, 4) == []
 
 
@@ -244,12 +286,16 @@ def test_plan_stride_off_is_non_overlapping():
 
 
 def test_stride_equal_to_seq_len_is_the_plain_evaluation(random_model, snippet, luts, tiny_sp):
-    split_bytes = sum(piece_bytes(tiny_sp, int(p), int(t)) for p, t in zip(snippet[:-1], snippet[1:]))
+    split_bytes = sum(
+        piece_bytes(tiny_sp, int(p), int(t)) for p, t in zip(snippet[:-1], snippet[1:])
+    )
     for tokens, seq_len in [(snippet, 32), (snippet, 7), (snippet[:20], 32), (snippet[:33], 32)]:
         loss_sum, count, byte_sum = naive_plain(random_model, tokens, seq_len, luts)
         assert count == tokens.numel() - 1
         for stride in (seq_len, 0, seq_len + 3):
-            r = tg.evaluate(random_model, tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=4)
+            r = tg.evaluate(
+                random_model, tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=4
+            )
             assert r.scored_tokens == count
             assert r.scored_bytes == byte_sum
             assert r.val_loss * r.scored_tokens == pytest.approx(loss_sum, rel=1e-12)
@@ -259,7 +305,9 @@ def test_stride_equal_to_seq_len_is_the_plain_evaluation(random_model, snippet, 
 
 
 @pytest.mark.parametrize("seq_len,stride", [(32, 5), (32, 8), (16, 1)])
-def test_sliding_matches_per_target_references(random_model, snippet, luts, tiny_sp, seq_len, stride):
+def test_sliding_matches_per_target_references(
+    random_model, snippet, luts, tiny_sp, seq_len, stride
+):
     tokens = snippet[:201]
     n = tokens.numel() - 1
     by_plan = target_losses_by_plan(random_model, tokens, seq_len, stride)
@@ -268,7 +316,9 @@ def test_sliding_matches_per_target_references(random_model, snippet, luts, tiny
     torch.testing.assert_close(by_context, by_plan, rtol=0, atol=1e-5)
     r = tg.evaluate(random_model, tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=3)
     assert r.scored_tokens == n
-    assert r.scored_bytes == sum(piece_bytes(tiny_sp, int(p), int(t)) for p, t in zip(tokens[:-1], tokens[1:]))
+    assert r.scored_bytes == sum(
+        piece_bytes(tiny_sp, int(p), int(t)) for p, t in zip(tokens[:-1], tokens[1:])
+    )
     loss_sum = r.val_loss * r.scored_tokens
     assert loss_sum == pytest.approx(by_plan.sum().item(), rel=1e-12)
     assert loss_sum == pytest.approx(by_context.sum().item(), rel=1e-7)
@@ -279,16 +329,24 @@ def test_sliding_matches_per_target_references(random_model, snippet, luts, tiny
 
 
 def test_batching_does_not_change_the_sums(random_model, snippet, luts):
-    results = [tg.evaluate(random_model, snippet, luts, seq_len=24, stride=stride, batch_seqs=batch)
-               for stride in (5, 24) for batch in (0, 1, 2, 7, 1000)]
+    results = [
+        tg.evaluate(random_model, snippet, luts, seq_len=24, stride=stride, batch_seqs=batch)
+        for stride in (5, 24)
+        for batch in (0, 1, 2, 7, 1000)
+    ]
     for stride_results in (results[:5], results[5:]):
         for r in stride_results[1:]:
             assert (r.val_loss, r.scored_tokens, r.scored_bytes) == (
-                stride_results[0].val_loss, stride_results[0].scored_tokens, stride_results[0].scored_bytes)
+                stride_results[0].val_loss,
+                stride_results[0].scored_tokens,
+                stride_results[0].scored_bytes,
+            )
 
 
 @pytest.mark.parametrize("stride, shapes", [(5, 2), (24, 1), (0, 1)])
-def test_padded_batches_call_the_model_with_at_most_two_shapes(random_model, snippet, luts, stride, shapes):
+def test_padded_batches_call_the_model_with_at_most_two_shapes(
+    random_model, snippet, luts, stride, shapes
+):
     unpadded = tg.evaluate(random_model, snippet, luts, seq_len=24, stride=stride, batch_seqs=1)
     recorder = ShapeRecorder(random_model)
     padded = tg.evaluate(recorder, snippet, luts, seq_len=24, stride=stride, batch_seqs=7)
@@ -296,8 +354,11 @@ def test_padded_batches_call_the_model_with_at_most_two_shapes(random_model, sni
     calls = [(x, y, score_last) for _, x, y, score_last in recorder.calls]
     assert len(windows) % 7 and len(set(calls)) == shapes  # a short last batch was padded
     assert all(x[0] == 7 for x, _, _ in calls)
-    assert (padded.val_loss, padded.scored_tokens, padded.scored_bytes) == \
-        (unpadded.val_loss, unpadded.scored_tokens, unpadded.scored_bytes)
+    assert (padded.val_loss, padded.scored_tokens, padded.scored_bytes) == (
+        unpadded.val_loss,
+        unpadded.scored_tokens,
+        unpadded.scored_bytes,
+    )
 
 
 def test_evaluation_scores_in_eval_mode_and_restores_the_mode(tiny_data, snippet, luts):
@@ -318,10 +379,14 @@ def test_evaluation_scores_in_eval_mode_and_restores_the_mode(tiny_data, snippet
 def test_ranks_split_the_windows(random_model, snippet, luts, monkeypatch):
     """Each rank scores a disjoint share; together exactly the single-process sums (all_reduce stubbed as a sum)."""
     single = tg.evaluate(random_model, snippet, luts, seq_len=24, stride=5, batch_seqs=4)
-    total = torch.tensor([single.val_loss * single.scored_tokens, single.scored_tokens, single.scored_bytes],
-                         dtype=torch.float64)
+    total = torch.tensor(
+        [single.val_loss * single.scored_tokens, single.scored_tokens, single.scored_bytes],
+        dtype=torch.float64,
+    )
 
-    def all_reduce(t, op=None):  # keep this rank's share, hand back the total as a real all_reduce would
+    def all_reduce(
+        t, op=None
+    ):  # keep this rank's share, hand back the total as a real all_reduce would
         shares.append(t.clone())
         t.copy_(total)
 
@@ -329,8 +394,16 @@ def test_ranks_split_the_windows(random_model, snippet, luts, monkeypatch):
     for world_size in (2, 3, 100):  # more ranks than windows: some ranks score nothing
         shares = []
         for rank in range(world_size):
-            tg.evaluate(random_model, snippet, luts, seq_len=24, stride=5, batch_seqs=4, rank=rank,
-                        world_size=world_size)
+            tg.evaluate(
+                random_model,
+                snippet,
+                luts,
+                seq_len=24,
+                stride=5,
+                batch_seqs=4,
+                rank=rank,
+                world_size=world_size,
+            )
         loss_sum, count, byte_sum = torch.stack(shares).sum(0).tolist()
         assert count == single.scored_tokens and byte_sum == single.scored_bytes
         assert loss_sum == pytest.approx(single.val_loss * single.scored_tokens, rel=1e-12)
@@ -345,24 +418,41 @@ def test_settings_defaults():
     h = tg.Hyperparameters.from_env({"TRAIN_SEQ_LEN": "256"})
     assert h.eval_stride == 64
     assert h.effective_eval_seq_len == 256
-    assert tg.Hyperparameters.from_env({"TRAIN_SEQ_LEN": "256", "EVAL_SEQ_LEN": "512"}).effective_eval_seq_len == 512
+    assert (
+        tg.Hyperparameters.from_env(
+            {"TRAIN_SEQ_LEN": "256", "EVAL_SEQ_LEN": "512"}
+        ).effective_eval_seq_len
+        == 512
+    )
     with pytest.raises(ValueError, match="EVAL_STRIDE"):
         tg.Hyperparameters.from_env({"EVAL_STRIDE": "-1"})
 
 
 def test_trained_run_reports_the_sliding_score(trained, tiny_data, luts, val_tokens):
     summary, log = trained["summary"], trained["log"]
-    (stride, seq_len, val_loss, val_bpb, scored, _), = [m.groups() for m in SLIDING_LINE.finditer(log)]
-    assert (int(stride), int(seq_len)) == (EVAL_STRIDE, TRAIN_SEQ_LEN)  # EVAL_SEQ_LEN defaults to TRAIN_SEQ_LEN
-    assert int(scored) == summary["scored_tokens"] == tiny_data["val_tokens"] - 1  # every target once
+    ((stride, seq_len, val_loss, val_bpb, scored, _),) = [
+        m.groups() for m in SLIDING_LINE.finditer(log)
+    ]
+    assert (int(stride), int(seq_len)) == (
+        EVAL_STRIDE,
+        TRAIN_SEQ_LEN,
+    )  # EVAL_SEQ_LEN defaults to TRAIN_SEQ_LEN
+    assert (
+        int(scored) == summary["scored_tokens"] == tiny_data["val_tokens"] - 1
+    )  # every target once
     assert summary["val_tokens"] == tiny_data["val_tokens"]
-    assert summary["val_bpb"] == summary["sliding_val_bpb"] and summary["val_loss"] == summary["sliding_val_loss"]
+    assert (
+        summary["val_bpb"] == summary["sliding_val_bpb"]
+        and summary["val_loss"] == summary["sliding_val_loss"]
+    )
     assert float(val_bpb) == pytest.approx(summary["sliding_val_bpb"], abs=1e-8)
     assert float(val_loss) == pytest.approx(summary["sliding_val_loss"], abs=1e-8)
     check_rate_line(log, world_size=1)
     # The reported score is the shipped artifact's: re-read from disk and re-scored here, one process.
     _, model = shipped_model(trained)
-    r = tg.evaluate(model, val_tokens, luts, seq_len=TRAIN_SEQ_LEN, stride=EVAL_STRIDE, batch_seqs=64)
+    r = tg.evaluate(
+        model, val_tokens, luts, seq_len=TRAIN_SEQ_LEN, stride=EVAL_STRIDE, batch_seqs=64
+    )
     assert r.scored_tokens == summary["scored_tokens"]
     assert r.val_loss == pytest.approx(summary["sliding_val_loss"], rel=1e-9)
     assert r.val_bpb == pytest.approx(summary["sliding_val_bpb"], rel=1e-9)
@@ -385,29 +475,38 @@ def test_two_processes_score_like_one(trained, tmp_path):
     for key in ("sliding_val_loss", "sliding_val_bpb", "roundtrip_val_loss", "roundtrip_val_bpb"):
         assert two[key] == pytest.approx(one[key], rel=1e-9, abs=0), key
     log = log_events(tmp_path / "logs" / "rescore.txt")
-    (stride, seq_len, _, _, scored, _), = [m.groups() for m in SLIDING_LINE.finditer(log)]
-    assert (int(stride), int(seq_len), int(scored)) == (EVAL_STRIDE, TRAIN_SEQ_LEN, one["scored_tokens"])
+    ((stride, seq_len, _, _, scored, _),) = [m.groups() for m in SLIDING_LINE.finditer(log)]
+    assert (int(stride), int(seq_len), int(scored)) == (
+        EVAL_STRIDE,
+        TRAIN_SEQ_LEN,
+        one["scored_tokens"],
+    )
     check_rate_line(log, world_size=2)
 
 
-@pytest.mark.parametrize("overrides,sliding", [
-    ({"EVAL_STRIDE": 0}, None),
-    ({"EVAL_STRIDE": TRAIN_SEQ_LEN}, None),
-    ({"EVAL_SEQ_LEN": 64, "EVAL_STRIDE": 16}, (64, 16)),
-])
+@pytest.mark.parametrize(
+    "overrides,sliding",
+    [
+        ({"EVAL_STRIDE": 0}, None),
+        ({"EVAL_STRIDE": TRAIN_SEQ_LEN}, None),
+        ({"EVAL_SEQ_LEN": 64, "EVAL_STRIDE": 16}, (64, 16)),
+    ],
+)
 def test_eval_settings_reach_the_script(trained, tmp_path, luts, val_tokens, overrides, sliding):
     run_script(rescore_env(trained, tmp_path, **overrides))
     summary = json.loads((tmp_path / "logs" / "rescore.json").read_text())
     log = log_events(tmp_path / "logs" / "rescore.txt")
     assert summary["scored_tokens"] == summary["val_tokens"] - 1
-    assert summary["roundtrip_val_bpb"] == pytest.approx(trained["summary"]["roundtrip_val_bpb"], rel=1e-12)
+    assert summary["roundtrip_val_bpb"] == pytest.approx(
+        trained["summary"]["roundtrip_val_bpb"], rel=1e-12
+    )
     if sliding is None:  # plain evaluation: no sliding line, the round-trip score is the score
         assert not SLIDING_LINE.search(log) and "sliding_rate" not in log
         assert summary["sliding_val_bpb"] is None
         assert summary["val_bpb"] == summary["roundtrip_val_bpb"]
         return
     seq_len, stride = sliding
-    (line_stride, line_seq_len, *_), = [m.groups() for m in SLIDING_LINE.finditer(log)]
+    ((line_stride, line_seq_len, *_),) = [m.groups() for m in SLIDING_LINE.finditer(log)]
     assert (int(line_seq_len), int(line_stride)) == (seq_len, stride)
     _, model = shipped_model(trained)
     r = tg.evaluate(model, val_tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=64)

@@ -14,13 +14,27 @@ import switches_off
 import train_gpt as tg
 from conftest import CPU, assert_causal, ROOT, randomized, run_script, small_hparams, tiny_env
 
-ALL_ON = dict(xsa_last_n=3, rope_dims=4, ln_scale=True, mlp_act="leaky_relu2", skip_gates=True, attn_gate=True,
-              bigram_buckets=37, bigram_dim=8, ortho_init=True)
+ALL_ON = dict(
+    xsa_last_n=3,
+    rope_dims=4,
+    ln_scale=True,
+    mlp_act="leaky_relu2",
+    skip_gates=True,
+    attn_gate=True,
+    bigram_buckets=37,
+    bigram_dim=8,
+    ortho_init=True,
+)
 small_h = functools.partial(small_hparams, num_layers=4)
 
 
 def test_every_switch_off_reproduces_the_stored_outputs():
-    assert switches_off.differences(json.loads(switches_off.FIXTURE.read_text()), switches_off.compute()) == []
+    assert (
+        switches_off.differences(
+            json.loads(switches_off.FIXTURE.read_text()), switches_off.compute()
+        )
+        == []
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -54,7 +68,9 @@ def test_xsa_leaves_no_component_along_the_tokens_own_value(tmp_path):
                 unit = v[b, t, kv] / v[b, t, kv].norm()
                 expected[b, t, head] = out[t] - (out[t] @ unit) * unit
                 assert abs(float(y[b, t, head].detach() @ unit.detach())) < 1e-10
-    torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)  # q and k are normed and rotated in fp32
+    torch.testing.assert_close(
+        y, expected, rtol=0, atol=1e-6
+    )  # q and k are normed and rotated in fp32
 
 
 def test_partial_rope_rotates_only_the_first_dims_and_equals_full_rope_on_them():
@@ -66,8 +82,12 @@ def test_partial_rope_rotates_only_the_first_dims_and_equals_full_rope_on_them()
     angle = torch.arange(5, dtype=torch.float64)[:, None] / 10000.0 ** (torch.arange(0, 6, 2) / 6)
     for i in range(3):  # pair (i, i + 3) turns by the position's angle
         a, b = x[..., i].double(), x[..., i + 3].double()
-        torch.testing.assert_close(out[..., i].double(), a * angle[:, i].cos() + b * angle[:, i].sin())
-        torch.testing.assert_close(out[..., i + 3].double(), b * angle[:, i].cos() - a * angle[:, i].sin())
+        torch.testing.assert_close(
+            out[..., i].double(), a * angle[:, i].cos() + b * angle[:, i].sin()
+        )
+        torch.testing.assert_close(
+            out[..., i + 3].double(), b * angle[:, i].cos() - a * angle[:, i].sin()
+        )
 
 
 def test_ln_scale_factors():
@@ -126,13 +146,18 @@ def test_orthogonal_init():
             w = module.weight.double()
             gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
             scale = 1 / (2 * h.num_layers) if name.endswith(".proj") else 1.0
-            torch.testing.assert_close(gram, scale * torch.eye(gram.shape[0], dtype=torch.float64), rtol=0,
-                                       atol=1e-5)
+            torch.testing.assert_close(
+                gram, scale * torch.eye(gram.shape[0], dtype=torch.float64), rtol=0, atol=1e-5
+            )
 
 
 def test_eleven_layers_make_a_five_six_u_net():
     model = tg.GPT(small_h(num_layers=11))
-    assert (model.num_encoder_layers, len(model.blocks) - model.num_encoder_layers, model.num_skips) == (5, 6, 5)
+    assert (
+        model.num_encoder_layers,
+        len(model.blocks) - model.num_encoder_layers,
+        model.num_skips,
+    ) == (5, 6, 5)
 
 
 def test_causality_with_every_switch_on():
@@ -148,25 +173,36 @@ def test_every_parameter_has_one_optimizer_group_and_int6_means_fake_quantized()
     optimizers = tg.build_optimizers(h, model, tg.zeropower_via_newtonschulz5, fused=False)
     grouped = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each exactly once
-    expect = {"bigram.embed.weight": "embed", "bigram.proj.weight": "matrix", "bigram.scale": "scalar",
-              "skip_gates": "scalar", "blocks.0.attn.attn_gate": "scalar", "blocks.1.mlp.fc.weight": "matrix"}
+    expect = {
+        "bigram.embed.weight": "embed",
+        "bigram.proj.weight": "matrix",
+        "bigram.scale": "scalar",
+        "skip_gates": "scalar",
+        "blocks.0.attn.attn_gate": "scalar",
+        "blocks.1.mlp.fc.weight": "matrix",
+    }
     names = dict(model.named_parameters())
     for name, group in expect.items():
         assert tg.optimizer_group(name, names[name]) == group, name
-    fake_quantized = {f"{n}.weight" for n, m in model.named_modules()
-                      if isinstance(m, tg.CastedLinear) and m.qat is not None}
+    fake_quantized = {
+        f"{n}.weight"
+        for n, m in model.named_modules()
+        if isinstance(m, tg.CastedLinear) and m.qat is not None
+    }
     int6 = {n for n, p in model.state_dict().items() if tg.export_kind(n, p, h) == "int6"}
     assert int6 == fake_quantized and "bigram.proj.weight" in int6
     assert tg.export_kind("blocks.2.attn.attn_gate", names["blocks.2.attn.attn_gate"], h) == "int8"
 
 
 def test_bad_technique_settings_are_refused():
-    for env, message in [({"XSA_LAST_N": "12", "NUM_LAYERS": "11"}, "XSA_LAST_N=12 must be in 0..NUM_LAYERS=11"),
-                         ({"ROPE_DIMS": "7"}, "ROPE_DIMS=7 must be even"),
-                         ({"ROPE_DIMS": "80"}, "at most the head size 64"),
-                         ({"MLP_ACT": "gelu"}, "MLP_ACT='gelu' must be one of relu2, leaky_relu2"),
-                         ({"BIGRAM_BUCKETS": "1"}, "BIGRAM_BUCKETS=1 must be 0"),
-                         ({"PRESET": "best"}, "PRESET='best' is not one of: pr65, pr102, pr114, frontier")]:
+    for env, message in [
+        ({"XSA_LAST_N": "12", "NUM_LAYERS": "11"}, "XSA_LAST_N=12 must be in 0..NUM_LAYERS=11"),
+        ({"ROPE_DIMS": "7"}, "ROPE_DIMS=7 must be even"),
+        ({"ROPE_DIMS": "80"}, "at most the head size 64"),
+        ({"MLP_ACT": "gelu"}, "MLP_ACT='gelu' must be one of relu2, leaky_relu2"),
+        ({"BIGRAM_BUCKETS": "1"}, "BIGRAM_BUCKETS=1 must be 0"),
+        ({"PRESET": "best"}, "PRESET='best' is not one of: pr65, pr102, pr114, frontier"),
+    ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             tg.Hyperparameters.from_env(env)
 
@@ -178,7 +214,13 @@ def test_bad_technique_settings_are_refused():
 
 def readme_presets() -> dict[str, dict[str, str]]:
     """The README's preset table: one row per setting, one column per preset (blank = the default)."""
-    lines = (ROOT / "README.md").read_text().split("\n## Presets\n", 1)[1].split("\n## ", 1)[0].splitlines()
+    lines = (
+        (ROOT / "README.md")
+        .read_text()
+        .split("\n## Presets\n", 1)[1]
+        .split("\n## ", 1)[0]
+        .splitlines()
+    )
     rows = [line for line in lines if line.startswith("| `")]
     header = next(line for line in lines if line.startswith("| setting"))
     names = [c.strip() for c in header.strip("|").split("|")][1:]
@@ -199,12 +241,16 @@ def test_each_preset_resolves_to_its_documented_table():
     for name, values in documented.items():
         resolved = tg.Hyperparameters.from_env({"PRESET": name}).as_env()
         for key, value in resolved.items():
-            assert shown(value) == values.get(key, shown(default[key]) if key != "PRESET" else name), (name, key)
+            assert shown(value) == values.get(
+                key, shown(default[key]) if key != "PRESET" else name
+            ), (name, key)
         assert set(values) <= set(resolved)
 
 
 def test_an_explicit_variable_wins_over_the_preset():
-    h = tg.Hyperparameters.from_env({"PRESET": "pr114", "TRAIN_SEQ_LEN": "1024", "EVAL_STRIDE": "32"})
+    h = tg.Hyperparameters.from_env(
+        {"PRESET": "pr114", "TRAIN_SEQ_LEN": "1024", "EVAL_STRIDE": "32"}
+    )
     assert (h.preset, h.train_seq_len, h.eval_stride, h.grad_clip_norm) == ("pr114", 1024, 32, 0.3)
     assert tg.Hyperparameters.from_env({}) == tg.Hyperparameters()
 
@@ -212,18 +258,39 @@ def test_an_explicit_variable_wins_over_the_preset():
 def test_a_run_with_a_preset_and_every_switch_logs_and_summarizes_it(tiny_data, tmp_path):
     sys_path = str(ROOT / "records")
     import sys
+
     sys.path.insert(0, sys_path)
     import record_tools
 
-    env = tiny_env(tiny_data, tmp_path, PRESET="frontier", NUM_LAYERS=6, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=1024,
-                   XSA_LAST_N=2, BIGRAM_BUCKETS=64, BIGRAM_DIM=16, ORTHO_INIT=1, ITERATIONS=3, EVAL_STRIDE=32,
-                   LOOP_START=1, LOOP_END=2, PARALLEL_RESIDUAL_START=4, GPTQ_CALIB_TOKENS=2048)
+    env = tiny_env(
+        tiny_data,
+        tmp_path,
+        PRESET="frontier",
+        NUM_LAYERS=6,
+        TRAIN_SEQ_LEN=64,
+        TRAIN_BATCH_TOKENS=1024,
+        XSA_LAST_N=2,
+        BIGRAM_BUCKETS=64,
+        BIGRAM_DIM=16,
+        ORTHO_INIT=1,
+        ITERATIONS=3,
+        EVAL_STRIDE=32,
+        LOOP_START=1,
+        LOOP_END=2,
+        PARALLEL_RESIDUAL_START=4,
+        GPTQ_CALIB_TOKENS=2048,
+    )
     proc = run_script(env)
     assert re.search(r"^run_id:tiny preset:frontier ", proc.stdout, re.M)
     summary = json.loads((tmp_path / "logs" / "tiny.json").read_text())
     assert summary["preset"] == "frontier" and summary["hyperparameters"]["ROPE_DIMS"] == 16
     assert summary["hyperparameters"]["NUM_LAYERS"] == 6  # explicit wins
-    assert re.search(r"looping_on step:2 train_time:\d+ms virtual_layers:\[0, 1, 2, 1, 2, 1, 2, 3, 4, 5\]",
-                     proc.stdout)  # 2/3 >= 0.35
+    assert re.search(
+        r"looping_on step:2 train_time:\d+ms virtual_layers:\[0, 1, 2, 1, 2, 1, 2, 3, 4, 5\]",
+        proc.stdout,
+    )  # 2/3 >= 0.35
     table = record_tools.sweep_table(tmp_path / "logs")
-    assert table.splitlines()[0].split()[:2] == ["run_id", "preset"] and "frontier" in table.splitlines()[2]
+    assert (
+        table.splitlines()[0].split()[:2] == ["run_id", "preset"]
+        and "frontier" in table.splitlines()[2]
+    )

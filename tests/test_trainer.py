@@ -24,8 +24,17 @@ import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import (CPU, IMPORT_PROBE, ROOT, decoded_document_bytes, randomized, run_script, small_hparams,
-                      tiny_env, write_shard)
+from conftest import (
+    CPU,
+    IMPORT_PROBE,
+    ROOT,
+    decoded_document_bytes,
+    randomized,
+    run_script,
+    small_hparams,
+    tiny_env,
+    write_shard,
+)
 from trainer_helpers import MUON_SHAPES, muon_trajectory, muon_worker
 
 
@@ -48,11 +57,15 @@ def test_changing_later_tokens_never_changes_earlier_logits():
         base = model(ids)
         for t in [0, 5, 8, 9, 15, 22]:
             changed = ids.clone()
-            changed[:, t + 1:] = torch.randint(4, h.vocab_size, (2, 23 - t), generator=gen)
-            changed[:, t + 1] = (ids[:, t + 1] + 1 - 4) % (h.vocab_size - 4) + 4  # surely a different token
+            changed[:, t + 1 :] = torch.randint(4, h.vocab_size, (2, 23 - t), generator=gen)
+            changed[:, t + 1] = (ids[:, t + 1] + 1 - 4) % (
+                h.vocab_size - 4
+            ) + 4  # surely a different token
             out = model(changed)
-            torch.testing.assert_close(out[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-6)
-            assert (out[:, t + 1] - base[:, t + 1]).abs().amax() > 1e-3  # the changed position does see it
+            torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
+            assert (
+                out[:, t + 1] - base[:, t + 1]
+            ).abs().amax() > 1e-3  # the changed position does see it
 
 
 def test_smear_gate_blends_the_previous_token_except_at_bos_and_position_0():
@@ -74,17 +87,26 @@ def test_smear_gate_blends_the_previous_token_except_at_bos_and_position_0():
             if ids[b, t] != 1:
                 expected[b, t] = (1 - g) * xs[b, t] + g * xs[b, t - 1]
     np.testing.assert_allclose(out.double().numpy(), expected, rtol=0, atol=1e-6)
-    for b, t in [(0, 0), (0, 3), (1, 0), (1, 1), (1, 5)]:  # position 0 and every BOS: bit for bit unchanged
+    for b, t in [
+        (0, 0),
+        (0, 3),
+        (1, 0),
+        (1, 1),
+        (1, 5),
+    ]:  # position 0 and every BOS: bit for bit unchanged
         assert torch.equal(out[b, t], x[b, t])
     assert int(((out - x).abs().amax(-1) > 1e-3).sum()) == 12 - 5  # every other position did blend
 
 
-def reference_attention(attn: tg.CausalSelfAttention, x: torch.Tensor, rope_base: float,
-                        kv_head_of=None) -> torch.Tensor:
+def reference_attention(
+    attn: tg.CausalSelfAttention, x: torch.Tensor, rope_base: float, kv_head_of=None
+) -> torch.Tensor:
     """Slow float64 multi-head attention: per head softmax(q k^T / sqrt(D)) with a causal mask, then proj."""
     H, KV, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     B, T, C = x.shape
-    kv_head_of = kv_head_of or (lambda head: head // (H // KV))  # repeat_interleave: neighbours share
+    kv_head_of = kv_head_of or (
+        lambda head: head // (H // KV)
+    )  # repeat_interleave: neighbours share
     xd = x.double()
 
     def heads(linear, n):
@@ -98,7 +120,10 @@ def reference_attention(attn: tg.CausalSelfAttention, x: torch.Tensor, rope_base
     theta = torch.arange(T, dtype=torch.float64)[:, None] * rope_base ** (-2.0 * j / D)  # (T, D/2)
 
     def rope(z):
-        zc = torch.complex(z[..., :D // 2], z[..., D // 2:]) * torch.exp(-1j * theta)[None, :, None, :]
+        zc = (
+            torch.complex(z[..., : D // 2], z[..., D // 2 :])
+            * torch.exp(-1j * theta)[None, :, None, :]
+        )
         return torch.cat([zc.real, zc.imag], dim=-1)
 
     q = rope(rms(heads(attn.c_q, H))) * attn.q_gain.double()[None, None, :, None]
@@ -119,14 +144,18 @@ def test_attention_equals_hand_attention_with_repeated_kv_heads(num_kv_heads):
     h = small_h(num_heads=4, num_kv_heads=num_kv_heads, model_dim=32)
     attn = randomized(tg.CausalSelfAttention(h, layer_idx=0), seed=4, dtype=torch.float32).eval()
     with torch.no_grad():
-        attn.q_gain.copy_(torch.tensor([1.0, 2.0, 3.0, 1.5]))  # peaked attention, a demanding comparison
+        attn.q_gain.copy_(
+            torch.tensor([1.0, 2.0, 3.0, 1.5])
+        )  # peaked attention, a demanding comparison
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         out = attn(x)
     expected = reference_attention(attn, x, h.rope_base)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=2e-5)
     if 1 < num_kv_heads < 4:  # the other grouping (heads h and h + KV share) is a different model
-        tiled = reference_attention(attn, x, h.rope_base, kv_head_of=lambda head: head % num_kv_heads)
+        tiled = reference_attention(
+            attn, x, h.rope_base, kv_head_of=lambda head: head % num_kv_heads
+        )
         assert (out.double() - tiled).abs().amax() > 1e-2
 
 
@@ -161,7 +190,9 @@ def test_newton_schulz_puts_singular_values_in_a_band_around_1(shape):
 
 def test_muon_steps_on_two_gloo_processes_equal_one_process(tmp_path):
     before, expected = muon_trajectory()
-    mp.spawn(muon_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(
+        muon_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True
+    )
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert [t.shape for t in got] == [torch.Size(s) for s in MUON_SHAPES]
@@ -176,7 +207,16 @@ def test_muon_steps_on_two_gloo_processes_equal_one_process(tmp_path):
 # -----------------------------------------------------------------------------
 
 # iterations=100, warmdown_iters=20: flat until step 80, then (100 - step) / 20.
-STEP_WARMDOWN = [(0, 1.0), (50, 1.0), (79, 1.0), (80, 1.0), (81, 0.95), (90, 0.5), (95, 0.25), (99, 0.05)]
+STEP_WARMDOWN = [
+    (0, 1.0),
+    (50, 1.0),
+    (79, 1.0),
+    (80, 1.0),
+    (81, 0.95),
+    (90, 0.5),
+    (95, 0.25),
+    (99, 0.05),
+]
 # iterations=10, warmdown_iters=20: the warmdown started before step 0.
 LONG_WARMDOWN = [(0, 0.5), (5, 0.25), (9, 0.05)]
 # max_wallclock_ms=1000, warmdown_iters=10: step_ms = elapsed/step, warmdown_ms = 10 * step_ms,
@@ -202,13 +242,21 @@ def test_lr_multiplier_step_based_matches_hand_table():
         got = tg.lr_multiplier(step, 0.0, iterations=10, warmdown_iters=20, max_wallclock_ms=None)
         assert got == pytest.approx(want, rel=1e-12), step
     for step in (0, 50, 99):
-        assert tg.lr_multiplier(step, 0.0, iterations=100, warmdown_iters=0, max_wallclock_ms=None) == 1.0
-        assert tg.lr_multiplier(step, 5e3, iterations=100, warmdown_iters=0, max_wallclock_ms=1e3) == 1.0
+        assert (
+            tg.lr_multiplier(step, 0.0, iterations=100, warmdown_iters=0, max_wallclock_ms=None)
+            == 1.0
+        )
+        assert (
+            tg.lr_multiplier(step, 5e3, iterations=100, warmdown_iters=0, max_wallclock_ms=1e3)
+            == 1.0
+        )
 
 
 def test_lr_multiplier_wallclock_based_matches_hand_table():
     for step, elapsed_ms, want in WALLCLOCK_WARMDOWN:
-        got = tg.lr_multiplier(step, elapsed_ms, iterations=10**6, warmdown_iters=10, max_wallclock_ms=1000.0)
+        got = tg.lr_multiplier(
+            step, elapsed_ms, iterations=10**6, warmdown_iters=10, max_wallclock_ms=1000.0
+        )
         assert got == pytest.approx(want, rel=1e-12, abs=1e-12), (step, elapsed_ms)
 
 
@@ -216,7 +264,9 @@ def test_muon_momentum_warmup_matches_hand_table():
     for step, want in MOMENTUM:
         got = tg.muon_momentum_at(step, start=0.92, end=0.99, warmup_steps=1500)
         assert got == pytest.approx(want, rel=1e-12), step
-    assert tg.muon_momentum_at(0, start=0.92, end=0.99, warmup_steps=0) == pytest.approx(0.99, rel=1e-12)
+    assert tg.muon_momentum_at(0, start=0.92, end=0.99, warmup_steps=0) == pytest.approx(
+        0.99, rel=1e-12
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -239,43 +289,75 @@ BAD_SETTINGS = [
     ({"MAX_WALLCLOCK_SECONDS": "-1"}, "MAX_WALLCLOCK_SECONDS=-1.0 must not be negative"),
     ({"MODEL_DIM": "500", "NUM_HEADS": "8"}, "MODEL_DIM=500 is not divisible by NUM_HEADS=8"),
     ({"NUM_HEADS": "8", "NUM_KV_HEADS": "3"}, "NUM_HEADS=8 is not divisible by NUM_KV_HEADS=3"),
-    ({"MODEL_DIM": "24", "NUM_HEADS": "8", "NUM_KV_HEADS": "4"}, "MODEL_DIM/NUM_HEADS=3 must be even"),
+    (
+        {"MODEL_DIM": "24", "NUM_HEADS": "8", "NUM_KV_HEADS": "4"},
+        "MODEL_DIM/NUM_HEADS=3 must be even",
+    ),
     ({"MUON_MOMENTUM": "1.0"}, "MUON_MOMENTUM=1.0 must be in [0, 1)"),
     ({"EMBED_QUANT": "int4"}, "EMBED_QUANT='int4' must be one of fp16, int8"),
     ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE=70000 must be in 1..65536"),
 ]
 
 
-@pytest.mark.parametrize("env, message", BAD_SETTINGS, ids=[m.split("=")[0] + str(i) for i, (_, m) in
-                                                             enumerate(BAD_SETTINGS)])
+@pytest.mark.parametrize(
+    "env, message",
+    BAD_SETTINGS,
+    ids=[m.split("=")[0] + str(i) for i, (_, m) in enumerate(BAD_SETTINGS)],
+)
 def test_bad_settings_raise_naming_the_variable_and_the_rule(env, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         tg.Hyperparameters.from_env(env)
 
 
 def test_good_settings_parse_to_typed_values():
-    h = tg.Hyperparameters.from_env({"MODEL_DIM": " 64 ", "TIE_EMBEDDINGS": "0", "MATRIX_LR": "1e-3",
-                                     "RUN_ID": "x", "PATH": "/bin"})
+    h = tg.Hyperparameters.from_env(
+        {
+            "MODEL_DIM": " 64 ",
+            "TIE_EMBEDDINGS": "0",
+            "MATRIX_LR": "1e-3",
+            "RUN_ID": "x",
+            "PATH": "/bin",
+        }
+    )
     assert (h.model_dim, h.tie_embeddings, h.matrix_lr, h.run_id) == (64, False, 0.001, "x")
-    assert h.overrides() == {"MODEL_DIM": 64, "TIE_EMBEDDINGS": False, "MATRIX_LR": 0.001, "RUN_ID": "x"}
+    assert h.overrides() == {
+        "MODEL_DIM": 64,
+        "TIE_EMBEDDINGS": False,
+        "MATRIX_LR": 0.001,
+        "RUN_ID": "x",
+    }
 
 
 def test_grad_accum_steps_resolve_or_refuse_batches_that_do_not_split():
     h = tg.Hyperparameters(train_batch_tokens=1024, train_seq_len=64)
     assert [tg.resolve_grad_accum_steps(h, w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
     assert tg.resolve_grad_accum_steps(dataclasses.replace(h, grad_accum_steps=2), 8) == 2
-    with pytest.raises(ValueError, match=re.escape("WORLD_SIZE=3 does not divide 8; set GRAD_ACCUM_STEPS")):
+    with pytest.raises(
+        ValueError, match=re.escape("WORLD_SIZE=3 does not divide 8; set GRAD_ACCUM_STEPS")
+    ):
         tg.resolve_grad_accum_steps(h, 3)
-    with pytest.raises(ValueError, match=r"TRAIN_BATCH_TOKENS=1000 does not split into whole sequences.*"
-                                         r"WORLD_SIZE\*GRAD_ACCUM_STEPS\*TRAIN_SEQ_LEN=1\*8\*64=512"):
+    with pytest.raises(
+        ValueError,
+        match=r"TRAIN_BATCH_TOKENS=1000 does not split into whole sequences.*"
+        r"WORLD_SIZE\*GRAD_ACCUM_STEPS\*TRAIN_SEQ_LEN=1\*8\*64=512",
+    ):
         tg.resolve_grad_accum_steps(dataclasses.replace(h, train_batch_tokens=1000), 1)
     with pytest.raises(ValueError, match=r"TRAIN_BATCH_TOKENS=1024 .*=3\*2\*64=384"):
         tg.resolve_grad_accum_steps(dataclasses.replace(h, grad_accum_steps=2), 3)
 
 
 def test_misspelled_and_lower_case_settings_get_a_warning_naming_the_real_one():
-    env = {"MLP_MUL": "3", "MODEL_DIM": "64", "PATH": "/usr/bin", "HOME": "/root", "OMP_NUM_THREADS": "1",
-           "MASTER_PORT": "29500", "LOCAL_WORLD_SIZE": "2", "mlp_mul": "3", "num_layers": "4"}
+    env = {
+        "MLP_MUL": "3",
+        "MODEL_DIM": "64",
+        "PATH": "/usr/bin",
+        "HOME": "/root",
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": "29500",
+        "LOCAL_WORLD_SIZE": "2",
+        "mlp_mul": "3",
+        "num_layers": "4",
+    }
     warnings = tg.setting_warnings(env, tg.Hyperparameters())
     assert len(warnings) == 2
     assert "MLP_MUL " in warnings[0] and "MLP_MULT" in warnings[0]
@@ -284,7 +366,10 @@ def test_misspelled_and_lower_case_settings_get_a_warning_naming_the_real_one():
 
 def test_a_stride_that_turns_sliding_evaluation_off_gets_a_warning():
     assert tg.setting_warnings({}, tg.Hyperparameters()) == []
-    for h in (tg.Hyperparameters(eval_stride=1024), tg.Hyperparameters(eval_seq_len=256, eval_stride=300)):
+    for h in (
+        tg.Hyperparameters(eval_stride=1024),
+        tg.Hyperparameters(eval_seq_len=256, eval_stride=300),
+    ):
         (warning,) = tg.setting_warnings({}, h)
         assert f"EVAL_STRIDE={h.eval_stride} >= EVAL_SEQ_LEN={h.effective_eval_seq_len}" in warning
         assert "sliding-window evaluation is off" in warning
@@ -300,7 +385,9 @@ def test_missing_tokenizer_shards_and_wrong_vocab_are_refused(tiny_data, tmp_pat
         tg.shard_files(pattern)
     assert "cached_challenge_fineweb.py" in str(e.value)
     with pytest.raises(ValueError, match=r"VOCAB_SIZE=500 but the tokenizer .* has 384 pieces"):
-        tg.load_tokenizer(tg.Hyperparameters(tokenizer_path=tiny_data["tokenizer_path"], vocab_size=500))
+        tg.load_tokenizer(
+            tg.Hyperparameters(tokenizer_path=tiny_data["tokenizer_path"], vocab_size=500)
+        )
 
 
 def test_shards_stay_uint16_until_a_batch_is_taken(tmp_path):
@@ -321,7 +408,9 @@ def test_the_bos_id_comes_from_the_tokenizer(tiny_data):
         smear.gate.fill_(10.0)  # blend almost fully with the previous token wherever it blends
         x = torch.eye(4)[None].repeat(1, 1, 8)[:, :, :32]
         out = smear(x, ids)
-    assert torch.equal(out[0, 1], x[0, 1]) and not torch.equal(out[0, 3], x[0, 3])  # id 7 is the BOS here
+    assert torch.equal(out[0, 1], x[0, 1]) and not torch.equal(
+        out[0, 3], x[0, 3]
+    )  # id 7 is the BOS here
 
 
 def test_rotary_angles_are_fp32_at_long_positions():
@@ -375,7 +464,7 @@ def test_token_stream_reads_shards_in_order_and_wraps(three_shards):
     pattern, tokens = three_shards
     stream = tg.TokenStream(pattern)
     got = np.concatenate([stream.take(n) for n in (60, 60, 1, 300, 40)])  # wraps twice
-    np.testing.assert_array_equal(got, np.concatenate([tokens] * 3)[:len(got)])
+    np.testing.assert_array_equal(got, np.concatenate([tokens] * 3)[: len(got)])
 
 
 def test_loader_is_deterministic_and_ranks_tile_the_one_rank_stream(three_shards):
@@ -393,14 +482,17 @@ def test_loader_is_deterministic_and_ranks_tile_the_one_rank_stream(three_shards
             assert x.shape == y.shape == (2, 4) and x.dtype == y.dtype == torch.int64
             taken = np.append(x.flatten().numpy(), y.flatten()[-1].item())
             np.testing.assert_array_equal(y.flatten().numpy(), taken[1:])
-            start = (2 * call + rank) * span  # rank r's span follows rank r-1's: disjoint, contiguous
-            np.testing.assert_array_equal(taken, expected[start:start + span])
+            start = (
+                2 * call + rank
+            ) * span  # rank r's span follows rank r-1's: disjoint, contiguous
+            np.testing.assert_array_equal(taken, expected[start : start + span])
             spans.append(taken)
         x_again, y_again = again.next_batch(local_tokens, seq_len)
         assert torch.equal(x_again, x) and torch.equal(y_again, y)
         x1, y1 = single.next_batch(2 * span - 1, 2 * span - 1)
-        np.testing.assert_array_equal(np.append(x1.flatten().numpy(), y1.flatten()[-1].item()),
-                                      np.concatenate(spans))
+        np.testing.assert_array_equal(
+            np.append(x1.flatten().numpy(), y1.flatten()[-1].item()), np.concatenate(spans)
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -433,10 +525,14 @@ def test_byte_counts_equal_utf8_bytes_of_decoded_text(tiny_data, tiny_sp):
         assert counted == len(sp.decode(ids).encode("utf-8")), text
         streams.append(stream)
     pieces = [sp.id_to_piece(i) for s in streams for i in s.tolist()]
-    assert "▁" in pieces and any(p.startswith("<0x") for p in pieces)  # bare spaces and byte fallback occur
+    assert "▁" in pieces and any(
+        p.startswith("<0x") for p in pieces
+    )  # bare spaces and byte fallback occur
     # Several documents in one stream: the BOS targets count 0 and no space leaks across documents.
     joined = torch.cat(streams)
-    assert int(luts.count(joined[:-1], joined[1:]).sum()) == decoded_document_bytes(sp, joined.numpy())
+    assert int(luts.count(joined[:-1], joined[1:]).sum()) == decoded_document_bytes(
+        sp, joined.numpy()
+    )
     # Token by token: a byte piece is 1 byte (not the 6 characters of "<0xF0>"), "▁" is the space alone.
     byte_id, space_id, word_id = sp.piece_to_id("<0xF0>"), sp.piece_to_id("▁"), sp.piece_to_id("▁t")
     prev = torch.tensor([byte_id, 100, tg.BOS_ID, 100, tg.BOS_ID, 100])
@@ -455,19 +551,42 @@ def test_byte_counts_of_the_validation_shard(tiny_data, tiny_sp):
 # Importing does nothing
 # -----------------------------------------------------------------------------
 
+
 def test_importing_train_gpt_reads_no_env_starts_nothing_and_writes_nothing(tmp_path):
     workdir = tmp_path / "cwd"
     workdir.mkdir()
-    bogus = {"MODEL_DIM": "abc", "TIE_EMBEDDINGS": "yes", "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",
-             "DEVICE": "cuda", "RUN_ID": "x", "LOG_DIR": str(tmp_path / "logs"),
-             "ARTIFACT_DIR": str(tmp_path / "artifacts"), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
-             "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", IMPORT_PROBE, str(ROOT)], env=bogus, cwd=workdir,
-                          capture_output=True, text=True, timeout=120)
+    bogus = {
+        "MODEL_DIM": "abc",
+        "TIE_EMBEDDINGS": "yes",
+        "WORLD_SIZE": "2",
+        "RANK": "1",
+        "LOCAL_RANK": "1",
+        "DEVICE": "cuda",
+        "RUN_ID": "x",
+        "LOG_DIR": str(tmp_path / "logs"),
+        "ARTIFACT_DIR": str(tmp_path / "artifacts"),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+        "PATH": "/usr/bin:/bin",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, str(ROOT)],
+        env=bogus,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {k: report[k] for k in ("reads", "dist", "cuda", "has_main")} == \
-        {"reads": [], "dist": False, "cuda": False, "has_main": True}
+    assert {k: report[k] for k in ("reads", "dist", "cuda", "has_main")} == {
+        "reads": [],
+        "dist": False,
+        "cuda": False,
+        "has_main": True,
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd"] and not any(workdir.iterdir())
 
 
@@ -544,7 +663,9 @@ class Runs:
         shutil.copyfile(ROOT / "train_gpt.py", self.script)
         self.code = self.script.read_bytes()
         wrapper = root / "inject_nan.py"
-        wrapper.write_text(NAN_WRAPPER.format(bad_call=(NAN_STEP - 1) * 8 + 3, script=str(self.script)))
+        wrapper.write_text(
+            NAN_WRAPPER.format(bad_call=(NAN_STEP - 1) * 8 + 3, script=str(self.script))
+        )
         self.pool = ThreadPoolExecutor(max_workers=2)
         self.jobs: dict[str, tuple[dict, Future]] = {}
         specs = [
@@ -586,36 +707,55 @@ def test_whole_run_learns_and_logs_every_line(runs):
     log = run.log_bytes
     header, rest = log.split(b"\n", 1)
     n = len(runs.code)
-    assert header.decode() == f"code_begin path:train_gpt.py bytes:{n} sha256:{hashlib.sha256(runs.code).hexdigest()}"
-    assert rest[:n] == runs.code and rest[n:n + 10] == b"\ncode_end\n"
+    assert (
+        header.decode()
+        == f"code_begin path:train_gpt.py bytes:{n} sha256:{hashlib.sha256(runs.code).hexdigest()}"
+    )
+    assert rest[:n] == runs.code and rest[n : n + 10] == b"\ncode_end\n"
 
     lines = run.lines
-    settings = [line[len("setting "):].split(":", 1) for line in lines if line.startswith("setting ")]
+    settings = [
+        line[len("setting ") :].split(":", 1) for line in lines if line.startswith("setting ")
+    ]
     assert sorted(name for name, _ in settings) == sorted(tg.Hyperparameters.env_names())
     logged = dict(settings)
-    assert (logged["MODEL_DIM"], logged["ITERATIONS"], logged["TIE_EMBEDDINGS"]) == ("64", "20", "True")
+    assert (logged["MODEL_DIM"], logged["ITERATIONS"], logged["TIE_EMBEDDINGS"]) == (
+        "64",
+        "20",
+        "True",
+    )
     assert logged["DATA_PATH"] == run.env["DATA_PATH"] and logged["RUN_ID"] == "tiny"
 
-    step_re = re.compile(r"^step:(\d+)/20 train_loss:(\d+\.\d{4}) train_time:(\d+)ms step_avg:(\d+\.\d\d)ms "
-                         r"tok_s:(\d+)$")
+    step_re = re.compile(
+        r"^step:(\d+)/20 train_loss:(\d+\.\d{4}) train_time:(\d+)ms step_avg:(\d+\.\d\d)ms "
+        r"tok_s:(\d+)$"
+    )
     steps = [m for m in map(step_re.match, lines) if m]
     assert [int(m[1]) for m in steps] == [1, 2, 3, 4, 5, 10, 15, 20]
     for m in steps:
         s, time_ms, avg_ms, tok_s = int(m[1]), int(m[3]), float(m[4]), int(m[5])
         assert abs(avg_ms * s - time_ms) <= 0.5 + 0.005 * s
         assert tok_s == pytest.approx(1024 * s / (time_ms / 1000), rel=0.5 / max(time_ms, 1) + 1e-3)
-    val_re = re.compile(r"^step:(\d+)/20 val_loss:(\d+\.\d{4}) val_bpb:(\d+\.\d{4}) train_time:\d+ms "
-                        r"step_avg:\d+\.\d\dms$")
+    val_re = re.compile(
+        r"^step:(\d+)/20 val_loss:(\d+\.\d{4}) val_bpb:(\d+\.\d{4}) train_time:\d+ms "
+        r"step_avg:\d+\.\d\dms$"
+    )
     vals = [m for m in map(val_re.match, lines) if m]
     assert [int(m[1]) for m in vals] == [0, 10, 20]
     history = run.summary["val_history"]
-    assert [(h["step"], f"{h['val_loss']:.4f}", f"{h['val_bpb']:.4f}") for h in history] == \
-        [(int(m[1]), m[2], m[3]) for m in vals]
+    assert [(h["step"], f"{h['val_loss']:.4f}", f"{h['val_bpb']:.4f}") for h in history] == [
+        (int(m[1]), m[2], m[3]) for m in vals
+    ]
 
     summary = run.summary
-    for prefix in ("final_prequant_exact val_loss:", "final_int6_roundtrip_exact val_loss:",
-                   "Serialized model int6+zstd-3:", f"Code size: {n} bytes", "fits_16mb:true",
-                   f"run_complete run_id:tiny val_loss:{summary['val_loss']:.8f} val_bpb:{summary['val_bpb']:.8f}"):
+    for prefix in (
+        "final_prequant_exact val_loss:",
+        "final_int6_roundtrip_exact val_loss:",
+        "Serialized model int6+zstd-3:",
+        f"Code size: {n} bytes",
+        "fits_16mb:true",
+        f"run_complete run_id:tiny val_loss:{summary['val_loss']:.8f} val_bpb:{summary['val_bpb']:.8f}",
+    ):
         assert sum(line.startswith(prefix) for line in lines) == 1, prefix
     assert lines[-1].startswith("run_complete")
     assert summary["bytes_code"] == n and summary["steps"] == MAIN_STEPS
@@ -627,13 +767,17 @@ def test_whole_run_learns_and_logs_every_line(runs):
     assert summary["val_bpb"] < history[0]["val_bpb"] - 0.5
 
 
-def test_run_val_bpb_is_loss_times_tokens_over_independently_counted_bytes(runs, tiny_data, tiny_sp):
+def test_run_val_bpb_is_loss_times_tokens_over_independently_counted_bytes(
+    runs, tiny_data, tiny_sp
+):
     summary = ok(runs.get("main")).summary
     tokens = read_shard_numpy(Path(tiny_data["data_path"]) / "fineweb_val_000000.bin")
     targets, text_bytes = len(tokens) - 1, decoded_document_bytes(tiny_sp, tokens)
     assert summary["val_tokens"] == len(tokens) and summary["scored_tokens"] == targets
-    pairs = [(summary["roundtrip_val_loss"], summary["roundtrip_val_bpb"]),
-             (summary["prequant_val_loss"], summary["prequant_val_bpb"])]
+    pairs = [
+        (summary["roundtrip_val_loss"], summary["roundtrip_val_bpb"]),
+        (summary["prequant_val_loss"], summary["prequant_val_bpb"]),
+    ]
     pairs += [(h["val_loss"], h["val_bpb"]) for h in summary["val_history"]]
     for val_loss, val_bpb in pairs:
         assert val_bpb == pytest.approx(val_loss / math.log(2) * targets / text_bytes, rel=1e-12)
@@ -643,7 +787,9 @@ def test_two_processes_reach_the_weights_of_one_process_with_twice_the_accumulat
     one, two = ok(runs.get("short")), ok(runs.get("ddp"))
     assert any("world_size:1 grad_accum_steps:8" in line for line in one.lines)
     assert any("world_size:2 grad_accum_steps:4" in line for line in two.lines)
-    assert not any(line.startswith("warning:") for line in two.lines)  # torchrun's variables are no typos
+    assert not any(
+        line.startswith("warning:") for line in two.lines
+    )  # torchrun's variables are no typos
     l1, l2 = one.train_losses(), two.train_losses()
     assert sorted(l1) == sorted(l2) == [1, 2, 3]
     for s in l1:
@@ -659,12 +805,16 @@ def test_two_processes_reach_the_weights_of_one_process_with_twice_the_accumulat
         moved = (a[name] - init[name]).norm()
         assert moved > 0, name
         assert (a[name] - b[name]).norm() <= 0.3 * moved, name
-    assert two.summary["prequant_val_loss"] == pytest.approx(one.summary["prequant_val_loss"], abs=2e-3)
+    assert two.summary["prequant_val_loss"] == pytest.approx(
+        one.summary["prequant_val_loss"], abs=2e-3
+    )
 
 
 def test_warmup_steps_are_undone_bit_for_bit(runs):
     plain, warm = ok(runs.get("short")), ok(runs.get("warm"))
-    assert any(re.match(r"^warmup_steps:5 warmup_time:\d+ms \(undone\)$", line) for line in warm.lines)
+    assert any(
+        re.match(r"^warmup_steps:5 warmup_time:\d+ms \(undone\)$", line) for line in warm.lines
+    )
     a, b = plain.raw(), warm.raw()
     assert a.keys() == b.keys()
     for name in a:
@@ -677,15 +827,24 @@ def test_warmup_steps_are_undone_bit_for_bit(runs):
 def test_wallclock_cap_stops_the_run_and_still_writes_the_final_lines(runs):
     run = ok(runs.get("cap"))
     lines, summary = run.lines, run.summary
-    stops = [re.match(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/100000$", line)
-             for line in lines]
+    stops = [
+        re.match(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/100000$", line)
+        for line in lines
+    ]
     stops = [m for m in stops if m]
     assert len(stops) == 1
     steps = int(stops[0][2])
     assert 1 <= steps == summary["steps"] < 100_000 and summary["train_time_ms"] >= 300
-    times = {int(m[1]): int(m[2]) for m in map(re.compile(r"^step:(\d+)/100000 train_loss:\S+ train_time:(\d+)ms")
-                                               .match, lines) if m}
-    assert times[steps] >= 300 and (steps == 1 or times[steps - 1] < 301)  # stopped at the first step over
+    times = {
+        int(m[1]): int(m[2])
+        for m in map(
+            re.compile(r"^step:(\d+)/100000 train_loss:\S+ train_time:(\d+)ms").match, lines
+        )
+        if m
+    }
+    assert times[steps] >= 300 and (
+        steps == 1 or times[steps - 1] < 301
+    )  # stopped at the first step over
     assert any(line.startswith(f"step:{steps}/100000 val_loss:") for line in lines)
     for prefix in ("final_prequant_exact", "final_int6_roundtrip_exact", "run_complete"):
         assert any(line.startswith(prefix) for line in lines), prefix
@@ -699,9 +858,14 @@ def test_wallclock_cap_stops_the_run_and_still_writes_the_final_lines(runs):
 def test_non_finite_loss_stops_the_run_naming_the_step(runs):
     run = runs.get("nan_lr")
     assert run.proc.returncode != 0
-    assert "non-finite training loss at step 2;" in run.proc.stderr and "Traceback" not in run.proc.stderr
+    assert (
+        "non-finite training loss at step 2;" in run.proc.stderr
+        and "Traceback" not in run.proc.stderr
+    )
     losses = run.train_losses()
-    assert list(losses) == [1] and math.isfinite(losses[1])  # step 1 was fine: step 2 is the first bad one
+    assert list(losses) == [1] and math.isfinite(
+        losses[1]
+    )  # step 1 was fine: step 2 is the first bad one
     assert run.raw_path.exists()  # the (diverged) weights are kept all the same
     assert any(line.startswith("error: non-finite training loss at step 2") for line in run.lines)
     assert not any(line.startswith("run_complete") for line in run.lines)
@@ -715,11 +879,17 @@ def test_non_finite_loss_between_log_lines_is_reported_at_its_true_step(runs):
     assert list(losses) == [1, 2, 3, 4, 5] and all(map(math.isfinite, losses.values()))
 
 
-@pytest.mark.parametrize("name, needles", [
-    ("vocab", ["VOCAB_SIZE=500", "384 pieces"]),
-    ("no_tokenizer", ["TOKENIZER_PATH=", "nowhere/tok.model", "cached_challenge_fineweb.py"]),
-    ("no_data", ["nowhere/fineweb_val_*.bin", "cached_challenge_fineweb.py", "build_dataset.py"]),
-])
+@pytest.mark.parametrize(
+    "name, needles",
+    [
+        ("vocab", ["VOCAB_SIZE=500", "384 pieces"]),
+        ("no_tokenizer", ["TOKENIZER_PATH=", "nowhere/tok.model", "cached_challenge_fineweb.py"]),
+        (
+            "no_data",
+            ["nowhere/fineweb_val_*.bin", "cached_challenge_fineweb.py", "build_dataset.py"],
+        ),
+    ],
+)
 def test_script_refuses_bad_inputs_with_a_clear_message(runs, name, needles):
     run = runs.get(name)
     assert run.proc.returncode == 1

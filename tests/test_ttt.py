@@ -23,11 +23,23 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import train_gpt as tg
 from conftest import CPU, ShapeRecorder, log_events, random_gpt, run_script, small_hparams, tiny_env
 
-TTT_LINE = re.compile(r"^final_ttt_exact val_loss:(\S+) val_bpb:(\S+) scored_tokens:(\d+) eval_time:(\d+)ms "
-                      r"graphs:(\d+) compile_time:(\d+)ms$", re.M)
-RUN_SETTINGS = dict(ITERATIONS=40, TRAIN_SEQ_LEN=64, EVAL_STRIDE=16, EVAL_BATCH_SEQS=32, GRAD_ACCUM_STEPS=1,
-                    TRAIN_BATCH_TOKENS=512, TRAIN_LOG_EVERY=20, TTT_ENABLED=1, TTT_CHUNK_TOKENS=4096,
-                    TTT_LR=0.01)
+TTT_LINE = re.compile(
+    r"^final_ttt_exact val_loss:(\S+) val_bpb:(\S+) scored_tokens:(\d+) eval_time:(\d+)ms "
+    r"graphs:(\d+) compile_time:(\d+)ms$",
+    re.M,
+)
+RUN_SETTINGS = dict(
+    ITERATIONS=40,
+    TRAIN_SEQ_LEN=64,
+    EVAL_STRIDE=16,
+    EVAL_BATCH_SEQS=32,
+    GRAD_ACCUM_STEPS=1,
+    TRAIN_BATCH_TOKENS=512,
+    TRAIN_LOG_EVERY=20,
+    TTT_ENABLED=1,
+    TTT_CHUNK_TOKENS=4096,
+    TTT_LR=0.01,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is much faster here
@@ -40,7 +52,9 @@ def settings(tiny_data, **ttt) -> tg.Hyperparameters:
 def random_stream(tiny_data, num_targets: int) -> torch.Tensor:
     """Uniform random token ids: every (w + 1)-token window occurs once, so a window's tokens name its position."""
     gen = torch.Generator().manual_seed(2)
-    return torch.randint(4, tiny_data["vocab_size"], (num_targets + 1,), generator=gen, dtype=torch.int32)
+    return torch.randint(
+        4, tiny_data["vocab_size"], (num_targets + 1,), generator=gen, dtype=torch.int32
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -56,7 +70,7 @@ class TrainingRecorder(torch.nn.Module):
     def __init__(self, model, tokens: torch.Tensor, w: int):
         super().__init__()
         self.model, self.w = model, w
-        self.where = {tuple(tokens[s:s + w + 1].tolist()): s for s in range(tokens.numel() - w)}
+        self.where = {tuple(tokens[s : s + w + 1].tolist()): s for s in range(tokens.numel() - w)}
         self.rows = []  # per forward with gradients: (window starts, positions with a nonzero loss gradient)
         self.scoring = False  # inside evaluate()
 
@@ -64,12 +78,17 @@ class TrainingRecorder(torch.nn.Module):
         assert self.scoring != torch.is_grad_enabled()
         losses = self.model(x, y, **kwargs)
         if torch.is_grad_enabled():
-            assert kwargs["score_last"] == self.w and y.shape == x.shape  # every position of the window
+            assert (
+                kwargs["score_last"] == self.w and y.shape == x.shape
+            )  # every position of the window
             starts = [self.where[tuple(xr.tolist()) + (int(yr[-1]),)] for xr, yr in zip(x, y)]
             record = {"starts": starts, "trained": []}
             self.rows.append(record)
-            losses.register_hook(lambda g: record["trained"].extend(
-                starts[i] + j for i, j in (g != 0).nonzero().tolist()))
+            losses.register_hook(
+                lambda g: record["trained"].extend(
+                    starts[i] + j for i, j in (g != 0).nonzero().tolist()
+                )
+            )
         return losses
 
 
@@ -79,7 +98,9 @@ def instrumented_pass(monkeypatch, tokens, luts, h, *, seq_len, stride, batch_se
     w = min(seq_len, n)
     recorder = TrainingRecorder(random_gpt(h), tokens, w)
     updates = []  # per SGD step: the targets that carried its gradient, and those its windows held
-    scored_at = [[] for _ in range(n)]  # per target: updates done when it was scored (once, if all is well)
+    scored_at = [
+        [] for _ in range(n)
+    ]  # per target: updates done when it was scored (once, if all is well)
     chunks = []  # per evaluate() call: the targets it scored
     real_evaluate = tg.evaluate
 
@@ -96,32 +117,43 @@ def instrumented_pass(monkeypatch, tokens, luts, h, *, seq_len, stride, batch_se
 
     def on_step(opt, args, kwargs):
         rows, recorder.rows[:] = list(recorder.rows), []
-        updates.append({"trained": [t for r in rows for t in r["trained"]],
-                        "held": {t for r in rows for s in r["starts"] for t in range(max(s - 1, 0), s + w)}})
+        updates.append(
+            {
+                "trained": [t for r in rows for t in r["trained"]],
+                "held": {t for r in rows for s in r["starts"] for t in range(max(s - 1, 0), s + w)},
+            }
+        )
 
     monkeypatch.setattr(tg, "evaluate", evaluate)
     handle = register_optimizer_step_pre_hook(on_step)
     try:
-        result = tg.evaluate_ttt(recorder, tokens, luts, h, seq_len=seq_len, stride=stride, batch_seqs=batch_seqs)
+        result = tg.evaluate_ttt(
+            recorder, tokens, luts, h, seq_len=seq_len, stride=stride, batch_seqs=batch_seqs
+        )
     finally:
         handle.remove()
     return result, scored_at, chunks, updates
 
 
-@pytest.mark.parametrize("seq_len,stride,chunk_tokens,batch_seqs", [
-    (16, 4, 64, 3),  # chunks of 4-5 training windows in micro-batches of 3
-    (16, 5, 50, 64),  # chunk ends that are no window's end
-    (16, 0, 40, 2),  # plain (non-overlapping) windows
-    (16, 4, 3, 4),  # chunks smaller than the stride: one window each
-    (16, 4, 10_000, 4),  # one chunk: scored, never trained on
-])
-def test_every_update_uses_only_targets_already_scored(tiny_data, luts, monkeypatch, seq_len, stride,
-                                                         chunk_tokens, batch_seqs):
+@pytest.mark.parametrize(
+    "seq_len,stride,chunk_tokens,batch_seqs",
+    [
+        (16, 4, 64, 3),  # chunks of 4-5 training windows in micro-batches of 3
+        (16, 5, 50, 64),  # chunk ends that are no window's end
+        (16, 0, 40, 2),  # plain (non-overlapping) windows
+        (16, 4, 3, 4),  # chunks smaller than the stride: one window each
+        (16, 4, 10_000, 4),  # one chunk: scored, never trained on
+    ],
+)
+def test_every_update_uses_only_targets_already_scored(
+    tiny_data, luts, monkeypatch, seq_len, stride, chunk_tokens, batch_seqs
+):
     epochs, n = 2, 300
     tokens = random_stream(tiny_data, n)
     h = settings(tiny_data, ttt_chunk_tokens=chunk_tokens, ttt_lr=0.05, ttt_epochs=epochs)
-    result, scored_at, chunks, updates = instrumented_pass(monkeypatch, tokens, luts, h, seq_len=seq_len,
-                                                           stride=stride, batch_seqs=batch_seqs)
+    result, scored_at, chunks, updates = instrumented_pass(
+        monkeypatch, tokens, luts, h, seq_len=seq_len, stride=stride, batch_seqs=batch_seqs
+    )
     # Every target scored exactly once, over the whole split.
     assert [len(u) for u in scored_at] == [1] * n
     assert result.scored_tokens == n
@@ -129,7 +161,9 @@ def test_every_update_uses_only_targets_already_scored(tiny_data, luts, monkeypa
     # One pass, in order: chunks of consecutive targets; after each but the last, exactly `epochs` updates.
     assert [t for c in chunks for t in c] == list(range(n))
     assert all(c == list(range(c[0], c[-1] + 1)) for c in chunks)
-    last_chunk_of = [c[-1] // chunk_tokens for c in chunks]  # a chunk: the windows whose last target is in it
+    last_chunk_of = [
+        c[-1] // chunk_tokens for c in chunks
+    ]  # a chunk: the windows whose last target is in it
     assert last_chunk_of == sorted(set(last_chunk_of))
     assert [scored_at[c[0]] for c in chunks] == [epochs * k for k in range(len(chunks))]
     assert len(updates) == epochs * (len(chunks) - 1)
@@ -155,8 +189,18 @@ def test_every_update_uses_only_targets_already_scored(tiny_data, luts, monkeypa
 # -----------------------------------------------------------------------------
 
 
-def reference_ttt(model, tokens: torch.Tensor, *, seq_len: int, stride: int, chunk_tokens: int, lr: float,
-                  epochs: int, momentum: float, clip: float) -> torch.Tensor:
+def reference_ttt(
+    model,
+    tokens: torch.Tensor,
+    *,
+    seq_len: int,
+    stride: int,
+    chunk_tokens: int,
+    lr: float,
+    epochs: int,
+    momentum: float,
+    clip: float,
+) -> torch.Tensor:
     """Per-target losses of score-first TTT, one target at a time, from the definitions:
 
     target t is scored by the window that ends soonest after it (windows end at w, w+s, ..., and at the end of
@@ -175,7 +219,9 @@ def reference_ttt(model, tokens: torch.Tensor, *, seq_len: int, stride: int, chu
     losses = torch.full((n,), float("nan"), dtype=torch.float64)
 
     def target_loss(t: int, start: int) -> torch.Tensor:
-        return F.cross_entropy(model(tokens[start:t + 1][None].long())[0, -1], tokens[t + 1].long())
+        return F.cross_entropy(
+            model(tokens[start : t + 1][None].long())[0, -1], tokens[t + 1].long()
+        )
 
     model.eval()
     for i, c in enumerate(chunk_ids):
@@ -190,7 +236,9 @@ def reference_ttt(model, tokens: torch.Tensor, *, seq_len: int, stride: int, chu
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / (len(chunk_ids) - 1)))
         for _ in range(epochs):
             opt.zero_grad()
-            loss = sum(target_loss(t, min(lo + ((t - lo) // w + 1) * w, hi) - w) for t in targets) / len(targets)
+            loss = sum(
+                target_loss(t, min(lo + ((t - lo) // w + 1) * w, hi) - w) for t in targets
+            ) / len(targets)
             loss.backward()
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -198,14 +246,35 @@ def reference_ttt(model, tokens: torch.Tensor, *, seq_len: int, stride: int, chu
     return losses
 
 
-@pytest.mark.parametrize("seq_len,stride,chunk_tokens,clip", [(16, 4, 48, 1.0), (12, 0, 30, 0.0), (16, 5, 37, 0.05)])
-def test_matches_a_per_target_reference(tiny_data, val_tokens, luts, seq_len, stride, chunk_tokens, clip):
+@pytest.mark.parametrize(
+    "seq_len,stride,chunk_tokens,clip", [(16, 4, 48, 1.0), (12, 0, 30, 0.0), (16, 5, 37, 0.05)]
+)
+def test_matches_a_per_target_reference(
+    tiny_data, val_tokens, luts, seq_len, stride, chunk_tokens, clip
+):
     tokens = val_tokens[:161]
-    h = settings(tiny_data, ttt_chunk_tokens=chunk_tokens, ttt_lr=0.05, ttt_epochs=2, ttt_momentum=0.9,
-                 ttt_grad_clip=clip)
-    reference = reference_ttt(random_gpt(h), tokens, seq_len=seq_len, stride=stride, chunk_tokens=chunk_tokens,
-                              lr=0.05, epochs=2, momentum=0.9, clip=clip)
-    r = tg.evaluate_ttt(random_gpt(h), tokens, luts, h, seq_len=seq_len, stride=stride, batch_seqs=3)
+    h = settings(
+        tiny_data,
+        ttt_chunk_tokens=chunk_tokens,
+        ttt_lr=0.05,
+        ttt_epochs=2,
+        ttt_momentum=0.9,
+        ttt_grad_clip=clip,
+    )
+    reference = reference_ttt(
+        random_gpt(h),
+        tokens,
+        seq_len=seq_len,
+        stride=stride,
+        chunk_tokens=chunk_tokens,
+        lr=0.05,
+        epochs=2,
+        momentum=0.9,
+        clip=clip,
+    )
+    r = tg.evaluate_ttt(
+        random_gpt(h), tokens, luts, h, seq_len=seq_len, stride=stride, batch_seqs=3
+    )
     assert not reference.isnan().any()
     assert r.scored_tokens == tokens.numel() - 1
     # Float64 weights, fp32 losses: batched and one-at-a-time sums agree to ~1e-9 (measured: 0 to 3e-9).
@@ -223,14 +292,27 @@ def test_lr_zero_is_the_sliding_score(tiny_data, val_tokens, luts):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sliding = tg.evaluate(model, tokens, luts, seq_len=32, stride=8, batch_seqs=16)
     ttt = tg.evaluate_ttt(model, tokens, luts, h, seq_len=32, stride=8, batch_seqs=16)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # trained with lr 0: unchanged
+    assert all(
+        torch.equal(v, before[k]) for k, v in model.state_dict().items()
+    )  # trained with lr 0: unchanged
     assert ttt.scored_tokens == sliding.scored_tokens == tokens.numel() - 1
     assert ttt.scored_bytes == sliding.scored_bytes
-    assert ttt.val_loss * ttt.scored_tokens == pytest.approx(sliding.val_loss * sliding.scored_tokens, rel=1e-12)
+    assert ttt.val_loss * ttt.scored_tokens == pytest.approx(
+        sliding.val_loss * sliding.scored_tokens, rel=1e-12
+    )
     assert ttt.val_bpb == pytest.approx(sliding.val_bpb, rel=1e-12)
-    moved = tg.evaluate_ttt(random_gpt(h), tokens, luts, dataclasses.replace(h, ttt_lr=0.01), seq_len=32,
-                            stride=8, batch_seqs=16)
-    assert abs(moved.val_loss - sliding.val_loss) > 1e-4 * sliding.val_loss  # lr > 0 does move the score
+    moved = tg.evaluate_ttt(
+        random_gpt(h),
+        tokens,
+        luts,
+        dataclasses.replace(h, ttt_lr=0.01),
+        seq_len=32,
+        stride=8,
+        batch_seqs=16,
+    )
+    assert (
+        abs(moved.val_loss - sliding.val_loss) > 1e-4 * sliding.val_loss
+    )  # lr > 0 does move the score
 
 
 def test_fixed_shapes_and_no_fake_quant(tiny_data, val_tokens, luts, monkeypatch):
@@ -254,7 +336,10 @@ def test_fixed_shapes_and_no_fake_quant(tiny_data, val_tokens, luts, monkeypatch
     chunks = list(chunks.values())
     most_windows = max(map(len, chunks))
     most_seqs = max(math.ceil((c[-1][0] + 32 - (c[0][0] + 32 - c[0][1])) / 32) for c in chunks[:-1])
-    assert (most_windows, most_seqs) == (10, 3)  # the last chunk ends with the split: one more window
+    assert (most_windows, most_seqs) == (
+        10,
+        3,
+    )  # the last chunk ends with the split: one more window
     shapes = [(grad, x, score_last) for grad, x, _, score_last in recorder.calls]
     assert set(shapes) == {(False, (10, 32), 32), (False, (10, 32), 8), (True, (3, 32), 32)}
     assert sum(s[0] for s in shapes) == len(chunks) - 1  # one step (one micro-batch) per chunk
@@ -267,14 +352,36 @@ def test_fixed_shapes_and_no_fake_quant(tiny_data, val_tokens, luts, monkeypatch
 
 def test_settings_defaults_and_validation():
     h = tg.Hyperparameters.from_env({})
-    assert (h.ttt_enabled, h.ttt_chunk_tokens, h.ttt_lr, h.ttt_epochs, h.ttt_momentum, h.ttt_grad_clip) == \
-        (False, 32768, 0.005, 3, 0.9, 1.0)
-    ok = tg.Hyperparameters.from_env({"TTT_ENABLED": "1", "TTT_LR": "0", "TTT_EPOCHS": "0", "TTT_GRAD_CLIP": "0",
-                                      "TTT_MOMENTUM": "0"})
+    assert (
+        h.ttt_enabled,
+        h.ttt_chunk_tokens,
+        h.ttt_lr,
+        h.ttt_epochs,
+        h.ttt_momentum,
+        h.ttt_grad_clip,
+    ) == (False, 32768, 0.005, 3, 0.9, 1.0)
+    ok = tg.Hyperparameters.from_env(
+        {
+            "TTT_ENABLED": "1",
+            "TTT_LR": "0",
+            "TTT_EPOCHS": "0",
+            "TTT_GRAD_CLIP": "0",
+            "TTT_MOMENTUM": "0",
+        }
+    )
     assert ok.ttt_enabled and ok.ttt_lr == 0 and ok.ttt_epochs == 0
-    for name, value in [("TTT_ENABLED", "2"), ("TTT_ENABLED", "yes"), ("TTT_CHUNK_TOKENS", "0"),
-                        ("TTT_CHUNK_TOKENS", "1.5"), ("TTT_LR", "-0.001"), ("TTT_LR", "nan"), ("TTT_EPOCHS", "-1"),
-                        ("TTT_MOMENTUM", "1"), ("TTT_MOMENTUM", "-0.1"), ("TTT_GRAD_CLIP", "-1")]:
+    for name, value in [
+        ("TTT_ENABLED", "2"),
+        ("TTT_ENABLED", "yes"),
+        ("TTT_CHUNK_TOKENS", "0"),
+        ("TTT_CHUNK_TOKENS", "1.5"),
+        ("TTT_LR", "-0.001"),
+        ("TTT_LR", "nan"),
+        ("TTT_EPOCHS", "-1"),
+        ("TTT_MOMENTUM", "1"),
+        ("TTT_MOMENTUM", "-0.1"),
+        ("TTT_GRAD_CLIP", "-1"),
+    ]:
         with pytest.raises(ValueError, match=name):
             tg.Hyperparameters.from_env({name: value})
 
@@ -286,7 +393,9 @@ def test_the_projection_line_names_ttt_and_its_remedy():
     tg.log_eval_projection(log, tg.FINEWEB_VAL_TOKENS / 8 / 500, 1, "_ttt", "lower TTT_EPOCHS")
     tg.log_eval_projection(log, tg.FINEWEB_VAL_TOKENS / 8 / 700, 1, "_ttt", "lower TTT_EPOCHS")
     assert lines[:2] == ["projected_fineweb_8gpu_ttt:500.0s", "projected_fineweb_8gpu_ttt:700.0s"]
-    assert len(lines) == 3 and lines[2].endswith("over the 600s evaluation budget; lower TTT_EPOCHS")
+    assert len(lines) == 3 and lines[2].endswith(
+        "over the 600s evaluation budget; lower TTT_EPOCHS"
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -300,31 +409,50 @@ def ttt_run(tiny_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ttt_run")
     env = tiny_env(tiny_data, root, RUN_ID="ttt", **RUN_SETTINGS)
     proc = run_script(env)
-    return {"env": env, "root": root, "stdout": proc.stdout, "log": log_events(root / "logs" / "ttt.txt"),
-            "summary": json.loads((root / "logs" / "ttt.json").read_text())}
+    return {
+        "env": env,
+        "root": root,
+        "stdout": proc.stdout,
+        "log": log_events(root / "logs" / "ttt.txt"),
+        "summary": json.loads((root / "logs" / "ttt.json").read_text()),
+    }
 
 
 def rescore_env(run: dict, tmp_path: Path, **overrides) -> dict:
-    env = dict(run["env"], LOG_DIR=str(tmp_path / "logs"), ARTIFACT_DIR=str(tmp_path / "artifacts"),
-               ITERATIONS="0", INIT_CHECKPOINT=run["summary"]["raw_checkpoint_path"], RUN_ID="rescore")
+    env = dict(
+        run["env"],
+        LOG_DIR=str(tmp_path / "logs"),
+        ARTIFACT_DIR=str(tmp_path / "artifacts"),
+        ITERATIONS="0",
+        INIT_CHECKPOINT=run["summary"]["raw_checkpoint_path"],
+        RUN_ID="rescore",
+    )
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 
 
 def test_a_run_with_ttt_reports_the_ttt_score(ttt_run, tiny_data, val_tokens, luts):
     summary, log = ttt_run["summary"], ttt_run["log"]
-    (val_loss, val_bpb, scored, *_), = [m.groups() for m in TTT_LINE.finditer(log)]
+    ((val_loss, val_bpb, scored, *_),) = [m.groups() for m in TTT_LINE.finditer(log)]
     assert int(scored) == summary["scored_tokens"] == tiny_data["val_tokens"] - 1
-    assert summary["val_bpb"] == summary["ttt_val_bpb"] and summary["val_loss"] == summary["ttt_val_loss"]
+    assert (
+        summary["val_bpb"] == summary["ttt_val_bpb"]
+        and summary["val_loss"] == summary["ttt_val_loss"]
+    )
     assert float(val_bpb) == pytest.approx(summary["ttt_val_bpb"], abs=1e-8)
     assert float(val_loss) == pytest.approx(summary["ttt_val_loss"], abs=1e-8)
-    assert f"run_complete run_id:ttt val_loss:{float(val_loss):.8f} val_bpb:{float(val_bpb):.8f}" in ttt_run["stdout"]
+    assert (
+        f"run_complete run_id:ttt val_loss:{float(val_loss):.8f} val_bpb:{float(val_bpb):.8f}"
+        in ttt_run["stdout"]
+    )
     assert log.index("final_sliding_window_exact") < log.index("final_ttt_exact")
     assert "projected_fineweb" not in log  # a CPU rate says nothing about the 8-GPU budget
     # The number is the artifact's: the file read back from disk, passed through evaluate_ttt here.
     h = tg.Hyperparameters.from_env(ttt_run["env"])
     model = tg.build_model(h, CPU)
-    model.load_state_dict(tg.dequantize_state_dict(tg.read_artifact(Path(summary["artifact_path"]))), strict=True)
+    model.load_state_dict(
+        tg.dequantize_state_dict(tg.read_artifact(Path(summary["artifact_path"]))), strict=True
+    )
     r = tg.evaluate_ttt(model, val_tokens, luts, h, seq_len=64, stride=16, batch_seqs=32)
     assert r.val_loss == pytest.approx(summary["ttt_val_loss"], rel=1e-9)
     assert r.val_bpb == pytest.approx(summary["ttt_val_bpb"], rel=1e-9)
@@ -342,7 +470,9 @@ def test_two_processes_give_the_ttt_score_of_one(ttt_run, tmp_path):
     two = json.loads((tmp_path / "logs" / "rescore.json").read_text())
     one = ttt_run["summary"]
     assert two["world_size"] == 2 and two["scored_tokens"] == one["scored_tokens"]
-    assert two["sliding_val_loss"] == pytest.approx(one["sliding_val_loss"], rel=1e-9)  # same artifact
+    assert two["sliding_val_loss"] == pytest.approx(
+        one["sliding_val_loss"], rel=1e-9
+    )  # same artifact
     assert two["ttt_val_loss"] == pytest.approx(one["ttt_val_loss"], rel=1e-6)
     assert two["ttt_val_bpb"] == pytest.approx(one["ttt_val_bpb"], rel=1e-6)
     assert two["val_bpb"] == two["ttt_val_bpb"]
@@ -353,6 +483,9 @@ def test_off_means_off(ttt_run, tmp_path):
     summary = json.loads((tmp_path / "logs" / "rescore.json").read_text())
     log = log_events(tmp_path / "logs" / "rescore.txt")
     assert summary["ttt_val_bpb"] is None and summary["ttt_val_loss"] is None
-    assert summary["val_bpb"] == summary["sliding_val_bpb"] == pytest.approx(ttt_run["summary"]["sliding_val_bpb"],
-                                                                             rel=1e-12)
+    assert (
+        summary["val_bpb"]
+        == summary["sliding_val_bpb"]
+        == pytest.approx(ttt_run["summary"]["sliding_val_bpb"], rel=1e-12)
+    )
     assert "final_ttt" not in log

@@ -31,7 +31,9 @@ def muon_trajectory() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 def muon_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """One rank of a gloo group: the same Muon steps, the result saved as rank{rank}.pt."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
     try:
         _, after = muon_trajectory()
         torch.save(after, Path(out_dir) / f"rank{rank}.pt")
