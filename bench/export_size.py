@@ -1,16 +1,16 @@
 """Export time and artifact size of a model, without data: quantize_state_dict + artifact_bytes.
 
-    python bench/export_size.py            # Hyperparameters() defaults: 9x512, MLP 3x, vocab 1024, zstd-22
-    MLP_MULT=2 ZSTD_LEVEL=19 python bench/export_size.py   # any setting of train_gpt.py applies
-    VOCAB_SIZE=8192 MLP_MULT=4 python bench/export_size.py --embed-quant all   # which embedding format fits?
-    python bench/export_size.py --code packed/train_gpt.py   # count the packed file's bytes as the code
-    python bench/export_size.py --table       # bytes of the dense stand-in for each method x clip x bits x compressor
+    python bench/export_size.py  # Hyperparameters() defaults: 9x512, MLP 3x, vocab 1024, zstd-22
+    MLP_MULT=2 ZSTD_LEVEL=19 python bench/export_size.py  # any setting of train_gpt.py applies
+    VOCAB_SIZE=8192 MLP_MULT=4 python bench/export_size.py --embed-quant all  # which format fits?
+    python bench/export_size.py --code packed/train_gpt.py  # count the packed file's bytes as code
+    python bench/export_size.py --table  # the dense stand-in: method x clip x bits x compressor
 
-Two weight sets are exported. "init" is the model as built (the output projections start at zero, so it
-compresses far better than a trained model). "dense" replaces every block matrix by a Gaussian of the
-same shape (std = the layer's default init bound / sqrt(3), i.e. the same RMS as the c_q/c_k/c_v/fc init)
-and the embedding by N(0, TIED_EMBED_INIT_STD): a stand-in closer to trained weights, whose int6
-levels carry about as much entropy.
+Two weight sets are exported. "init" is the model as built (the output projections start at zero, so
+it compresses far better than a trained model). "dense" replaces every block matrix by a Gaussian of
+the same shape (std = the layer's default init bound / sqrt(3), i.e. the same RMS as the
+c_q/c_k/c_v/fc init) and the embedding by N(0, TIED_EMBED_INIT_STD): a stand-in closer to trained
+weights, whose int6 levels carry about as much entropy.
 
 With --embed-quant all, each weight set is exported once per embedding format that train_gpt.py
 accepts (EMBED_QUANT), and once without the embedding: what the rest of the model takes, and so how
@@ -45,9 +45,8 @@ def densify(model: tg.GPT, h: tg.Hyperparameters, seed: int) -> None:
         for name, p in model.named_parameters():
             kind = tg.export_kind(name, p, h)
             if kind.startswith("int") and name != EMBED_NAME:
-                std = (
-                    1.0 / p.shape[1] ** 0.5 / 3**0.5
-                )  # nn.Linear's U(-1/sqrt(in), 1/sqrt(in)) has this RMS
+                # nn.Linear's U(-1/sqrt(in), 1/sqrt(in)) has this RMS
+                std = 1.0 / p.shape[1] ** 0.5 / 3**0.5
                 p.copy_(torch.randn(p.shape, generator=g) * std)
             elif name == EMBED_NAME:
                 p.copy_(torch.randn(p.shape, generator=g) * h.tied_embed_init_std)
@@ -87,7 +86,10 @@ def verdict(
     room = tg.SIZE_LIMIT_BYTES - rest_total
     bits = 8 * room / embed_values
     if fitting:
-        return f"{label}: fits with embed_quant {', '.join(fitting)}; the embedding may take {bits:.2f} bits a value"
+        return (
+            f"{label}: fits with embed_quant {', '.join(fitting)}; the embedding may take "
+            f"{bits:.2f} bits a value"
+        )
     unavailable = f" ({', '.join(missing)} not in train_gpt.py yet)" if missing else ""
     if room <= 0:
         return (
@@ -137,7 +139,8 @@ def table(model: tg.GPT, h: tg.Hyperparameters, bytes_code: int, data_path: Path
             flush=True,
         )
     print(
-        "| method | clip | MLP bits | compressor | quantize s | compress s | model bytes | total bytes | fits |"
+        "| method | clip | MLP bits | compressor | quantize s | compress s | model bytes "
+        "| total bytes | fits |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for method, clip in TABLE_ROWS:
@@ -152,9 +155,10 @@ def table(model: tg.GPT, h: tg.Hyperparameters, bytes_code: int, data_path: Path
                 r = export(state, hh, hessians if method == "gptq" else None)
                 total = r["bytes_model"] + bytes_code
                 print(
-                    f"| {method} | {clip} | {bits} | {compressor} | {r['quantize_ms'] / 1000:.1f} | "
-                    f"{r['compress_ms'] / 1000:.1f} | {r['bytes_model']:,} | {total:,} | "
-                    f"{'yes' if total <= tg.SIZE_LIMIT_BYTES else 'NO'} |",
+                    f"| {method} | {clip} | {bits} | {compressor} "
+                    f"| {r['quantize_ms'] / 1000:.1f} | {r['compress_ms'] / 1000:.1f} "
+                    f"| {r['bytes_model']:,} | {total:,} "
+                    f"| {'yes' if total <= tg.SIZE_LIMIT_BYTES else 'NO'} |",
                     flush=True,
                 )
 
@@ -212,8 +216,8 @@ def main() -> None:
     print(
         f"model layers:{h.num_layers} dim:{h.model_dim} mlp_mult:{h.mlp_mult} vocab:{h.vocab_size} "
         f"params:{n_params} embed_values:{embed_values} zstd_level:{h.zstd_level} seed:{args.seed} "
-        f"torch_threads:{torch.get_num_threads()} overrides:{h.overrides() or '-'} code:{args.code.name} "
-        f"bytes_code:{bytes_code} embed_quant_accepted:{','.join(accepted)}"
+        f"torch_threads:{torch.get_num_threads()} overrides:{h.overrides() or '-'} "
+        f"code:{args.code.name} bytes_code:{bytes_code} embed_quant_accepted:{','.join(accepted)}"
     )
     if args.table:
         densify(model, h, args.seed)
@@ -230,18 +234,21 @@ def main() -> None:
             totals[fmt] = total = r["bytes_model"] + bytes_code
             print(
                 f"{label}: embed_quant:{fmt} quantize:{r['quantize_ms']:.0f}ms "
-                f"{h.compressor}:{r['compress_ms']:.0f}ms export:{r['quantize_ms'] + r['compress_ms']:.0f}ms "
-                f"uncompressed:{r['bytes_uncompressed']} bytes_model:{r['bytes_model']} bytes_code:{bytes_code} "
-                f"bytes_total:{total} bits_per_param:{8 * r['bytes_model'] / n_params:.3f} "
-                f"fits_16mb:{str(total <= tg.SIZE_LIMIT_BYTES).lower()} margin:{tg.SIZE_LIMIT_BYTES - total}",
+                f"{h.compressor}:{r['compress_ms']:.0f}ms "
+                f"export:{r['quantize_ms'] + r['compress_ms']:.0f}ms "
+                f"uncompressed:{r['bytes_uncompressed']} bytes_model:{r['bytes_model']} "
+                f"bytes_code:{bytes_code} bytes_total:{total} "
+                f"bits_per_param:{8 * r['bytes_model'] / n_params:.3f} "
+                f"fits_16mb:{str(total <= tg.SIZE_LIMIT_BYTES).lower()} "
+                f"margin:{tg.SIZE_LIMIT_BYTES - total}",
                 flush=True,
             )
         if args.embed_quant == "all":
             rest = export({k: v for k, v in state.items() if k != EMBED_NAME}, h)
             rest_total = rest["bytes_model"] + bytes_code
             print(
-                f"{label}: without the embedding: bytes_model:{rest['bytes_model']} bytes_total:{rest_total} "
-                f"room_for_embedding:{tg.SIZE_LIMIT_BYTES - rest_total}",
+                f"{label}: without the embedding: bytes_model:{rest['bytes_model']} "
+                f"bytes_total:{rest_total} room_for_embedding:{tg.SIZE_LIMIT_BYTES - rest_total}",
                 flush=True,
             )
             verdicts.append(verdict(label, totals, rest_total, embed_values, missing))

@@ -1,32 +1,34 @@
-"""Every GPU figure from one command: throughput, a short real run, a peer script; merged into bench/results/.
+"""Every GPU figure from one command (throughput, a short real run, a peer) into bench/results/.
 
-    python bench/gpu_bench.py --only throughput                # the defaults at 524,288 tokens/step
+    python bench/gpu_bench.py --only throughput  # the defaults at 524,288 tokens/step
     python bench/gpu_bench.py --only throughput --presets frontier,pr65 --no-default
-    python bench/gpu_bench.py --only run --minutes 3            # short real run with the final evaluation
+    python bench/gpu_bench.py --only run --minutes 3  # short real run with the final evaluation
     python bench/gpu_bench.py --only peer --peer ../peer/train_gpt.py --minutes 3
-    python bench/gpu_bench.py --dry-run --peer train_gpt.py     # the same harness on CPU, tiny settings
+    python bench/gpu_bench.py --dry-run --peer train_gpt.py  # same harness on CPU, tiny settings
 
 Parts and their GPU time on one H100 (estimates: nothing here has run on a GPU yet):
   throughput  per configuration: ~20 s start-up, ~1-2 min compile in the warm-up (WARMUP_STEPS=20),
               then 10 settling + --steps timed steps (default 60) at roughly 350 ms/step = ~25 s;
               ~2-3 min in all. Figures: ms/step, tokens/s, MFU, peak memory, warm-up (compile) time.
-  run         --minutes of training (default 3) + ~2-3 min for compile, export (zstd-22) and the three
-              final evaluations; ~5-6 min. Figures: pre-quant, round-trip and sliding val_bpb, quant
-              penalty, artifact bytes, export time, sliding scored tokens/s, projected 8-GPU FineWeb
-              evaluation time, data epochs, steps, ms/step.
-  peer        --peer PATH (the challenge's baseline or a record's script) through its own environment
-              variables, same data, same minutes: --minutes + ~1-2 min; ~4-5 min.
-Each part fits one 10-minute command; run them as separate invocations when commands are time-limited.
-Planning: throughput + run + peer at --minutes 3 is ~12-14 min of GPU time, plus under a minute to build
-the offline dataset if it is missing; with less time, drop the peer or lower --minutes.
-Every part is killed at --part-timeout-min (default 9) and recorded as timed out with what it logged.
-The exit status is 2 when a part failed (its error is recorded with it), 0 when all succeeded.
+  run         --minutes of training (default 3) + ~2-3 min for compile, export (zstd-22) and the
+              three final evaluations; ~5-6 min. Figures: pre-quant, round-trip and sliding val_bpb,
+              quant penalty, artifact bytes, export time, sliding scored tokens/s, projected 8-GPU
+              FineWeb evaluation time, data epochs, steps, ms/step.
+  peer        --peer PATH (the challenge's baseline or a record's script) through its own
+              environment variables, same data, same minutes: --minutes + ~1-2 min; ~4-5 min.
+Each part fits one 10-minute command; run them as separate invocations when commands are
+time-limited. Planning: throughput + run + peer at --minutes 3 is ~12-14 min of GPU time, plus under
+a minute to build the offline dataset if it is missing; with less time, drop the peer or lower
+--minutes. Every part is killed at --part-timeout-min (default 9) and recorded as timed out with
+what it logged. The exit status is 2 when a part failed (its error is recorded with it), 0 when all
+succeeded.
 
-Figures of every invocation are appended to bench/results/<date>_<device>.json (earlier ones are kept) and
-bench/RESULTS.md is regenerated from all result files. KEY=VALUE arguments (or --env KEY=VALUE) are
-train_gpt.py settings passed to the throughput and run parts; a key that is not a setting of train_gpt.py,
-or a configuration the trainer rejects, is recorded as failed with its error. Process variables
-(OMP_NUM_THREADS, NCCL_*, ...) are taken from the environment the harness runs in.
+Figures of every invocation are appended to bench/results/<date>_<device>.json (earlier ones are
+kept) and bench/RESULTS.md is regenerated from all result files. KEY=VALUE arguments (or --env
+KEY=VALUE) are train_gpt.py settings passed to the throughput and run parts; a key that is not a
+setting of train_gpt.py, or a configuration the trainer rejects, is recorded as failed with its
+error. Process variables (OMP_NUM_THREADS, NCCL_*, ...) are taken from the environment the harness
+runs in.
 """
 
 from __future__ import annotations
@@ -54,12 +56,10 @@ RESULTS_FORMAT = "pgolf-gpu-bench"
 PARTS = ("throughput", "run", "peer")
 BATCH_TOKENS = 524_288  # the challenge's global batch: 8 GPUs x 64 sequences x 1024 tokens
 GRAD_ACCUM_TOTAL = 8  # micro-steps per step on one GPU; N GPUs take 8/N each
-OFFLINE_DATASET = (
-    "pydocs_sp1024",
-    "pydocs_1024_bpe.model",
-    1024,
-)  # what data/build_dataset.py builds by default
-DRY_RUN_SETTINGS = {  # a model that trains in seconds on a CPU, read by train_gpt.py and the baseline alike
+# what data/build_dataset.py builds by default
+OFFLINE_DATASET = ("pydocs_sp1024", "pydocs_1024_bpe.model", 1024)
+# a model that trains in seconds on a CPU, read by train_gpt.py and the baseline alike
+DRY_RUN_SETTINGS = {
     "DEVICE": "cpu",
     "NUM_LAYERS": "2",
     "MODEL_DIM": "64",
@@ -79,10 +79,10 @@ GPU_DEFAULTS = {"minutes": 3.0, "steps": 60, "settle_steps": runlog.STEADY_FROM_
 MEASURED_NOTE = (
     "Measured: every figure except the projected 8-GPU evaluation time, which scales the measured "
     "sliding-window rate of one device to 8 devices over the 63,779,840-token FineWeb validation "
-    "split. MFU is model FLOPs (6 N + 12 L d T per token) over the device's nominal dense bf16 peak. "
-    "Step time is the steady state between two logged steps (compilation and the first 10 steps "
-    "excluded). Scores on a dataset that is not FineWeb are checks of the pipeline, not challenge "
-    "scores."
+    "split. MFU is model FLOPs (6 N + 12 L d T per token) over the device's nominal dense bf16 "
+    "peak. Step time is the steady state between two logged steps (compilation and the first 10 "
+    "steps excluded). Scores on a dataset that is not FineWeb are checks of the pipeline, not "
+    "challenge scores."
 )
 
 
@@ -229,8 +229,8 @@ def require_zstandard() -> None:
 
 
 def resolve_data(args) -> tuple[dict, dict]:
-    """(description, trainer env) of the data: DATA_PATH/TOKENIZER_PATH/VOCAB_SIZE from the flags or the
-    environment, else the offline dataset (built if missing)."""
+    """(description, trainer env) of the data: DATA_PATH/TOKENIZER_PATH/VOCAB_SIZE from the flags or
+    the environment, else the offline dataset (built if missing)."""
     data_path = args.data_path or os.environ.get("DATA_PATH")
     tokenizer_path = args.tokenizer_path or os.environ.get("TOKENIZER_PATH")
     vocab_size = args.vocab_size or os.environ.get("VOCAB_SIZE")
@@ -262,7 +262,8 @@ def resolve_data(args) -> tuple[dict, dict]:
 
 def build_offline_dataset(data_root: Path) -> None:
     print(
-        f"building the offline dataset under {display(data_root)} (data/build_dataset.py, about a minute at most)",
+        f"building the offline dataset under {display(data_root)} (data/build_dataset.py, about a "
+        "minute at most)",
         flush=True,
     )
     command = [
@@ -307,7 +308,7 @@ class Bench:
         return env
 
     def label(self, base: str) -> str:
-        """What a configuration is: the defaults or a preset, plus the settings given on the command line."""
+        """A configuration: the defaults or a preset, plus the settings on the command line."""
         return " ".join([base] + [f"{k}={v}" for k, v in sorted(self.args.env.items())])
 
     def throughput_configs(self) -> list[tuple[str, dict]]:
@@ -359,9 +360,8 @@ class Bench:
             "ARTIFACT_DIR": str(work / "artifacts"),
         }
         if error := runlog.unread_settings_error(self.setting_keys(env), self.known_settings):
-            return self.measurement(
-                part, label, env, error=error
-            )  # known before spending device time on it
+            # known before spending device time on it
+            return self.measurement(part, label, env, error=error)
         outcome, log = self.execute(
             runlog.trainer_command(TRAINER, self.args.nproc),
             env,
@@ -376,7 +376,7 @@ class Bench:
         return self.measurement(part, label, env, outcome=outcome, log=log, error=error)
 
     def peer(self) -> dict:
-        """The peer in its own folder (it writes logs/ and its model files into its working directory)."""
+        """The peer in its own folder (it writes logs/ and its model files where it runs)."""
         run_id = self.run_id("peer", "peer")
         cwd = self.args.work_dir / "peer" / run_id
         batch = DRY_RUN_BATCH_TOKENS if self.args.dry_run else BATCH_TOKENS
@@ -472,9 +472,8 @@ def figures(log: runlog.TrainerLog, env: dict, args, data: dict) -> dict:
         else None
     )
     data_epochs = log.data_epochs
-    if (
-        data_epochs is None and log.steps is not None
-    ):  # the baseline does not log it; it follows from the batch
+    # the baseline does not log it; it follows from the batch
+    if data_epochs is None and log.steps is not None:
         data_epochs = log.steps * batch_tokens / data["train_tokens"]
     return {
         "ms_per_step": ms_per_step,
@@ -695,13 +694,15 @@ def render_results(results_dir: Path) -> str:
         "# GPU bench results",
         "",
         "Regenerated by `python bench/gpu_bench.py` from every `results/*.json` beside this file; "
-        "do not edit by hand. `python bench/gpu_bench.py --help` lists the parts and their GPU time.",
+        "do not edit by hand. `python bench/gpu_bench.py --help` lists the parts and their GPU "
+        "time.",
         "",
     ]
     if not any(r["measurements"] for _, r in files):
         lines += [
             "No GPU measurement has been made yet: there is no result file. The CPU dry run "
-            "(`python bench/gpu_bench.py --dry-run`) checks the harness and writes under `bench/out/`.",
+            "(`python bench/gpu_bench.py --dry-run`) checks the harness and writes under "
+            "`bench/out/`.",
             "",
         ]
         return "\n".join(lines)
@@ -804,7 +805,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     write_results_md(args.results_dir)
     print(
-        f"{statuses.count('ok')}/{len(statuses)} parts ok; RESULTS.md: {args.results_dir / 'RESULTS.md'}"
+        f"{statuses.count('ok')}/{len(statuses)} parts ok; RESULTS.md: "
+        f"{args.results_dir / 'RESULTS.md'}"
     )
     print(path.resolve())
     return 0 if statuses.count("ok") == len(statuses) else PART_FAILED_STATUS

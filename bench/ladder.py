@@ -1,21 +1,22 @@
-"""The CPU technique ladder: each row of bench/ladder_rows.txt trained at one fixed small configuration.
+"""CPU technique ladder: each row of bench/ladder_rows.txt trained at one fixed small configuration.
 
     OMP_NUM_THREADS=2 python bench/ladder.py             # every row, seeds 1337 and 1338
     OMP_NUM_THREADS=2 python bench/ladder.py --rows baseline,qat_off
     python bench/ladder.py --list                        # the rows and what is stored for them
 
 A run takes about 4 minutes on an idle 2-core CPU with OMP_NUM_THREADS=2 (0.8 s a step, 1 min of
-evaluation). While other work shares the machine, OMP_NUM_THREADS=1 is faster (two threads then wait on
-each other): 7-10 minutes a run here.
+evaluation). While other work shares the machine, OMP_NUM_THREADS=1 is faster (two threads then wait
+on each other): 7-10 minutes a run here.
 
-A row is `name: KEY=VALUE ...` (train_gpt.py settings on top of the fixed configuration); the first row is
-`baseline:` with none. A row `name: @base KEY=VALUE ...` trains nothing: it re-exports and re-scores the raw
-weights of row `base`'s run with the same seed (ITERATIONS=0 INIT_CHECKPOINT=...), for switches of the export
-and the evaluation (quantization, compression, test-time training); its delta is then that switch alone.
---jobs 2 runs two at a time (give each OMP_NUM_THREADS=1). Each (row, seed) result is stored in bench/ladder_results.json with the row's
-settings and the configuration it ran with; a stored result is reused while both are unchanged, and run
-again when either changed (or with --rerun). bench/LADDER.md is regenerated from the stored results after
-every run. Runs are step-based, so scores do not depend on the machine's speed.
+A row is `name: KEY=VALUE ...` (train_gpt.py settings on top of the fixed configuration); the first
+row is `baseline:` with none. A row `name: @base KEY=VALUE ...` trains nothing: it re-exports and
+re-scores the raw weights of row `base`'s run with the same seed (ITERATIONS=0 INIT_CHECKPOINT=...),
+for switches of the export and the evaluation (quantization, compression, test-time training); its
+delta is then that switch alone. --jobs 2 runs two at a time (give each OMP_NUM_THREADS=1). Each
+(row, seed) result is stored in bench/ladder_results.json with the row's settings and the
+configuration it ran with; a stored result is reused while both are unchanged, and run again when
+either changed (or with --rerun). bench/LADDER.md is regenerated from the stored results after every
+run. Runs are step-based, so scores do not depend on the machine's speed.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ RESULTS_FORMAT = "pgolf-ladder"
 DEFAULT_SEEDS = (1337, 1338)
 BASELINE = "baseline"
 HARNESS_KEYS = ("RUN_ID", "LOG_DIR", "ARTIFACT_DIR", "SEED")  # the ladder sets these per run
-FIXED_CONFIG = {  # 6x128 (1.0M parameters); 150 steps x 4,096 tokens = 0.20 epochs of the 3.05M training tokens
+# 6x128 (1.0M parameters); 150 steps x 4,096 tokens = 0.20 epochs of the 3.05M training tokens
+FIXED_CONFIG = {
     "DATA_PATH": "data/datasets/pydocs_sp1024",
     "TOKENIZER_PATH": "data/tokenizers/pydocs_1024_bpe.model",
     "VOCAB_SIZE": "1024",
@@ -64,8 +66,8 @@ FIXED_CONFIG = {  # 6x128 (1.0M parameters); 150 steps x 4,096 tokens = 0.20 epo
     "ZSTD_LEVEL": "22",
 }
 CAN_SHOW = (
-    "**What it can show**: that a switch works end to end at this scale (it trains, exports, reloads "
-    "and scores) and does not hurt here, and what it costs in step time and artifact bytes."
+    "**What it can show**: that a switch works end to end at this scale (it trains, exports, "
+    "reloads and scores) and does not hurt here, and what it costs in step time and artifact bytes."
 )
 CANNOT_SHOW = (
     "**What it cannot show**: gains on FineWeb. A 1M-parameter model trained on 0.6M tokens of "
@@ -82,7 +84,7 @@ CANNOT_SHOW = (
 
 
 def read_rows(path: Path) -> dict[str, dict]:
-    """Rows in file order: name -> settings. Stops with the file and line of the first malformed row."""
+    """Rows in file order: name -> settings. Stops naming the file and line of the first bad row."""
     if not path.is_file():
         raise SystemExit(f"error: rows file {display(path)} does not exist; give --rows-file")
     rows: dict[str, dict] = {}
@@ -158,7 +160,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override the fixed configuration (results are then stored as a different configuration)",
+        help="override the fixed configuration (results are then stored as a different "
+        "configuration)",
     )
     p.add_argument("--data-path", help="shard folder (default: data/datasets/pydocs_sp1024)")
     p.add_argument(
@@ -228,8 +231,8 @@ def load_results(path: Path) -> dict:
 
 
 def is_current(entry: dict | None, row_env: dict, config: dict, trainer_sha: str) -> bool:
-    """A stored result stands for this row while its settings and the configuration are unchanged; a failure
-    stands only while the trainer is the same too (a new trainer may have fixed it)."""
+    """A stored result stands for this row while its settings and the configuration are unchanged; a
+    failure stands only while the trainer is the same too (a new trainer may have fixed it)."""
     if entry is None or entry["row_env"] != row_env or entry["config"] != config:
         return False
     return entry["status"] == "ok" or entry["trainer_sha256"] == trainer_sha
@@ -249,9 +252,8 @@ class Ladder:
     def __init__(self, args, config: dict, command: str, trainer_sha: str, results: dict):
         self.args, self.config, self.command, self.trainer_sha = args, config, command, trainer_sha
         self.results = results
-        self.machine: str | None = (
-            None  # described on the first run (a child process imports torch)
-        )
+        # described on the first run (a child process imports torch)
+        self.machine: str | None = None
         self.known_settings: dict = {}  # the trainer's settings, once one run has logged them
 
     def run(self, row: str, row_env: dict, seed: int) -> dict:
@@ -400,9 +402,9 @@ def cell(value: float | None, spec: str) -> str:
 
 
 def paired_delta(stats: dict, base: dict) -> tuple[float, float | None] | None:
-    """(mean, standard error) of row minus baseline over the seeds both have. Runs with the same seed read the
-    same batches and, when the row keeps the model's shapes, start from the same weights, so pairing removes
-    most of the seed-to-seed spread the two rows share."""
+    """(mean, standard error) of row minus baseline over the seeds both have. Runs with the same
+    seed read the same batches and, when the row keeps the model's shapes, start from the same
+    weights, so pairing removes most of the seed-to-seed spread the two rows share."""
     seeds = sorted(set(stats["scores"]) & set(base["scores"]))
     if not seeds:
         return None
@@ -481,28 +483,31 @@ def render_ladder(
     lines = [
         "# CPU technique ladder",
         "",
-        f"Regenerated by `python bench/ladder.py` from `{display(results_path)}` after every run; do not edit by "
-        f"hand. The rows are in `{display(rows_path)}`.",
+        f"Regenerated by `python bench/ladder.py` from `{display(results_path)}` after every run; "
+        f"do not edit by hand. The rows are in `{display(rows_path)}`.",
         "",
         CAN_SHOW,
         "",
         CANNOT_SHOW,
         "",
-        "- Score: the final val_bpb (sliding window: EVAL_STRIDE below, window TRAIN_SEQ_LEN; the TTT score where "
-        "TTT is on) of the "
-        "artifact read back from disk, on the validation split of DATA_PATH (by default the offline dataset: "
-        "203,394 tokens of Python documentation, not FineWeb). Mean ± sample standard deviation over the seeds.",
-        "- Δ: the row's score minus the baseline's for the same seed (the same batches, and the same initial "
-        "weights when the row keeps the model's shapes), averaged over the seeds, ± its standard error.",
-        "- Step time: the row's mean training ms/step (wall clock) over the baseline's; CPU time: the same "
-        "ratio for the whole run's CPU seconds (training, export, evaluations). Other work shared the "
-        "machine while these ran, which moves wall-clock times by tens of percent and CPU times much less; "
-        "on a CPU neither says what a switch costs on a GPU.",
+        "- Score: the final val_bpb (sliding window: EVAL_STRIDE below, window TRAIN_SEQ_LEN; the "
+        "TTT score where TTT is on) of the artifact read back from disk, on the validation split "
+        "of DATA_PATH (by default the offline dataset: 203,394 tokens of Python documentation, not "
+        "FineWeb). Mean ± sample standard deviation over the seeds.",
+        "- Δ: the row's score minus the baseline's for the same seed (the same batches, and the "
+        "same initial weights when the row keeps the model's shapes), averaged over the seeds, ± "
+        "its standard error.",
+        "- Step time: the row's mean training ms/step (wall clock) over the baseline's; CPU time: "
+        "the same ratio for the whole run's CPU seconds (training, export, evaluations). Other "
+        "work shared the machine while these ran, which moves wall-clock times by tens of percent "
+        "and CPU times much less; on a CPU neither says what a switch costs on a GPU.",
         f"- Machine: {'; '.join(sorted({e['machine'] for e in used})) or '—'}; OMP_NUM_THREADS "
         f"{', '.join(sorted({str(e['omp_num_threads']) for e in used})) or '—'}.",
-        f"- Command(s): {', '.join(f'`{c}`' for c in sorted({e['command'] for e in used})) or '—'}.",
-        f"- Trainer: train_gpt.py sha256 {', '.join(sorted({e['trainer_sha256'][:12] for e in used})) or '—'} "
-        f"(now {trainer_sha[:12]}).",
+        "- Command(s): "
+        f"{', '.join(f'`{c}`' for c in sorted({e['command'] for e in used})) or '—'}.",
+        "- Trainer: train_gpt.py sha256 "
+        f"{', '.join(sorted({e['trainer_sha256'][:12] for e in used})) or '—'} (now "
+        f"{trainer_sha[:12]}).",
         f"- Per run (training, export and the three evaluations): "
         f"{f'{min(walls) / 60:.1f}–{max(walls) / 60:.1f} min wall time' if walls else '—'}.",
         "- Fixed configuration: `"
@@ -511,8 +516,9 @@ def render_ladder(
         + ", ".join(map(str, seeds))
         + ".",
         "",
-        "| row | settings | seeds | val_bpb (mean ± std) | Δ vs baseline (paired) | step time / baseline "
-        "| CPU time / baseline | quant penalty | artifact bytes | data epochs | notes |",
+        "| row | settings | seeds | val_bpb (mean ± std) | Δ vs baseline (paired) "
+        "| step time / baseline | CPU time / baseline | quant penalty | artifact bytes "
+        "| data epochs | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, env in rows.items():
@@ -529,7 +535,8 @@ def render_ladder(
             f"| {name} | `{settings}` | {s['n']} | {s['mean']:.4f}{spread} | "
             f"{delta_cell(s, base, name == BASELINE)} | {cell(ratio(s, base, 'step_ms'), '.2f')} | "
             f"{cell(ratio(s, base, 'cpu_s'), '.2f')} | {cell(s['penalty'], '+.4f')} | "
-            f"{cell(s['bytes'], ',.0f')} | {cell(None if '@' in env else s['epochs'], '.2f')} | {notes} |"
+            f"{cell(s['bytes'], ',.0f')} | {cell(None if '@' in env else s['epochs'], '.2f')} | "
+            f"{notes} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -546,10 +553,8 @@ def list_rows(rows: dict, results: dict, config: dict, trainer_sha: str) -> None
             f"seed {seed}: {e['status'] if is_current(e, env, config, trainer_sha) else 'stale'}"
             for seed, e in entries.items()
         ]
-        print(
-            f"{name}: {' '.join(f'@{v}' if k == '@' else f'{k}={v}' for k, v in env.items()) or '(no settings)'}"
-            f"  [{', '.join(states) or 'not run yet'}]"
-        )
+        settings = " ".join(f"@{v}" if k == "@" else f"{k}={v}" for k, v in env.items())
+        print(f"{name}: {settings or '(no settings)'}  [{', '.join(states) or 'not run yet'}]")
 
 
 def write_ladder(args, rows: dict, results: dict, config: dict, trainer_sha: str) -> None:
@@ -608,9 +613,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             else:
                 todo.append((name, seed))
-    trained = [
-        job for job in todo if "@" not in rows[job[0]]
-    ]  # re-export rows wait for the weights they need
+    # re-export rows wait for the weights they need
+    trained = [job for job in todo if "@" not in rows[job[0]]]
     for batch in (trained, [job for job in todo if job not in trained]):
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             list(pool.map(lambda job: run_one(*job), batch))

@@ -1,9 +1,9 @@
-"""What gpu_bench.py and ladder.py share: running a trainer, reading its log, describing the machine and data.
+"""What gpu_bench.py and ladder.py share: running a trainer, reading its log, machine and data.
 
-The log reader understands train_gpt.py and the challenge's baseline script with the same code: both write
-one `key:value` line per event, and the figures here are read by key, so extra fields do no harm.
-Nothing heavy is imported: torch only in the child process that describes the machine. Shard headers are read
-and results files written with data/shard_format.py, the module the tools share.
+The log reader understands train_gpt.py and the challenge's baseline script with the same code: both
+write one `key:value` line per event, and the figures here are read by key, so extra fields do no
+harm. Nothing heavy is imported: torch only in the child process that describes the machine. Shard
+headers are read and results files written with data/shard_format.py, the module the tools share.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "data"))  # the tools' shared module: shard headers, atomic writes
+# The tools' shared module: shard headers, atomic writes. Imported after the path is set (E402);
+# write_text_atomic is not used here but re-exported for gpu_bench.py and ladder.py (F401).
+sys.path.insert(0, str(ROOT / "data"))
 from shard_format import ShardError, read_header, shard_paths, write_text_atomic  # noqa: E402, F401
 
 TRAINER = ROOT / "train_gpt.py"
-FINEWEB_VAL_TOKENS = (
-    63_779_840  # the published validation split (train_gpt.py's constant of the same name)
-)
-STEADY_FROM_STEP = (
-    10  # step times are measured from here on: the first steps after warm-up still settle
-)
+# the published validation split (train_gpt.py's constant of the same name)
+FINEWEB_VAL_TOKENS = 63_779_840
+# step times are measured from here on: the first steps after warm-up still settle
+STEADY_FROM_STEP = 10
 ZSTANDARD_HELP = (
     "the Python package zstandard is missing (train_gpt.py writes its artifact with it): "
     "pip install zstandard, or with no network bring its wheel along and "
@@ -46,7 +46,7 @@ ZSTANDARD_HELP = (
 
 
 def read_json(path: Path, expected_format: str) -> dict | None:
-    """A results file of ours, or None when it does not exist; a damaged one stops the command (never replaced)."""
+    """Our results file, or None if absent; a damaged one stops the command (never replaced)."""
     if not path.exists():
         return None
     try:
@@ -55,7 +55,7 @@ def read_json(path: Path, expected_format: str) -> dict | None:
         raise SystemExit(
             f"error: {display(path)} is not readable JSON ({e}); repair or move it away, "
             "nothing was overwritten"
-        )
+        ) from e
     if not isinstance(data, dict) or data.get("format") != expected_format:
         raise SystemExit(
             f"error: {display(path)} is not a {expected_format} file; move it away or choose "
@@ -82,12 +82,13 @@ def display(path: Path | str) -> str:
 class Outcome:
     returncode: int | None  # None: killed at the timeout
     wall_s: float
-    cpu_s: float  # user + system CPU time of the run and its children: less sensitive to other load than wall_s
+    # user + system CPU time of the run and its children: less sensitive to other load than wall_s
+    cpu_s: float
     transcript: str  # stdout and stderr, interleaved as written
 
 
 def trainer_command(script: Path, nproc: int) -> list[str]:
-    """Plain python for one process, torch.distributed.run for several (as train_gpt.py's README says)."""
+    """Plain python for one process, torch.distributed.run for several (as the README says)."""
     if nproc == 1:
         return [sys.executable, str(script)]
     return [
@@ -103,7 +104,7 @@ def trainer_command(script: Path, nproc: int) -> list[str]:
 def run_trainer(
     command: list[str], env: dict, *, cwd: Path, transcript_path: Path, timeout_s: float
 ) -> Outcome:
-    """Run to completion or to the timeout (the whole process group is then killed); output kept in a file."""
+    """Run to the end or the timeout (which kills the whole process group); output in a file."""
     full_env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     }
@@ -138,13 +139,13 @@ def run_trainer(
 
 
 def children_cpu_s() -> float:
-    """CPU seconds of every child process this process has waited for (runs are waited for one at a time)."""
+    """CPU seconds of every child process waited for so far (runs are waited for one at a time)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """Kill the trainer and everything it started (torch.distributed.run's workers) by its process group."""
+    """Kill the trainer and all it started (torch.distributed.run's workers): its process group."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -174,7 +175,7 @@ def number(text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        return float(text.rstrip("ms%s").lstrip("+"))
+        return float(text.rstrip("%ms").lstrip("+"))  # without its unit: ms, s or %
     except ValueError:
         return None
 
@@ -189,9 +190,8 @@ class TrainerLog:
     """Everything read from one run's output; None where the run did not log it."""
 
     step_times: list = dataclasses.field(default_factory=list)  # (step, cumulative train_time_ms)
-    settings: dict = dataclasses.field(
-        default_factory=dict
-    )  # setting NAME:VALUE lines (train_gpt.py only)
+    # setting NAME:VALUE lines (train_gpt.py only)
+    settings: dict = dataclasses.field(default_factory=dict)
     header: dict = dataclasses.field(default_factory=dict)  # the run_id:... world_size:... line
     model: dict = dataclasses.field(default_factory=dict)  # the model_params:... line
     warmup_ms: float | None = None
@@ -207,9 +207,8 @@ class TrainerLog:
     prequant_val_bpb: float | None = None
     roundtrip_val_bpb: float | None = None
     roundtrip_eval_ms: float | None = None
-    roundtrip_graphs: int | None = (
-        None  # graphs torch.compile built for the evaluation, and its compile time
-    )
+    # graphs torch.compile built for the evaluation, and its compile time
+    roundtrip_graphs: int | None = None
     roundtrip_compile_ms: float | None = None
     quant_penalty_bpb: float | None = None
     sliding_val_bpb: float | None = None
@@ -229,10 +228,10 @@ class TrainerLog:
 
 
 def parse_log(transcript: str, log_file: Path | None = None) -> TrainerLog:
-    """Figures of a run from what it printed; settings from its log file (train_gpt.py writes them there only).
+    """A run's figures from what it printed; its settings from its log file (never printed).
 
-    Only printed lines are read: the log file also holds the script's source, whose f-strings look like
-    log lines.
+    Only printed lines are read: the log file also holds the script's source, whose f-strings look
+    like log lines.
     """
     r = TrainerLog()
     last_val_bpb = None
@@ -297,9 +296,8 @@ def parse_log(transcript: str, log_file: Path | None = None) -> TrainerLog:
             r.final_val_bpb = number(f.get("val_bpb"))
         elif m := ERROR.match(line):
             r.error = m.group(1)
-    if (
-        r.prequant_val_bpb is None
-    ):  # the baseline's last validation line is its pre-quantization score
+    # the baseline's last validation line is its pre-quantization score
+    if r.prequant_val_bpb is None:
         r.prequant_val_bpb = last_val_bpb
     if r.quant_penalty_bpb is None and None not in (r.roundtrip_val_bpb, r.prequant_val_bpb):
         r.quant_penalty_bpb = r.roundtrip_val_bpb - r.prequant_val_bpb
@@ -319,11 +317,12 @@ def parse_log(transcript: str, log_file: Path | None = None) -> TrainerLog:
 def steady_step_ms(
     step_times: list[tuple[int, float]], from_step: int = STEADY_FROM_STEP
 ) -> tuple[float, int] | None:
-    """(ms per step, steps in the window) between the first logged step >= from_step and the last logged step.
+    """(ms per step, steps in the window) from the first logged step >= from_step to the last one.
 
-    train_time is cumulative, so the difference of two step lines excludes everything before the first one
-    (compilation happens in the warm-up, the first real steps still settle). Falls back to the earliest
-    logged step when the run logged no step that late; None with fewer than two distinct steps.
+    train_time is cumulative, so the difference of two step lines excludes everything before the
+    first one (compilation happens in the warm-up, the first real steps still settle). Falls back to
+    the earliest logged step when the run logged no step that late; None with fewer than two
+    distinct steps.
     """
     times = sorted(dict(step_times).items())
     if len(times) < 2:
@@ -334,7 +333,7 @@ def steady_step_ms(
 
 
 def failure_reason(outcome: Outcome, log: TrainerLog, timeout_s: float) -> str | None:
-    """Why a run did not complete (its error line, or its last printed line), or None if it completed."""
+    """Why a run did not complete (its error line, or its last printed line); None if it did."""
     if outcome.returncode is None:
         return f"timed out after {timeout_s:.0f}s (killed; figures are what it logged before)"
     if outcome.returncode == 0 and log.completed:
@@ -351,8 +350,9 @@ def failure_reason(outcome: Outcome, log: TrainerLog, timeout_s: float) -> str |
 
 
 def unread_settings_error(keys, settings: dict) -> str | None:
-    """An error naming the keys the trainer does not list among its settings (it would ignore them); None when
-    every key is a setting, or while the settings are unknown (no run has logged them yet)."""
+    """An error naming the keys the trainer does not list among its settings (it would ignore them);
+    None when every key is a setting, or while the settings are unknown (no run has logged them
+    yet)."""
     unknown = [k for k in keys if k not in settings] if settings else []
     if not unknown:
         return None
@@ -361,7 +361,7 @@ def unread_settings_error(keys, settings: dict) -> str | None:
 
 
 def parse_assignments(items, what: str) -> dict[str, str]:
-    """KEY=VALUE strings as a dict; a malformed one stops the command naming `what` (the flag or file)."""
+    """KEY=VALUE strings as a dict; a bad one stops the command naming `what` (the flag or file)."""
     env = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -379,8 +379,8 @@ def parse_assignments(items, what: str) -> dict[str, str]:
 
 
 def shard_tokens(pattern_dir: Path, split: str) -> int:
-    """Token count of a split from its shard headers, without reading the tokens; a shard whose header or
-    size is wrong stops the command."""
+    """Token count of a split from its shard headers, without reading the tokens; a shard whose
+    header or size is wrong stops the command."""
     total = 0
     for path in shard_paths(pattern_dir, split):
         try:
@@ -395,8 +395,8 @@ def describe_data(data_path: Path, tokenizer_path: Path, vocab_size: int) -> dic
     val_tokens, train_tokens = shard_tokens(data_path, "val"), shard_tokens(data_path, "train")
     if not val_tokens or not train_tokens:
         raise SystemExit(
-            f"error: {display(data_path)} holds no fineweb_val_*.bin or fineweb_train_*.bin shards; "
-            "build them with `python data/build_dataset.py` or give --data-path"
+            f"error: {display(data_path)} holds no fineweb_val_*.bin or fineweb_train_*.bin "
+            "shards; build them with `python data/build_dataset.py` or give --data-path"
         )
     fineweb = val_tokens == FINEWEB_VAL_TOKENS
     return {
@@ -415,23 +415,26 @@ def describe_data(data_path: Path, tokenizer_path: Path, vocab_size: int) -> dic
 
 MACHINE_PROBE = """
 import json, os, platform, torch
-gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-print(json.dumps({"device": gpus[0] if gpus else f"CPU {platform.machine()}", "gpu_count": len(gpus), "gpus": gpus,
+gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [])
+print(json.dumps({"device": gpus[0] if gpus else f"CPU {platform.machine()}",
+                  "gpu_count": len(gpus), "gpus": gpus,
                   "torch": torch.__version__, "cuda": torch.version.cuda if gpus else None,
-                  "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count()}))
+                  "python": platform.python_version(), "platform": platform.platform(),
+                  "cpu_count": os.cpu_count()}))
 """
 
 
 def describe_machine() -> dict:
-    """Devices and versions, probed in a child process: the harness itself never imports torch or touches CUDA."""
+    """Devices and versions, from a subprocess: the harness never imports torch or touches CUDA."""
     out = subprocess.run(
         [sys.executable, "-c", MACHINE_PROBE], capture_output=True, text=True, timeout=300
     )
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(
-            f"error: could not import torch to describe the machine ({last}); set up the environment "
-            "with `bash scripts/setup_env.sh` or install torch"
+            f"error: could not import torch to describe the machine ({last}); set up the "
+            "environment with `bash scripts/setup_env.sh` or install torch"
         )
     return {**json.loads(out.stdout), "driver": nvidia_driver()}
 
@@ -454,7 +457,7 @@ def nvidia_driver() -> str | None:
 
 
 def describe_checkout() -> dict:
-    """Commit of the checkout and whether it has uncommitted changes (None outside a git checkout)."""
+    """Commit of the checkout and whether it has uncommitted changes (None outside a checkout)."""
 
     def git(*args):
         out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)

@@ -40,9 +40,10 @@ import sysconfig
 import tempfile
 import tokenize
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import sentencepiece as spm
@@ -72,9 +73,8 @@ PYDOCS_VAL_DOCS = 100
 PYDOCS_SHUFFLE_SEED = 1337
 # Generated tables and vendored bundles: slow to parse and nearly free of prose.
 PYDOCS_MAX_FILE_BYTES = 2_000_000
-CHALLENGE_VAL_DOCS = (
-    50_000  # the challenge scores the first 50,000 documents of docs_selected.jsonl
-)
+# the challenge scores the first 50,000 documents of docs_selected.jsonl
+CHALLENGE_VAL_DOCS = 50_000
 # A corpus of fewer than ten times that many documents gives a tenth of them to validation.
 SMALL_CORPUS_VAL_FRACTION = 10
 # Bytes of text a validation token is assumed to cover when the split must hold --min-tokens:
@@ -109,7 +109,10 @@ SPM_SENTENCE_BYTES = 4096
 SPM_TRAIN_THREADS = 4
 ENCODE_BATCH_DOCS = 512
 ENCODE_BATCH_BYTES = 8_000_000
-DOCS_SHA256_SCHEME = "sha256 over the documents in order, each as its UTF-8 length (8-byte little-endian) then its UTF-8 bytes"
+DOCS_SHA256_SCHEME = (
+    "sha256 over the documents in order, each as its UTF-8 length (8-byte little-endian) then its "
+    "UTF-8 bytes"
+)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -222,8 +225,8 @@ def _encode_utf8(text: str, where: str) -> bytes:
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise DatasetError(
-            f"{where}: the text holds an unpaired surrogate {text[exc.start]!r} at character {exc.start}, "
-            "which has no UTF-8 form; fix the escaping in the source"
+            f"{where}: the text holds an unpaired surrogate {text[exc.start]!r} at character "
+            f"{exc.start}, which has no UTF-8 form; fix the escaping in the source"
         ) from None
 
 
@@ -476,8 +479,8 @@ def default_val_split(doc_sizes: Iterable[int], min_tokens: int) -> ValSplit:
     if raised > tenth:
         return ValSplit(
             raised,
-            f"{reason} ({tenth:,}) raised to the first {raised:,}, which hold {needed_bytes:,} bytes: "
-            f"room for one {min_tokens}-token sequence",
+            f"{reason} ({tenth:,}) raised to the first {raised:,}, which hold {needed_bytes:,} "
+            f"bytes: room for one {min_tokens}-token sequence",
         )
     return ValSplit(tenth, reason)
 
@@ -539,16 +542,16 @@ def train_tokenizer(sentences: Iterable[str], *, vocab_size: int, source: str) -
         if reading_error:
             raise reading_error[0] from None
         raise TokenizerTrainingError(
-            f"SentencePiece could not train a {vocab_size}-piece tokenizer on the text of {source}: {exc}. "
-            "Give more text or a smaller --vocab-size."
+            f"SentencePiece could not train a {vocab_size}-piece tokenizer on the text of "
+            f"{source}: {exc}. Give more text or a smaller --vocab-size."
         ) from None
     if reading_error:
         raise reading_error[0]
     learned = spm.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
     if learned != vocab_size:
         raise TokenizerTrainingError(
-            f"SentencePiece learned only {learned} of {vocab_size} pieces from the training documents of "
-            f"{source}; give more text or a smaller --vocab-size"
+            f"SentencePiece learned only {learned} of {vocab_size} pieces from the training "
+            f"documents of {source}; give more text or a smaller --vocab-size"
         )
     return model.getvalue()
 
@@ -591,12 +594,10 @@ class BuildConfig:
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     max_docs: int | None = None
     max_bytes: int | None = None  # default: PYDOCS_MAX_BYTES for the built-in corpus, all of --docs
-    tokenizer_train_docs: int | None = (
-        None  # train the tokenizer on the training documents among the first N
-    )
-    tokenizer_train_bytes: int | None = (
-        None  # default: DEFAULT_TOKENIZER_TRAIN_BYTES unless tokenizer_train_docs
-    )
+    # train the tokenizer on the training documents among the first N
+    tokenizer_train_docs: int | None = None
+    # default: DEFAULT_TOKENIZER_TRAIN_BYTES unless tokenizer_train_docs
+    tokenizer_train_bytes: int | None = None
     out_root: Path = DATA_DIR  # holds datasets/ and tokenizers/
     workers: int | None = None  # default: the CPUs this process may use
     force: bool = False  # replace an existing dataset (and tokenizer)
@@ -673,7 +674,8 @@ def build(config: BuildConfig) -> BuildResult:
     name = config.name or (PYDOCS_NAME if builtin else Path(config.docs).stem)
     if not NAME_PATTERN.fullmatch(name):
         raise DatasetError(
-            f"--name {name!r}: use letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"--name {name!r}: use letters, digits, '.', '_' or '-', starting with a letter or "
+            "digit"
         )
     for flag, value in [
         ("--val-docs", config.val_docs),
@@ -691,7 +693,8 @@ def build(config: BuildConfig) -> BuildResult:
         tokenizer_train_bytes = DEFAULT_TOKENIZER_TRAIN_BYTES
     if config.shard_tokens >= 1 << 31:
         raise DatasetError(
-            f"--shard-tokens must be below 2**31 (the header stores an int32), got {config.shard_tokens}"
+            "--shard-tokens must be below 2**31 (the header stores an int32), got "
+            f"{config.shard_tokens}"
         )
 
     sp = None
@@ -705,13 +708,15 @@ def build(config: BuildConfig) -> BuildResult:
         vocab_size = sp.vocab_size()
         if config.vocab_size is not None and config.vocab_size != vocab_size:
             raise DatasetError(
-                f"--vocab-size {config.vocab_size} does not match --tokenizer {config.tokenizer} ({vocab_size} pieces)"
+                f"--vocab-size {config.vocab_size} does not match --tokenizer {config.tokenizer} "
+                f"({vocab_size} pieces)"
             )
     else:
         vocab_size = config.vocab_size or DEFAULT_VOCAB_SIZE
         if not 256 + 4 < vocab_size <= MAX_VOCAB_SIZE:
             raise DatasetError(
-                f"--vocab-size {vocab_size}: must exceed 260 (4 special and 256 byte pieces) and be at most {MAX_VOCAB_SIZE}"
+                f"--vocab-size {vocab_size}: must exceed 260 (4 special and 256 byte pieces) and "
+                f"be at most {MAX_VOCAB_SIZE}"
             )
 
     out_root = Path(config.out_root).resolve()
@@ -774,8 +779,9 @@ def build(config: BuildConfig) -> BuildResult:
         and config.tokenizer_train_docs <= val_docs
     ):
         raise DatasetError(
-            f"--tokenizer-train-docs {config.tokenizer_train_docs}: the tokenizer trains on the training documents "
-            f"among the first N, and the first {val_docs:,} are the validation split; give more than {val_docs:,}"
+            f"--tokenizer-train-docs {config.tokenizer_train_docs}: the tokenizer trains on the "
+            f"training documents among the first N, and the first {val_docs:,} are the validation "
+            f"split; give more than {val_docs:,}"
         )
 
     datasets_dir.mkdir(parents=True, exist_ok=True)
@@ -896,7 +902,8 @@ class TokenizerText:
         _check_doc_count(self.docs_read, self.val_docs, source)
         if self.sentence_count == 0:
             raise DatasetError(
-                f"{source}: the training documents (all after the first {self.val_docs}) hold no text"
+                f"{source}: the training documents (all after the first {self.val_docs}) hold no "
+                "text"
             )
 
 
@@ -905,8 +912,8 @@ def _check_doc_count(total_docs: int, val_docs: int, source: str) -> None:
         raise DatasetError(f"{source} holds no documents")
     if total_docs <= val_docs:
         raise DatasetError(
-            f"{source} holds {total_docs} documents, and the validation split (the first {val_docs}) takes all "
-            "of them; lower --val-docs or give more documents"
+            f"{source} holds {total_docs} documents, and the validation split (the first "
+            f"{val_docs}) takes all of them; lower --val-docs or give more documents"
         )
 
 
@@ -948,7 +955,7 @@ def _write_shards(
         if not batch:
             return
         encoded = sp.encode([text for text, _ in batch], out_type=int, num_threads=workers)
-        for ids, (_, text_bytes) in zip(encoded, batch):
+        for ids, (_, text_bytes) in zip(encoded, batch, strict=True):
             tokens = np.empty(len(ids) + 1, dtype=TOKEN_DTYPE)
             tokens[0] = BOS_ID
             tokens[1:] = ids
@@ -1063,14 +1070,15 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Build a challenge-format dataset (SentencePiece BPE tokenizer + uint16 token shards) "
-        "from local text. With no --docs: the docstrings and comments of this Python installation."
+        description="Build a challenge-format dataset (SentencePiece BPE tokenizer + uint16 token "
+        "shards) from local text. With no --docs: the docstrings and comments of this Python "
+        "installation."
     )
     parser.add_argument(
         "--docs",
         type=Path,
-        help='a .jsonl file (one {"text": ...} object a line, e.g. the challenge\'s docs_selected.jsonl) '
-        "or a folder of .txt/.md files (one document each, in path order)",
+        help='a .jsonl file (one {"text": ...} object a line, e.g. the challenge\'s '
+        "docs_selected.jsonl) or a folder of .txt/.md files (one document each, in path order)",
     )
     parser.add_argument(
         "--name", help=f"dataset name (default: {PYDOCS_NAME}, or the stem of --docs)"
@@ -1088,16 +1096,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--val-docs",
         type=_positive_int,
-        help=f"the first N documents form the validation split (default: {PYDOCS_VAL_DOCS} for the built-in "
-        f"corpus; for --docs, the challenge's {CHALLENGE_VAL_DOCS:_} when it holds at least "
-        f"{SMALL_CORPUS_VAL_FRACTION * CHALLENGE_VAL_DOCS:_} documents, else a tenth of them, raised if needed "
-        "to hold one --min-tokens sequence)",
+        help=f"the first N documents form the validation split (default: {PYDOCS_VAL_DOCS} for the "
+        f"built-in corpus; for --docs, the challenge's {CHALLENGE_VAL_DOCS:_} when it holds at "
+        f"least {SMALL_CORPUS_VAL_FRACTION * CHALLENGE_VAL_DOCS:_} documents, else a tenth of "
+        "them, raised if needed to hold one --min-tokens sequence)",
     )
     parser.add_argument(
         "--min-tokens",
         type=_positive_int,
         default=DEFAULT_MIN_TOKENS,
-        help=f"fail unless each split holds this many tokens (default: {DEFAULT_MIN_TOKENS} = TRAIN_SEQ_LEN 1024 + 1)",
+        help=f"fail unless each split holds this many tokens (default: {DEFAULT_MIN_TOKENS} = "
+        "TRAIN_SEQ_LEN 1024 + 1)",
     )
     parser.add_argument(
         "--shard-tokens",
@@ -1109,14 +1118,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-bytes",
         type=_positive_int,
-        help=f"stop after this many bytes of document text (default: {PYDOCS_MAX_BYTES:_} for the built-in "
-        "corpus, no limit for --docs)",
+        help=f"stop after this many bytes of document text (default: {PYDOCS_MAX_BYTES:_} for the "
+        "built-in corpus, no limit for --docs)",
     )
     parser.add_argument(
         "--tokenizer-train-docs",
         type=_positive_int,
-        help="train the tokenizer on the training documents among the first N documents (the SP4096/SP8192 "
-        "records used 5000000; the validation documents among them are left out)",
+        help="train the tokenizer on the training documents among the first N documents (the "
+        "SP4096/SP8192 records used 5000000; the validation documents among them are left out)",
     )
     parser.add_argument(
         "--tokenizer-train-bytes",
@@ -1128,7 +1137,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-root",
         type=Path,
         default=DATA_DIR,
-        help="write datasets/ and tokenizers/ under this folder (default: the folder of this script)",
+        help="write datasets/ and tokenizers/ under this folder (default: the folder of this "
+        "script)",
     )
     parser.add_argument(
         "--workers",
@@ -1177,8 +1187,8 @@ def main(argv: list[str] | None = None) -> int:
         f"docs: val {stats['docs_val']:,} train {stats['docs_train']:,}\n"
         f"tokens: val {stats['tokens_val']:,} train {stats['tokens_train']:,}\n"
         f"bytes_per_token: {stats['bytes_total'] / stats['tokens_total']:.3f}\n"
-        f"train with: DATA_PATH={display_path(result.dataset_dir)} TOKENIZER_PATH={display_path(result.tokenizer_path)} "
-        f"VOCAB_SIZE={result.vocab_size}"
+        f"train with: DATA_PATH={display_path(result.dataset_dir)} "
+        f"TOKENIZER_PATH={display_path(result.tokenizer_path)} VOCAB_SIZE={result.vocab_size}"
     )
     return 0
 

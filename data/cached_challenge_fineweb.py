@@ -62,12 +62,10 @@ class KnownSource:
 
 # Where each published variant lives (data/README.md says what each repo holds).
 KNOWN_SOURCES = (
-    KnownSource(
-        "willdepueoai/parameter-golf", DEFAULT_REMOTE_ROOT, ("sp1024",)
-    ),  # the challenge's export
-    KnownSource(
-        "kevclark/parameter-golf", DEFAULT_REMOTE_ROOT, ("sp4096", "sp8192")
-    ),  # the SP4096/SP8192 records'
+    # the challenge's export
+    KnownSource("willdepueoai/parameter-golf", DEFAULT_REMOTE_ROOT, ("sp1024",)),
+    # the SP4096/SP8192 records'
+    KnownSource("kevclark/parameter-golf", DEFAULT_REMOTE_ROOT, ("sp4096", "sp8192")),
 )
 DEFAULT_REPO_ID = KNOWN_SOURCES[0].repo_id
 
@@ -81,7 +79,7 @@ def known_variants_text() -> str:
 
 
 def resolve_source(variant: str, repo_id: str | None, remote_root: str | None) -> tuple[str, str]:
-    """(repo, root folder) to read `variant` from: the ones given, else the known source of the variant."""
+    """(repo, root folder) for `variant`: the ones given, else the variant's known source."""
     known = next((s for s in KNOWN_SOURCES if variant in s.variants), KNOWN_SOURCES[0])
     repo_id = repo_id or known.repo_id
     remote_root = known.remote_root if remote_root is None else remote_root.strip("/")
@@ -91,7 +89,8 @@ def resolve_source(variant: str, repo_id: str | None, remote_root: str | None) -
         )
     if remote_root and any(part in ("", ".", "..") for part in remote_root.split("/")):
         raise DownloadError(
-            f"remote root {remote_root!r} is not a plain folder path; check {REMOTE_ROOT_ENV} or --remote-root"
+            f"remote root {remote_root!r} is not a plain folder path; check {REMOTE_ROOT_ENV} or "
+            "--remote-root"
         )
     return repo_id, remote_root
 
@@ -133,11 +132,13 @@ class HubFetcher:
                 else "huggingface.co cannot be reached; check the network connection"
             )
             raise DownloadError(
-                f"cannot {what} from {self.description}: {reason}, or pass --mirror DIR to read a local copy"
+                f"cannot {what} from {self.description}: {reason}, or pass --mirror DIR to read a "
+                "local copy"
             ) from None
         except hf_errors.GatedRepoError:
             raise DownloadError(
-                f"{self.description} is gated: accept its terms on huggingface.co and log in (hf auth login)"
+                f"{self.description} is gated: accept its terms on huggingface.co and log in "
+                "(hf auth login)"
             ) from None
         except hf_errors.RepositoryNotFoundError:
             raise DownloadError(
@@ -145,11 +146,11 @@ class HubFetcher:
             ) from None
         except hf_errors.RemoteEntryNotFoundError:
             raise RemoteFileMissing(
-                f"cannot {what}: no such file in {self.description}; check {REMOTE_ROOT_ENV} or --remote-root"
+                f"cannot {what}: no such file in {self.description}; check {REMOTE_ROOT_ENV} or "
+                "--remote-root"
             ) from None
-        except (
-            Exception
-        ) as exc:  # the network boundary: any other failure ends the run with one message
+        # the network boundary: any other failure ends the run with one message
+        except Exception as exc:
             raise DownloadError(f"cannot {what} from {self.description}: {exc}") from None
 
     def fetch(self, remote_path: str, destination: Path) -> None:
@@ -179,7 +180,7 @@ class HubFetcher:
 
 
 class MirrorFetcher:
-    """Reads a local copy of the hub (e.g. on a shared disk): one folder per repo, MIRROR/<owner>/<name>/."""
+    """A local copy of the hub (say on a shared disk): a folder per repo, MIRROR/<owner>/<name>/."""
 
     def __init__(self, mirror_dir: Path, repo_id: str):
         self.repo_dir = Path(mirror_dir) / repo_id
@@ -193,8 +194,9 @@ class MirrorFetcher:
                 if repo.is_dir()
             )
             raise DownloadError(
-                f"--mirror {mirror_dir} has no copy of {repo_id} (no folder {self.repo_dir}); "
-                f"it holds: {', '.join(held) or 'no repos'} (a mirror holds one folder per repo, DIR/<owner>/<name>/)"
+                f"--mirror {mirror_dir} has no copy of {repo_id} (no folder {self.repo_dir}); it "
+                f"holds: {', '.join(held) or 'no repos'} (a mirror holds one folder per repo, "
+                "DIR/<owner>/<name>/)"
             )
 
     def fetch(self, remote_path: str, destination: Path) -> None:
@@ -231,9 +233,8 @@ class VariantFiles:
     files_train: int
     tokenizer_files: tuple[str, ...]  # the SentencePiece .model first
     found_in: str  # "manifest" or "file listing"
-    manifest: dict | None = (
-        None  # the export's manifest and the variant's entry in it, when listed there
-    )
+    # the export's manifest and the variant's entry in it, when listed there
+    manifest: dict | None = None
     entry: dict | None = None
 
     def expected_tokens(self, split: str, index: int) -> int | None:
@@ -294,7 +295,8 @@ def from_manifest(manifest: dict | None, variant: str) -> VariantFiles | None:
     )
     if not artifacts or not artifacts[0].endswith(".model"):
         raise DownloadError(
-            f"the manifest's tokenizer {tokenizer_name!r} for {entry['name']} names no SentencePiece .model file"
+            f"the manifest's tokenizer {tokenizer_name!r} for {entry['name']} names no "
+            "SentencePiece .model file"
         )
     return VariantFiles(
         str(entry["name"]), files_val, files_train, artifacts, "manifest", manifest, entry
@@ -318,7 +320,8 @@ def listed_variants(files: list[str], remote_root: str) -> list[str]:
 
 def from_listing(files: list[str], remote_root: str, variant: str) -> VariantFiles | None:
     """The variant from the repo's file names, laid out as the challenge's export lays them out:
-    datasets/fineweb10B_<variant>/fineweb_{val,train}_NNNNNN.bin and tokenizers/fineweb_<V>_bpe.model."""
+    datasets/fineweb10B_<variant>/fineweb_{val,train}_NNNNNN.bin and
+    tokenizers/fineweb_<V>_bpe.model."""
     dataset_name = DATASET_PREFIX + variant
     folder = remote_join(remote_root, "datasets", dataset_name) + "/"
     indices: dict[str, list[int]] = {"val": [], "train": []}
@@ -344,7 +347,8 @@ def from_listing(files: list[str], remote_root: str, variant: str) -> VariantFil
             if p.startswith(remote_join(remote_root, "tokenizers") + "/") and p.endswith(".model")
         ]
         raise DownloadError(
-            f"{folder} has no tokenizer {model} beside it (the repo's tokenizers: {', '.join(models) or 'none'})"
+            f"{folder} has no tokenizer {model} beside it (the repo's tokenizers: "
+            f"{', '.join(models) or 'none'})"
         )
     vocab_file = model.removesuffix(".model") + ".vocab"
     artifacts = (model, vocab_file) if vocab_file in files else (model,)
@@ -372,14 +376,15 @@ def plan_downloads(
     out_root = Path(config.out_root)
     if config.train_shards > found.files_train:
         raise DownloadError(
-            f"{config.variant} has {found.files_train} training shards, --train-shards asks for {config.train_shards}"
+            f"{config.variant} has {found.files_train} training shards, --train-shards asks for "
+            f"{config.train_shards}"
         )
     dataset_dir = out_root / "datasets" / found.dataset_name
     if (dataset_dir / "manifest.json").is_file():
         raise DownloadError(
-            f"{display_path(dataset_dir)} holds a dataset built by build_dataset.py (it has a manifest.json); "
-            "downloading into it would mix the shards of two tokenizers: build under another --name, "
-            "or download with another --out-root"
+            f"{display_path(dataset_dir)} holds a dataset built by build_dataset.py (it has a "
+            "manifest.json); downloading into it would mix the shards of two tokenizers: build "
+            "under another --name, or download with another --out-root"
         )
     remote_dataset = remote_join(remote_root, "datasets", found.dataset_name)
     planned: list[PlannedFile] = []
@@ -453,7 +458,8 @@ def fetch_checked(fetcher: Fetcher, item: PlannedFile) -> None:
         problem = file_problem(tmp_path, item.expected_tokens, suffix=item.local_path.suffix)
         if problem is not None:
             raise DownloadError(
-                f"the fetched {item.remote_path} is not valid: {problem.replace(str(tmp_path), 'file')}"
+                f"the fetched {item.remote_path} is not valid: "
+                f"{problem.replace(str(tmp_path), 'file')}"
             )
         os.replace(tmp_path, item.local_path)
     finally:
@@ -544,8 +550,8 @@ def find_variant(
     )
     raise DownloadError(
         f"variant {config.variant!r} is not in {where}: {held}, and its files hold "
-        f"{', '.join(listed_variants(files, remote_root)) or 'no variant'}. Published variants known here: "
-        f"{known_variants_text()}"
+        f"{', '.join(listed_variants(files, remote_root)) or 'no variant'}. Published variants "
+        f"known here: {known_variants_text()}"
     )
 
 
@@ -554,9 +560,9 @@ def download(config: DownloadConfig) -> DownloadResult:
         raise DownloadError(f"--train-shards must be 0 or more, got {config.train_shards}")
     if not SCOREABLE_VARIANT.fullmatch(config.variant):
         raise DownloadError(
-            f"--variant {config.variant}: train_gpt.py counts bytes from SentencePiece pieces, which scores "
-            "plain SentencePiece exports (sp<V>: sp1024, sp4096, sp8192) only; byte-level or case-operator "
-            "exports need a byte count of their own"
+            f"--variant {config.variant}: train_gpt.py counts bytes from SentencePiece pieces, "
+            "which scores plain SentencePiece exports (sp<V>: sp1024, sp4096, sp8192) only; "
+            "byte-level or case-operator exports need a byte count of their own"
         )
     repo_id, remote_root = resolve_source(config.variant, config.repo_id, config.remote_root)
     staging_dir = Path(config.out_root) / "datasets" / STAGING_DIR_NAME
@@ -595,8 +601,9 @@ def download(config: DownloadConfig) -> DownloadResult:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Download published FineWeb shards and their tokenizer (sp1024, sp4096, sp8192) from "
-        "the dataset repo that publishes the variant. Runs resume; damaged or partial files are fetched again."
+        description="Download published FineWeb shards and their tokenizer (sp1024, sp4096, "
+        "sp8192) from the dataset repo that publishes the variant. Runs resume; damaged or partial "
+        "files are fetched again."
     )
     parser.add_argument(
         "train_shards_positional",
@@ -608,13 +615,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--variant",
         default=DEFAULT_VARIANT,
-        help=f"tokenizer variant: sp1024, sp4096, sp8192, or another sp<V> of --repo-id (default: {DEFAULT_VARIANT})",
+        help="tokenizer variant: sp1024, sp4096, sp8192, or another sp<V> of --repo-id (default: "
+        f"{DEFAULT_VARIANT})",
     )
     parser.add_argument(
         "--train-shards",
         type=int,
         default=DEFAULT_TRAIN_SHARDS,
-        help=f"download the first N training shards, 100M tokens each (default: {DEFAULT_TRAIN_SHARDS})",
+        help="download the first N training shards, 100M tokens each (default: "
+        f"{DEFAULT_TRAIN_SHARDS})",
     )
     parser.add_argument(
         "--with-docs", action="store_true", help="also download docs_selected.jsonl and its sidecar"
@@ -623,21 +632,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-root",
         type=Path,
         default=DATA_DIR,
-        help="write datasets/ and tokenizers/ under this folder (default: the folder of this script)",
+        help="write datasets/ and tokenizers/ under this folder (default: the folder of this "
+        "script)",
     )
     parser.add_argument(
         "--repo-id",
-        help=f"Hugging Face dataset repo (default: ${REPO_ENV}, else the repo that publishes the variant: "
-        f"{known_variants_text()})",
+        help=f"Hugging Face dataset repo (default: ${REPO_ENV}, else the repo that publishes the "
+        f"variant: {known_variants_text()})",
     )
     parser.add_argument(
         "--remote-root",
-        help=f"folder of the export inside the repo (default: ${REMOTE_ROOT_ENV} or {DEFAULT_REMOTE_ROOT})",
+        help=f"folder of the export inside the repo (default: ${REMOTE_ROOT_ENV} or "
+        f"{DEFAULT_REMOTE_ROOT})",
     )
     parser.add_argument(
         "--mirror",
         type=Path,
-        help="read from this local copy of the hub (one folder per repo: DIR/<owner>/<name>/) instead of Hugging Face",
+        help="read from this local copy of the hub (one folder per repo: DIR/<owner>/<name>/) "
+        "instead of Hugging Face",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (they show only on a terminal)"
@@ -673,8 +685,8 @@ def main(argv: list[str] | None = None) -> int:
         f"dataset: {display_path(result.dataset_dir)}\n"
         f"tokenizer: {display_path(result.tokenizer_path)}\n"
         f"files: {len(result.fetched)} fetched, {len(result.already_complete)} already complete\n"
-        f"train with: DATA_PATH={display_path(result.dataset_dir)} TOKENIZER_PATH={display_path(result.tokenizer_path)} "
-        f"VOCAB_SIZE={result.vocab_size}"
+        f"train with: DATA_PATH={display_path(result.dataset_dir)} "
+        f"TOKENIZER_PATH={display_path(result.tokenizer_path)} VOCAB_SIZE={result.vocab_size}"
     )
     return 0
 

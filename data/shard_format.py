@@ -126,7 +126,8 @@ def read_header(path: Path) -> int:
     expected_bytes = HEADER_BYTES + num_tokens * TOKEN_DTYPE.itemsize
     if num_tokens < 0 or size_bytes != expected_bytes:
         raise ShardError(
-            f"{path}: header says {num_tokens} tokens ({expected_bytes} bytes) but the file has {size_bytes} bytes"
+            f"{path}: header says {num_tokens} tokens ({expected_bytes} bytes) but the file has "
+            f"{size_bytes} bytes"
         )
     return num_tokens
 

@@ -5,7 +5,8 @@
         [--reference records/track_10min_16mb/2026-03-17_Baseline]
     python records/make_submission.py compare logs/s1.json logs/s2.json logs/s3.json \\
         --reference records/track_10min_16mb/2026-03-17_Baseline
-    python records/make_submission.py compare logs/sweep/ --ref-mean 2.0604 --ref-std 0.0012 --ref-n 3
+    python records/make_submission.py compare logs/sweep/ \\
+        --ref-mean 2.0604 --ref-std 0.0012 --ref-n 3
     python records/make_submission.py sweep logs/
     python records/make_submission.py plot logs/ -o sweep.png
     python records/make_submission.py pack -o packed/train_gpt.py     # then run the seeds from it

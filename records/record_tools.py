@@ -15,10 +15,10 @@ Every refusal is a `RecordError` whose message names the file and what is wrong.
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import base64
 import binascii
+import dataclasses
+import datetime
 import hashlib
 import io
 import json
@@ -31,8 +31,8 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -94,7 +94,7 @@ def failure_line(lines: Iterable[str]) -> str | None:
 
 
 def check_score(data: dict, where: object) -> dict:
-    """Refuse a run summary whose score is not a finite number (a diverged run from before such runs failed)."""
+    """Refuse a run summary without a finite score (a diverged run from before such runs failed)."""
     for key in ("val_bpb", "val_loss"):
         value = data.get(key)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -410,7 +410,8 @@ def check_submittable(runs: Sequence[Run], code: bytes, code_path: Path) -> None
         if total > ARTIFACT_LIMIT_BYTES:
             raise RecordError(
                 f"{run.summary_path}: the artifact does not fit: bytes_total {total:,} is "
-                f"{total - ARTIFACT_LIMIT_BYTES:,} bytes over the {ARTIFACT_LIMIT_BYTES:,}-byte limit"
+                f"{total - ARTIFACT_LIMIT_BYTES:,} bytes over the {ARTIFACT_LIMIT_BYTES:,}-byte "
+                "limit"
             )
     first = runs[0]
     for run in runs[1:]:
@@ -952,7 +953,8 @@ class Comparison:
             f"H0 ref - new <= {d:g} {u}, H1 ref - new > {d:g} {u}",
             f"new        n={self.new.n:<3d} mean {self.new.mean:.6f}  std {self.new.std:.6f}"
             f"   (val_bpb mean {self.new_bpb_mean:.6f})",
-            f"reference  n={self.ref.n:<3d} mean {self.ref.mean:.6f}  std {self.ref.std:.6f}{ref_bpb}",
+            f"reference  n={self.ref.n:<3d} mean {self.ref.mean:.6f}  std "
+            f"{self.ref.std:.6f}{ref_bpb}",
             f"improvement (ref - new): {self.improvement_nats:.6f} nats = "
             f"{self.improvement_bpb:.6f} bpb",
             f"t = {self.t:.4f}  df = {self.df:.2f}  p = {self.p:.4g}",
@@ -1032,8 +1034,9 @@ def compare(
 def find_summaries(
     root: Path,
 ) -> tuple[list[tuple[Path, dict]], list[Path], list[tuple[Path, str]]]:
-    """Every finished run's summary under `root`; the train logs without one that are still unfinished; and
-    the failed runs (an `error:` line in the log, or a summary without a finite score) with the reason."""
+    """Every finished run's summary under `root`; the train logs without one that are still
+    unfinished; and the failed runs (an `error:` line in the log, or a summary without a finite
+    score) with the reason."""
     summaries, failed = [], []
     for path in files_under(root, "*.json"):
         try:
@@ -1073,7 +1076,10 @@ def format_table(
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 

@@ -1,5 +1,5 @@
-"""Shared fixtures and helpers: a tiny real dataset (SentencePiece + shards), tiny settings and models, and
-helpers to run train_gpt.py and read what it writes."""
+"""Shared fixtures and helpers: a tiny real dataset (SentencePiece + shards), tiny settings and
+models, and helpers to run train_gpt.py and read what it writes."""
 
 from __future__ import annotations
 
@@ -16,19 +16,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(
-    0, str(ROOT / "data")
-)  # the tools' shared module (shard_format) and the data scripts
+# the tools' shared module (shard_format) and the data scripts
+sys.path.insert(0, str(ROOT / "data"))
 
 TINY_VOCAB = 384  # 4 specials + 256 byte pieces + characters and merges
-BOS_ID = (
-    1  # every document starts with it, in the datasets data/ builds and those train_gpt.py reads
-)
+# every document starts with it, in the datasets data/ builds and those train_gpt.py reads
+BOS_ID = 1
 CPU = torch.device("cpu")
 
 
 def stdlib_documents(limit: int) -> list[str]:
-    """Docstrings of standard-library modules, in a fixed order: real text, present on every machine."""
+    """Docstrings of standard-library modules in a fixed order: real text, on every machine."""
     import sysconfig
 
     docs = []
@@ -68,17 +66,17 @@ def split_documents(tokens: np.ndarray) -> list[list[int]]:
     starts = np.flatnonzero(tokens == BOS_ID)
     assert tokens.size and starts[0] == 0, "a split must begin with BOS"
     ends = list(starts[1:]) + [tokens.size]
-    return [tokens[s + 1 : e].tolist() for s, e in zip(starts, ends)]
+    return [tokens[s + 1 : e].tolist() for s, e in zip(starts, ends, strict=True)]
 
 
 def decoded_document_bytes(sp: spm.SentencePieceProcessor, tokens: np.ndarray) -> int:
-    """UTF-8 bytes of every document's text (documents start at BOS), as SentencePiece decodes it."""
+    """UTF-8 bytes of every document's text (documents start at BOS) as SentencePiece decodes it."""
     return sum(len(sp.decode(doc).encode("utf-8")) for doc in split_documents(tokens))
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
-    """A SentencePiece BPE tokenizer with the challenge's settings and train/val shards, all tiny."""
+    """SentencePiece BPE tokenizer with the challenge's settings and train/val shards, all tiny."""
     root = tmp_path_factory.mktemp("tiny_data")
     docs = stdlib_documents(1500)
     text_file = root / "corpus.txt"
@@ -183,7 +181,7 @@ def run_script(
     check: bool = True,
     script: Path = ROOT / "train_gpt.py",
 ) -> subprocess.CompletedProcess:
-    """Run train_gpt.py as a user would: plain python for one process, torchrun (gloo) for several."""
+    """Run train_gpt.py as a user would: python for one process, torchrun (gloo) for several."""
     full_env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     }
@@ -210,7 +208,8 @@ def run_script(
     )
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"train_gpt.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+            f"train_gpt.py failed ({proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         )
     return proc
 
@@ -220,13 +219,14 @@ def log_events(path: Path) -> str:
     return Path(path).read_bytes().split(b"\ncode_end\n", 1)[1].decode("utf-8")
 
 
-# What importing a train_gpt.py does, run as `python -c IMPORT_PROBE FOLDER` (the folder holding it):
-# the environment variables it reads, whether it starts a process group or CUDA, its public names, and
-# (through an audit hook) the source a packed file compiles, the code it executes, the files it opens and
-# any socket it touches. Prints one JSON line.
+# What importing a train_gpt.py does, run as `python -c IMPORT_PROBE FOLDER` (the folder holding
+# it): the environment variables it reads, whether it starts a process group or CUDA, its public
+# names, and (through an audit hook) the source a packed file compiles, the code it executes, the
+# files it opens and any socket it touches. Prints one JSON line.
 IMPORT_PROBE = r"""
 import json, os, sys
-import numpy, sentencepiece, zstandard, torch, torch.distributed as dist, torch.nn.functional, torch.nn.parallel
+import numpy, sentencepiece, zstandard, torch
+import torch.distributed as dist, torch.nn.functional, torch.nn.parallel
 
 events = {"compile": [], "exec": [], "open": [], "socket": []}
 def audit(event, args):
@@ -255,14 +255,15 @@ os.environ = RecordingEnviron(real_environ)
 sys.path.insert(0, sys.argv[1])
 import train_gpt
 reads, os.environ = os.environ.reads, real_environ
-print(json.dumps({"reads": reads, "dist": dist.is_initialized(), "cuda": torch.cuda.is_initialized(),
+print(json.dumps({"reads": reads, "dist": dist.is_initialized(),
+                  "cuda": torch.cuda.is_initialized(),
                   "has_main": callable(getattr(train_gpt, "main", None)),
                   "names": sorted(n for n in vars(train_gpt) if not n.startswith("_")), **events}))
 """
 
 
 def small_hparams(num_layers: int = 3, **overrides):
-    """Validated settings of a tiny model for unit tests: vocab 64, width 32, 4 heads of 8 on 2 KV heads."""
+    """Validated tiny settings for unit tests: vocab 64, width 32, 4 heads of 8 on 2 KV heads."""
     import train_gpt
 
     settings = dict(
@@ -286,8 +287,9 @@ def randomized(
 
 
 def random_gpt(h) -> torch.nn.Module:
-    """A GPT in float64 (its initialization seeded) with every parameter perturbed, so each position depends
-    on its whole context (at init the zero-initialized projections make it depend on the current token only)."""
+    """A GPT in float64 (its initialization seeded) with every parameter perturbed, so each position
+    depends on its whole context (at init the zero-initialized projections make it depend on the
+    current token only)."""
     import train_gpt
 
     torch.manual_seed(0)
@@ -309,8 +311,8 @@ class ShapeRecorder(torch.nn.Module):
 
 
 def assert_causal(model: torch.nn.Module, ids: torch.Tensor, vocab: int = 64) -> None:
-    """Changing the token at position t leaves every output before t exactly as it was, and changes one at t
-    or later."""
+    """Changing the token at position t leaves every output before t exactly as it was, and changes
+    one at t or later."""
     base = model(ids)
     for t in range(ids.shape[1]):
         changed = ids.clone()

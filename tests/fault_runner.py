@@ -1,7 +1,7 @@
 """Runs train_gpt.py's command with one fault injected, for the tests of how failures are handled.
 
 FAULT=raise_on_rank:R:N   rank R raises in its N-th training step (count the warm-up steps too)
-FAULT=gloo_group_fails    creating a gloo group beside the world group fails (the host-sync fallback)
+FAULT=gloo_group_fails    creating a gloo group beside the world group fails (host-sync fallback)
 FAULT=before_training     building the optimizers fails: after the log exists, before the first step
 """
 

@@ -123,7 +123,9 @@ def differences(stored: dict, current: dict) -> list[str]:
     bad = sorted(set(stored) ^ set(current))
     for key in sorted(set(stored) & set(current)):
         mass = max(stored[key][0], current[key][0])
-        if any(abs(a - b) > TOLERANCE * mass for a, b in zip(stored[key], current[key])):
+        if any(
+            abs(a - b) > TOLERANCE * mass for a, b in zip(stored[key], current[key], strict=True)
+        ):
             bad.append(key)
     return bad
 

@@ -1,4 +1,4 @@
-"""Quantization, QAT and the artifact: what is shipped, how it is read back, and how its size is counted.
+"""Quantization, QAT and the artifact: what is shipped, how it is read back, how its size counts.
 
 quantize_per_row is checked element by element against a slow reference written here; the artifact
 against the in-memory export and against damaged or hostile files; QAT against a model whose weights
@@ -51,8 +51,9 @@ def nearest_rank(percentile: float, n: int) -> int:
 def slow_quantize(
     w: np.ndarray, max_level: int, percentile: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row and per element: clip at the nearest-rank percentile of |w|, fp16 scale = clip / max_level,
-    level = round-half-even(w / scale) clamped to +-max_level. Returns levels, scales and the clips."""
+    """Per row and per element: clip at the nearest-rank percentile of |w|, fp16 scale = clip /
+    max_level, level = round-half-even(w / scale) clamped to +-max_level. Returns levels, scales and
+    the clips."""
     rows, n = w.shape
     q = np.zeros((rows, n), dtype=np.int64)
     scales = np.zeros(rows, dtype=np.float16)
@@ -93,7 +94,7 @@ def expected_int6_names(num_layers: int, keep: str = KEEP) -> set[str]:
 
 
 def randomized_model(h: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
-    """build_model, with every tensor random (zero-initialized projections would hide quantization)."""
+    """build_model, every tensor random (zero-initialized projections would hide quantization)."""
     torch.manual_seed(seed)
     model = tg.build_model(h, torch.device("cpu"))
     with torch.no_grad():
@@ -108,13 +109,12 @@ def randomized_model(h: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
 def score_stream(
     model: tg.GPT, tokens: torch.Tensor, seq_len: int, luts: tg.ByteLuts
 ) -> tuple[float, float]:
-    """(val_loss, val_bpb) of every target: windows of seq_len tokens side by side, then one window ending at
-    the end of the split that scores only the targets the others left."""
+    """(val_loss, val_bpb) of every target: windows of seq_len tokens side by side, then one window
+    ending at the end of the split that scores only the targets the others left."""
     num_targets = tokens.numel() - 1
     full = num_targets // seq_len * seq_len
-    pieces = [
-        (tokens[:full].view(-1, seq_len), tokens[1 : full + 1].view(-1, seq_len), 0)
-    ]  # (B, T), (B, T)
+    # (B, T), (B, T)
+    pieces = [(tokens[:full].view(-1, seq_len), tokens[1 : full + 1].view(-1, seq_len), 0)]
     if full < num_targets:
         start = num_targets - seq_len
         pieces.append((tokens[start:num_targets][None], tokens[start + 1 :][None], full - start))
@@ -160,21 +160,20 @@ def test_quantize_matches_slow_reference(max_level, percentile, n):
     inside = w.abs() <= clip
     err = (deq - w).abs()
     assert bool((err[inside] <= step.expand_as(w)[inside] / 2).all())  # half a step inside the clip
-    # Only weights beyond the clip are clipped: to the extreme level, keeping their sign; and there are at
-    # most n - rank of them per row.
+    # Only weights beyond the clip are clipped: to the extreme level, keeping their sign; and there
+    # are at most n - rank of them per row.
     beyond = ~inside
     assert torch.equal(q[beyond].long(), torch.sign(w[beyond]).long() * max_level)
     assert bool((beyond.sum(dim=1) <= n - nearest_rank(percentile, n)).all())
     if percentile == 100.0:
         assert torch.equal(clip[:, 0], w.abs().amax(dim=1)) and not beyond.any()
     if nearest_rank(percentile, n) < n:
-        assert beyond.any(
-            dim=1
-        ).all()  # every row has weights above its percentile: they really are clipped
+        # every row has weights above its percentile: they really are clipped
+        assert beyond.any(dim=1).all()
 
 
 def test_percentile_rank_is_exact_for_decimal_percentiles():
-    """The 99.9th percentile of 1000 values is the 999th (floats give 999.0000000000001, whose ceil is 1000)."""
+    """The 99.9th percentile of 1000 values is the 999th (floats: 999.0000000000001, ceil 1000)."""
     w = torch.arange(1, 1001, dtype=torch.float32)[None] / 1000
     _, scale = tg.quantize_per_row(w, tg.level_of("int6"), 99.9)
     assert scale.item() == np.float16(np.float32(0.999) / np.float32(31))
@@ -315,8 +314,8 @@ def test_damaged_artifacts_give_clear_errors(tmp_path, small_artifact):
         flipped[pos] ^= 1 << int(rng.integers(8))
         with pytest.raises(tg.ArtifactError, match="truncated or corrupt"):
             tg.read_artifact(write(tmp_path / "flip.ptz", bytes(flipped)))
-    # Every single-bit flip in the magic and the zstd frame header: an ArtifactError, or (for the flag bits
-    # zstd ignores) the intact payload; never another exception.
+    # Every single-bit flip in the magic and the zstd frame header: an ArtifactError, or (for the
+    # flag bits zstd ignores) the intact payload; never another exception.
     header = len(tg.ARTIFACT_MAGIC) + 14
     intact = tg.dequantize_state_dict(tg.read_artifact(tmp_path / "ok.ptz"))
     for pos in range(header):
@@ -332,15 +331,13 @@ def test_damaged_artifacts_give_clear_errors(tmp_path, small_artifact):
             )
     # A damaged size field declaring 32 TiB of content: zstd tries to allocate it up front.
     frame = blob[len(tg.ARTIFACT_MAGIC) :]
-    descriptor = frame[
-        4
-    ]  # frame header: magic (4), descriptor (1), window (0 or 1), content size (0-8)
+    # frame header: magic (4), descriptor (1), window (0 or 1), content size (0-8)
+    descriptor = frame[4]
     single_segment = bool(descriptor & 0x20)
     size_len = {0: int(single_segment), 1: 2, 2: 4, 3: 8}[descriptor >> 6]
     blocks = frame[5 + (not single_segment) + size_len :]
-    huge = (
-        frame[:4] + bytes([descriptor | 0xE0]) + (2**45).to_bytes(8, "little") + blocks
-    )  # 8-byte size field
+    # 8-byte size field
+    huge = frame[:4] + bytes([descriptor | 0xE0]) + (2**45).to_bytes(8, "little") + blocks
     assert zstandard.get_frame_parameters(huge).content_size == 2**45
     with pytest.raises(tg.ArtifactError, match="truncated or corrupt"):
         tg.read_artifact(write(tmp_path / "huge.ptz", tg.ARTIFACT_MAGIC + huge))
@@ -451,18 +448,16 @@ def hand_quantized(model: tg.GPT, percentile: float) -> tg.GPT:
 
 
 def test_qat_runs_in_the_compiled_training_forward_only():
-    percentile = (
-        95.0  # below the rank of the largest weight for rows of 32 or 64: exercises kthvalue
-    )
+    # below the rank of the largest weight for rows of 32 or 64: exercises kthvalue
+    percentile = 95.0
     h = tiny_hparams(quant_clip_percentile=percentile)
     assert h.qat  # on by default
     model = randomized_model(h)
     qat_on = {
         n for n, m in model.named_modules() if isinstance(m, tg.CastedLinear) and m.qat is not None
     }
-    assert {f"{n}.weight" for n in qat_on} == expected_int6_names(
-        h.num_layers
-    )  # exactly what ships as int6
+    # exactly what ships as int6
+    assert {f"{n}.weight" for n in qat_on} == expected_int6_names(h.num_layers)
     ref = hand_quantized(model, percentile).eval()
     plain = copy.deepcopy(model).eval()
     ids = torch.randint(
@@ -486,8 +481,8 @@ def test_qat_runs_in_the_compiled_training_forward_only():
             got_train_again = compiled(ids)
     finally:
         torch._dynamo.reset()
-    # The compiled grid is the export's grid (test_compiled_fake_quantize_is_the_export_grid); what remains
-    # is float reassociation in the fused forward.
+    # The compiled grid is the export's grid (test_compiled_fake_quantize_is_the_export_grid); what
+    # remains is float reassociation in the fused forward.
     assert torch.allclose(got_train, want_train, rtol=1e-5, atol=1e-5)
     assert (got_train - want_eval).abs().max() > 0.5 * qat_effect
     assert torch.allclose(got_eval, want_eval, rtol=1e-5, atol=1e-5)
@@ -496,12 +491,11 @@ def test_qat_runs_in_the_compiled_training_forward_only():
 
 @pytest.mark.parametrize("percentile", [100.0, 95.0])
 def test_compiled_fake_quantize_is_the_export_grid(percentile):
-    """Inductor drops an fp32->fp16->fp32 cast pair; the scale rounding must survive compilation, or the
-    training forward would quantize on a different grid than the artifact."""
+    """Inductor drops an fp32->fp16->fp32 cast pair; the scale rounding must survive compilation, or
+    the training forward would quantize on a different grid than the artifact."""
     g = torch.Generator().manual_seed(7)
-    w = (
-        torch.randn(96, 160, generator=g) * torch.logspace(-4, -1, 96)[:, None]
-    )  # scales across fp16 ranges
+    # scales across fp16 ranges
+    w = torch.randn(96, 160, generator=g) * torch.logspace(-4, -1, 96)[:, None]
     q, scale = tg.quantize_per_row(w, tg.level_of("int6"), percentile)
     exported = tg.dequantize_per_row(q, scale)
     torch._dynamo.reset()
@@ -518,8 +512,8 @@ def test_compiled_fake_quantize_is_the_export_grid(percentile):
 def test_qat_gradients_flow_straight_through_the_compiled_model():
     """Gradients w.r.t. the fp32 weights equal those of the hand-quantized model w.r.t. its weights.
 
-    Dynamo traces the whole graph (where a constant-folded flag would drop the fake quantization); the
-    aot_eager backend keeps this cheap."""
+    Dynamo traces the whole graph (where a constant-folded flag would drop the fake quantization);
+    the aot_eager backend keeps this cheap."""
     h = tiny_hparams(quant_clip_percentile=100.0)
     model = randomized_model(h, seed=3)
     ref = hand_quantized(model, 100.0)
@@ -554,9 +548,10 @@ def test_qat_gradients_flow_straight_through_the_compiled_model():
 
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):
-    """A tiny run at ZSTD_LEVEL=22 with an FP16_KEEP pattern, then a re-export of its raw checkpoint.
+    """A tiny run at ZSTD_LEVEL=22 with an FP16_KEEP pattern, then its raw checkpoint re-exported.
 
-    Both run a copy of train_gpt.py, so the code size they report is that of a file nobody edits meanwhile."""
+    Both run a copy of train_gpt.py, so the code size they report is that of a file nobody edits
+    meanwhile."""
     root = tmp_path_factory.mktemp("artifact_runs")
     code = root / "train_gpt.py"
     shutil.copyfile(ROOT / "train_gpt.py", code)
@@ -624,7 +619,7 @@ def test_size_accounting_matches_the_files(runs):
 
 
 def test_artifact_is_zstd22_of_the_raw_checkpoint_quantized(runs):
-    """The file on disk is exactly the export of the raw checkpoint: same tensors, zstd at level 22."""
+    """The file on disk is exactly the raw checkpoint's export: same tensors, zstd at level 22."""
     h = tg.Hyperparameters.from_env(runs["env"])
     raw_state = torch.load(runs["raw"], map_location="cpu", weights_only=True)
     blob = (runs["artifacts"] / f"{RUN_ID}.int6.ptz").read_bytes()
@@ -636,9 +631,8 @@ def test_artifact_is_zstd22_of_the_raw_checkpoint_quantized(runs):
     read_back = tg.read_artifact(runs["artifacts"] / f"{RUN_ID}.int6.ptz")
     kinds = {name: e["kind"] for name, e in read_back["tensors"].items()}
     assert {n for n, k in kinds.items() if k == "int6"} == expected_int6_names(h.num_layers)
-    assert (
-        kinds["tok_emb.weight"] == "fp16" and kinds[KEEP] == "fp16"
-    )  # the default EMBED_QUANT, FP16_KEEP
+    # the default EMBED_QUANT, FP16_KEEP
+    assert kinds["tok_emb.weight"] == "fp16" and kinds[KEEP] == "fp16"
     on_disk = tg.dequantize_state_dict(read_back)
     in_memory = tg.dequantize_state_dict(payload)
     assert all(torch.equal(on_disk[k], in_memory[k]) for k in in_memory)
@@ -656,9 +650,8 @@ def test_summary_has_every_field_and_setting(runs):
     assert s["hyperparameters"] == {**tg.Hyperparameters.from_env(env).as_env(), "RUN_ID": RUN_ID}
     assert s["hyperparameters"]["ZSTD_LEVEL"] == 22 and s["hyperparameters"]["FP16_KEEP"] == KEEP
     assert s["run_id"] == RUN_ID and s["seed"] == int(env["SEED"]) and s["world_size"] == 1
-    assert (
-        s["steps"] == int(env["ITERATIONS"]) and s["sliding_val_bpb"] is None
-    )  # EVAL_STRIDE=0: no sliding window
+    # EVAL_STRIDE=0: no sliding window
+    assert s["steps"] == int(env["ITERATIONS"]) and s["sliding_val_bpb"] is None
     assert s["val_bpb"] == s["roundtrip_val_bpb"] and s["val_loss"] == s["roundtrip_val_loss"]
     assert s["step_avg_ms"] == pytest.approx(s["train_time_ms"] / s["steps"], abs=1e-2)
     assert s["train_time_ms"] > 0
@@ -748,9 +741,8 @@ def test_failed_export_keeps_the_raw_checkpoint_and_no_artifact(tiny_data, tmp_p
     with pytest.raises(OSError, match="disk full"):
         tg.main(env)
     artifacts = Path(env["ARTIFACT_DIR"])
-    assert [p.name for p in artifacts.iterdir()] == [
-        "broken_export_raw.pt"
-    ]  # no artifact, no temporary file
+    # no artifact, no temporary file
+    assert [p.name for p in artifacts.iterdir()] == ["broken_export_raw.pt"]
     model = tg.build_model(tg.Hyperparameters.from_env(env), torch.device("cpu"))
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     state, kind, _ = tg.read_weights(

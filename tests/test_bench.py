@@ -1,5 +1,6 @@
-"""bench/: the GPU harness end to end on CPU (its dry run, merged results, RESULTS.md, the dataset build), the
-technique ladder on tiny rows (mean ± std, deltas, stale and failing rows), and the log reader on both formats."""
+"""bench/: the GPU harness end to end on CPU (its dry run, merged results, RESULTS.md, the dataset
+build), the technique ladder on tiny rows (mean ± std, deltas, stale and failing rows), and the log
+reader on both formats."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ TINY_MODEL_KEYS = (
 
 
 def bench(script: str, *args, status: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
-    """A bench command as a user runs it, from the repository root, without data variables from outside."""
+    """A bench command as a user runs it from the repo root, with no data variables from outside."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -79,7 +80,7 @@ def table_rows(markdown: str) -> list[dict[str, str]]:
     ]
     header, *body = [[c.strip() for c in row.strip().strip("|").split(" | ")] for row in rows]
     assert all(len(cells) == len(header) for cells in body)
-    return [dict(zip(header, cells)) for cells in body]
+    return [dict(zip(header, cells, strict=True)) for cells in body]
 
 
 # -----------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def table_rows(markdown: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def dry_run(tiny_data, tmp_path_factory) -> dict:
-    """One dry run with every part, train_gpt.py itself as the peer (it runs through its environment variables)."""
+    """One dry run of every part; the peer is train_gpt.py itself (run through its environment)."""
     out = tmp_path_factory.mktemp("gpu_bench")
     proc = bench(
         "gpu_bench.py",
@@ -134,9 +135,8 @@ def test_dry_run_measures_every_figure(dry_run, tiny_data):
     assert all(m["status"] == "ok" and m["error"] is None for m in results["measurements"])
 
     throughput, run, peer = (m["figures"] for m in results["measurements"])
-    assert (
-        throughput["timed_steps"] == 6 and throughput["steps"] == 8
-    )  # 2 settling + 6 timed, after warm-up
+    # 2 settling + 6 timed, after warm-up
+    assert throughput["timed_steps"] == 6 and throughput["steps"] == 8
     assert (
         throughput["ms_per_step"] > 0
         and throughput["warmup_ms"] >= 0
@@ -144,9 +144,8 @@ def test_dry_run_measures_every_figure(dry_run, tiny_data):
     )
     assert throughput["tokens_per_s"] == pytest.approx(4096 / throughput["ms_per_step"] * 1000)
     assert throughput["mfu"] is None  # no known peak on a CPU
-    assert (
-        throughput["sliding_val_bpb"] is None and throughput["bytes_total"] is None
-    )  # FINAL_EVAL=0
+    # FINAL_EVAL=0
+    assert throughput["sliding_val_bpb"] is None and throughput["bytes_total"] is None
     for f in (run, peer):
         for key in (
             "ms_per_step",
@@ -182,9 +181,8 @@ def test_results_md_is_regenerated_with_ratios_to_the_peer(dry_run):
     assert all("(dry run)" in r["command"] and "not FineWeb" in r["data"] for r in rows)
     assert all(r["attention, compile"] == "math, eager" for r in rows)
     assert rows[1]["8-GPU FineWeb eval (projected)"] == "not projected (CPU)"
-    assert (
-        rows[1]["eval graphs, compile (round trip + sliding)"] == "0 + 0 graphs, 0.0 + 0.0 s"
-    )  # eager on CPU
+    # eager on CPU
+    assert rows[1]["eval graphs, compile (round trip + sliding)"] == "0 + 0 graphs, 0.0 + 0.0 s"
     run, peer = (m["figures"] for m in dry_run["results"]["measurements"][1:])
     assert rows[2]["ours/peer"] == (
         f"ms/step {run['ms_per_step'] / peer['ms_per_step']:.3f} · "
@@ -310,7 +308,8 @@ def ladder_table(path: Path) -> dict[str, dict[str, str]]:
 def test_ladder_rows_seeds_deltas_stale_and_failed_rows(tiny_data, tmp_path):
     rows = tmp_path / "rows.txt"
     rows.write_text(
-        "# tiny ladder\nbaseline:\nno_smear: SMEAR_GATE=0   # a switch that exists\nbad: NUM_HEADS=3\n"
+        "# tiny ladder\nbaseline:\nno_smear: SMEAR_GATE=0   # a switch that exists\n"
+        "bad: NUM_HEADS=3\n"
     )
     args = ladder_args(tiny_data, tmp_path, rows)
     bench("ladder.py", *args)
@@ -330,10 +329,11 @@ def test_ladder_rows_seeds_deltas_stale_and_failed_rows(tiny_data, tmp_path):
             assert 0 < e["figures"]["data_epochs"] <= 1 and e["figures"]["steps"] == 6
             assert e["wall_s"] > 0 and e["cpu_s"] > 0
     assert stored["no_smear"]["1"]["row_env"] == {"SMEAR_GATE": "0"}
+    # the two seeds differ
     assert (
         stored["baseline"]["1"]["figures"]["val_bpb"]
         != stored["baseline"]["2"]["figures"]["val_bpb"]
-    )  # seeds
+    )
     assert all(
         e["status"] == "failed" and "NUM_HEADS=3" in e["error"] for e in stored["bad"].values()
     )
@@ -342,12 +342,13 @@ def test_ladder_rows_seeds_deltas_stale_and_failed_rows(tiny_data, tmp_path):
     runs = {name: [stored[name][seed] for seed in ("1", "2")] for name in ("baseline", "no_smear")}
     base_mean, base_std = runlog.mean_std([e["figures"]["val_bpb"] for e in runs["baseline"]])
     mean, std = runlog.mean_std([e["figures"]["val_bpb"] for e in runs["no_smear"]])
+    # paired by seed
     delta, delta_std = runlog.mean_std(
         [
             a["figures"]["val_bpb"] - b["figures"]["val_bpb"]
-            for a, b in zip(runs["no_smear"], runs["baseline"])
+            for a, b in zip(runs["no_smear"], runs["baseline"], strict=True)
         ]
-    )  # paired by seed
+    )
     step_ratio = sum(e["figures"]["step_avg_ms"] for e in runs["no_smear"]) / sum(
         e["figures"]["step_avg_ms"] for e in runs["baseline"]
     )
@@ -420,9 +421,8 @@ def test_ladder_reexport_rows_reuse_the_base_weights_two_runs_at_a_time(tiny_dat
     for seed in ("1", "2"):
         base, int5 = stored["baseline"][seed], stored["int5"][seed]
         assert int5["status"] == "ok" and int5["row_env"] == {"@": "baseline", "MLP_BITS": "5"}
-        assert (
-            int5["figures"]["steps"] == 0
-        )  # nothing trained: the baseline's weights, exported again
+        # nothing trained: the baseline's weights, exported again
+        assert int5["figures"]["steps"] == 0
         assert int5["figures"]["prequant_val_bpb"] == pytest.approx(
             base["figures"]["prequant_val_bpb"], abs=1e-6
         )
@@ -433,9 +433,8 @@ def test_ladder_reexport_rows_reuse_the_base_weights_two_runs_at_a_time(tiny_dat
         table["int5"]["settings"] == "`@baseline MLP_BITS=5`"
         and "once the loops run" in table["loops"]["notes"]
     )
-    assert (
-        table["int5"]["data epochs"] == "—" != table["baseline"]["data epochs"]
-    )  # it trained nothing
+    # it trained nothing
+    assert table["int5"]["data epochs"] == "—" != table["baseline"]["data epochs"]
     bench("ladder.py", *ladder_args(tiny_data, tmp_path, rows), "--rows", "orphan", "--seeds", "3")
     (orphan,) = json.loads((tmp_path / "ladder.json").read_text())["runs"]["orphan"].values()
     assert orphan["status"] == "failed" and "run --rows loops first" in orphan["error"]
@@ -520,38 +519,38 @@ def test_the_log_reader_reads_the_challenge_baseline_format():
     assert log.roundtrip_eval_ms == 1500.0 and log.sliding_val_bpb is None and log.export_ms is None
     assert (log.bytes_total, log.artifact_format) == (15_863_533, "int8+zlib")
     assert (log.peak_allocated_mib, log.peak_reserved_mib) == (10184.0, 10588.0)
-    assert (
-        log.steps == 412 and not log.completed and log.error is None
-    )  # steps: its last logged step
+    # steps: its last logged step
+    assert log.steps == 412 and not log.completed and log.error is None
 
 
 def test_steady_step_time_excludes_the_first_steps():
     times = [(1, 900.0), (2, 1000.0), (3, 1100.0), (10, 1800.0), (20, 2800.0), (30, 3800.0)]
     assert runlog.steady_step_ms(times) == (100.0, 20)
     assert runlog.steady_step_ms(times, from_step=2) == (2800.0 / 28, 28)
-    assert runlog.steady_step_ms(times[:3], from_step=10) == (
-        100.0,
-        2,
-    )  # nothing that late: from the first
+    # nothing that late: from the first
+    assert runlog.steady_step_ms(times[:3], from_step=10) == (100.0, 2)
     assert runlog.steady_step_ms(times[:1]) is None
 
 
-OUR_CUDA_OUTPUT = """run_id:x world_size:1 grad_accum_steps:8 device:cuda:0 compile:1 attention:flash host_sync:gloo \
+OUR_CUDA_OUTPUT = """run_id:x world_size:1 grad_accum_steps:8 device:cuda:0 compile:1 \
+attention:flash host_sync:gloo \
 python:3.11.7 torch:2.11.0 cuda:12.8 gpu:NVIDIA H100 80GB HBM3
-model_params:21779016 layers:9 dim:512 heads:8/4 mlp_mult:3 flops_per_token:131072000 peak_flops_per_device:9.89e+14
+model_params:21779016 layers:9 dim:512 heads:8/4 mlp_mult:3 flops_per_token:131072000 \
+peak_flops_per_device:9.89e+14
 warmup_steps:20 warmup_time:95000ms (undone)
 step:1/70 train_loss:6.9300 train_time:420ms step_avg:420.00ms tok_s:1248305 mfu:16.5%
 step:10/70 train_loss:6.1000 train_time:3600ms step_avg:360.00ms tok_s:1456355 mfu:19.3%
 step:70/70 train_loss:4.2000 train_time:24600ms step_avg:351.43ms tok_s:1491899 mfu:19.8%
-training_done steps:70 train_time:24600ms wall_time:25000ms raw_checkpoint:artifacts/x_raw.pt data_epochs:12.032
+training_done steps:70 train_time:24600ms wall_time:25000ms raw_checkpoint:artifacts/x_raw.pt \
+data_epochs:12.032
 peak memory allocated:30000MiB reserved:32000MiB
 artifact:artifacts/x.int6.ptz export_time:21000ms
 Total submission size int6+zstd-22: 15500000 bytes
 final_prequant_exact val_loss:2.00000000 val_bpb:1.20000000
-final_int6_roundtrip_exact val_loss:2.01 val_bpb:1.21000000 quant_penalty_bpb:+0.01000 eval_time:9000ms graphs:2 \
-compile_time:30000ms
-final_sliding_window_exact stride:64 seq_len:1024 val_loss:1.99 val_bpb:1.19000000 scored_tokens:203393 \
-eval_time:12000ms graphs:2 compile_time:31000ms
+final_int6_roundtrip_exact val_loss:2.01 val_bpb:1.21000000 quant_penalty_bpb:+0.01000 \
+eval_time:9000ms graphs:2 compile_time:30000ms
+final_sliding_window_exact stride:64 seq_len:1024 val_loss:1.99 val_bpb:1.19000000 \
+scored_tokens:203393 eval_time:12000ms graphs:2 compile_time:31000ms
 sliding_rate scored_tok_s:16949 per_rank:16949 projected_fineweb_8gpu:470.4s
 run_complete run_id:x val_loss:1.99000000 val_bpb:1.19000000
 """

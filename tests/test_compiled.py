@@ -1,5 +1,5 @@
-"""The torch.compile path (what CUDA runs) on CPU: the whole script under fullgraph compilation, with
-warm-up, training, plain and sliding evaluation, agrees with the uncompiled run."""
+"""The torch.compile path (what CUDA runs) on CPU: the whole script under fullgraph compilation,
+with warm-up, training, plain and sliding evaluation, agrees with the uncompiled run."""
 
 from __future__ import annotations
 
@@ -28,10 +28,8 @@ def test_compiled_run_matches_eager(tiny_data, tmp_path):
         proc = run_script(env, timeout=600)
         log = (tmp_path / f"compile{flag}" / "logs" / f"c{flag}.txt").read_text()
         assert f"compile:{flag}" in log
-        for name in (
-            "final_int6_roundtrip_exact",
-            "final_sliding_window_exact",
-        ):  # padded: at most two shapes
+        # padded: at most two shapes
+        for name in ("final_int6_roundtrip_exact", "final_sliding_window_exact"):
             graphs = int(re.search(rf"^{name} .* graphs:(\d+) compile_time:\d+ms$", log, re.M)[1])
             assert graphs <= 2 if flag == "1" else graphs == 0, (name, graphs)
         results[flag] = json.loads(

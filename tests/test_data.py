@@ -207,7 +207,7 @@ def test_build_splits_bos_and_disjointness(tiny):
     val_docs = split_documents(split_tokens(result.dataset_dir, "val"))
     train_docs = split_documents(split_tokens(result.dataset_dir, "train"))
 
-    # Every document is BOS + its own encoding, val holds the first VAL_DOCS in order, train the rest.
+    # Every document is BOS + its encoding; val holds the first VAL_DOCS in order, train the rest.
     assert val_docs == [sp.encode(doc) for doc in docs[:VAL_DOCS]]
     assert train_docs == [sp.encode(doc) for doc in docs[VAL_DOCS:]]
     assert not {tuple(d) for d in val_docs} & {tuple(d) for d in train_docs}
@@ -245,9 +245,8 @@ def test_manifest_counts_match_shards(tiny):
         == hashlib.sha256(result.tokenizer_path.read_bytes()).hexdigest()
     )
     assert manifest["tokenizer"]["path"] == f"tokenizers/tiny_{VOCAB}_bpe.model"
-    assert (
-        manifest["tokenizer"]["trained_on_docs"] == len(docs) - VAL_DOCS
-    )  # never on validation text
+    # never on validation text
+    assert manifest["tokenizer"]["trained_on_docs"] == len(docs) - VAL_DOCS
     assert result.dataset_dir.name == f"tiny_sp{VOCAB}"
     assert result.tokenizer_path.with_suffix(".vocab").is_file()
     assert no_temp_leftovers(result.dataset_dir.parent.parent)
@@ -462,12 +461,13 @@ def test_too_small_inputs(tmp_path, tiny):
         match=r"val split \(first 1 documents\) has \d+ tokens, fewer than --min-tokens 1025",
     ):
         build(tiny_config(corpus, tmp_path / "out", val_docs=1, min_tokens=1025))
-    # One training document, encoded with the tiny tokenizer (training one on a single document would fail first).
+    # One training document, encoded with the tiny tokenizer (one trained on it would fail first).
     sp = spm.SentencePieceProcessor(model_file=str(tiny[1].tokenizer_path))
     last = len(sp.encode(docs[-1])) + 1
     with pytest.raises(
         DatasetError,
-        match=rf"train split \(documents after the first 59\) has {last} tokens, fewer than --min-tokens {last + 1}",
+        match=rf"train split \(documents after the first 59\) has {last} tokens, fewer than "
+        rf"--min-tokens {last + 1}",
     ):
         build(
             tiny_config(
@@ -497,9 +497,8 @@ def test_trainer_sentences_fit_sentencepiece_limit():
     sentences = list(build_dataset.trainer_sentences(text))
     assert len(sentences) > 3
     assert all(0 < len(s.encode("utf-8")) <= build_dataset.SPM_SENTENCE_BYTES for s in sentences)
-    assert (
-        " ".join(sentences).split() == text.replace("\x00", " ").split()
-    )  # nothing lost, nothing reordered
+    # nothing lost, nothing reordered
+    assert " ".join(sentences).split() == text.replace("\x00", " ").split()
 
 
 def test_cli_error_is_one_line(tmp_path):
@@ -539,12 +538,10 @@ def reference_val_docs(sizes: list[int], min_tokens: int) -> int:
 
 
 def test_default_val_split_follows_the_rule():
-    assert (
-        build_dataset.default_val_split([3000] * 1500, 1025).docs == 150
-    )  # a corpus a new user might bring
-    assert (
-        build_dataset.default_val_split([100] * 20, 64).docs == 6
-    )  # a tenth (2) holds 200 of 512 bytes
+    # a corpus a new user might bring
+    assert build_dataset.default_val_split([3000] * 1500, 1025).docs == 150
+    # a tenth (2) holds 200 of 512 bytes
+    assert build_dataset.default_val_split([100] * 20, 64).docs == 6
     assert build_dataset.default_val_split([100] * 5, 1025).docs == 2  # never more than half
     assert build_dataset.default_val_split([5000], 1025).docs == 1
     rng = random.Random(5)
@@ -616,7 +613,7 @@ def test_tokenizer_train_docs_uses_the_training_documents_among_the_first_n(tmp_
     )
     assert info["trained_on_bytes"] == sum(len(d.encode()) for d in docs[VAL_DOCS:40])
     assert info["tokenizer_train_bytes"] is None  # no byte cap unless asked for
-    # The same model as one trained directly on documents 6..40, and not the one trained on all of them.
+    # The same model as one trained directly on documents 6..40, not the one trained on all of them.
     sentences = [s for doc in docs[VAL_DOCS:40] for s in build_dataset.trainer_sentences(doc)]
     direct = build_dataset.train_tokenizer(sentences, vocab_size=VOCAB, source="reference")
     assert result.tokenizer_path.read_bytes() == direct
@@ -761,9 +758,10 @@ def write_export(
     manifest: bool = True,
     root: str = "datasets",
 ) -> Path:
-    """An export under repo/root/: shards and tokenizer files for the `listed` and `unlisted` variants,
-    and a manifest.json (unless manifest=False) that lists `listed` and `listed_without_files` only.
-    Every tokenizer file is a copy of the tiny one, named as the export names it."""
+    """An export under repo/root/: shards and tokenizer files for the `listed` and `unlisted`
+    variants, and a manifest.json (unless manifest=False) that lists `listed` and
+    `listed_without_files` only. Every tokenizer file is a copy of the tiny one, named as the export
+    names it."""
     export = repo / root
     rng = np.random.default_rng(len(str(repo)))
     for variant in listed + unlisted:
@@ -864,9 +862,8 @@ def test_download_fresh(hub, tmp_path):
         f"tokenizers/fineweb_{VOCAB}_bpe.model": export / f"tokenizers/fineweb_{VOCAB}_bpe.model",
         f"tokenizers/fineweb_{VOCAB}_bpe.vocab": export / f"tokenizers/fineweb_{VOCAB}_bpe.vocab",
     }
-    assert local_files(out) == {
-        rel: path.read_bytes() for rel, path in expected.items()
-    }  # and nothing else
+    # and nothing else
+    assert local_files(out) == {rel: path.read_bytes() for rel, path in expected.items()}
     assert (result.repo_id, result.remote_root, result.found_in) == (
         CHALLENGE_REPO,
         "datasets",
@@ -928,9 +925,8 @@ def test_download_checks_token_counts_against_the_manifest(hub, tmp_path):
         / f"fineweb10B_sp{VOCAB}"
         / "fineweb_train_000000.bin"
     )
-    write_shard(
-        remote, np.zeros(999, dtype=np.uint16)
-    )  # well-formed, but the manifest implies 1000 tokens
+    # well-formed, but the manifest implies 1000 tokens
+    write_shard(remote, np.zeros(999, dtype=np.uint16))
     out = tmp_path / "data"
     with pytest.raises(
         DownloadError,
@@ -963,7 +959,8 @@ def test_download_with_docs_and_errors(hub, tmp_path):
         download(hub_config(hub, out, variant="sp8192"))
     with pytest.raises(
         DownloadError,
-        match="variant 'sp384' is not in .*folder other_root/.*no manifest.json, and its files hold no variant",
+        match="variant 'sp384' is not in .*folder other_root/.*no manifest.json, and its files "
+        "hold no variant",
     ):
         download(hub_config(hub, tmp_path / "elsewhere", remote_root="other_root"))
 
@@ -993,7 +990,8 @@ def test_download_refuses_variants_the_trainer_cannot_score(hub, tmp_path, varia
 @pytest.fixture
 def two_repos(tmp_path, tiny):
     """The challenge's repo (sp1024 in its manifest) and the records' repo, whose manifest lists
-    sp8192 only while its files hold sp4096 too (each export run wrote a manifest of its own variants)."""
+    sp8192 only while its files hold sp4096 too (each export run wrote a manifest of its own
+    variants)."""
     _, built = tiny
     root = tmp_path / "hub"
     write_export(root / CHALLENGE_REPO, built.tokenizer_path, listed=("sp1024",))
@@ -1102,9 +1100,8 @@ def test_download_fetches_a_stale_manifest_again(two_repos, tmp_path):
     out = tmp_path / "data"
     cache = out / "datasets" / "manifests" / RECORDS_REPO / "datasets" / "manifest.json"
     cache.parent.mkdir(parents=True)
-    cache.write_text(
-        json.dumps({"datasets": [], "tokenizers": []})
-    )  # fetched before sp8192 was published
+    # fetched before sp8192 was published
+    cache.write_text(json.dumps({"datasets": [], "tokenizers": []}))
     result = download(hub_config(two_repos, out, variant="sp8192", train_shards=0))
     assert result.found_in == "manifest"
     assert (

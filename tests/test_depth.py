@@ -12,7 +12,6 @@ import torch
 import train_gpt as tg
 from conftest import assert_causal, randomized, run_script, small_hparams, tiny_env
 
-
 small_h = functools.partial(small_hparams, num_layers=6)
 
 
@@ -37,9 +36,8 @@ def test_looped_forward_runs_the_shared_layers_again():
     h = small_h(num_loops=1, loop_start=2, loop_end=3, smear_gate=False)
     model = randomized(tg.GPT(h), std=0.2)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
-    x = x0 = tg.rms_norm(
-        model.tok_emb(ids)
-    )  # slow reference: layers 0 1 2 3 | 2 3 4 5, skips paired by order
+    # slow reference: layers 0 1 2 3 | 2 3 4 5, skips paired by order
+    x = x0 = tg.rms_norm(model.tok_emb(ids))
     outs = []
     for i in (0, 1, 2, 3):
         x = model.blocks[i](x, x0)
@@ -133,9 +131,8 @@ def test_compiled_looping_switches_on_without_a_compile(tiny_data, tmp_path):
     done = re.search(r"^training_done steps:6 train_time:(\d+)ms graphs:(\d+) ", proc.stdout, re.M)
     assert on and done, proc.stdout[-3000:]
     assert int(done[2]) == int(on[2])  # both layer orders were compiled during the warm-up
-    assert (
-        0 < int(on[1]) < int(done[1])
-    )  # the times that price the loops: before and after the switch
+    # the times that price the loops: before and after the switch
+    assert 0 < int(on[1]) < int(done[1])
 
 
 def test_one_and_two_processes_agree_with_loops_and_lanes(tiny_data, tmp_path):

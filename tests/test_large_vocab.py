@@ -9,6 +9,7 @@ holds byte-fallback pieces, normalized characters and runs of spaces.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -19,6 +20,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+import train_gpt as tg
 from conftest import (
     ROOT,
     decoded_document_bytes,
@@ -33,22 +35,21 @@ sys.path.insert(0, str(ROOT / "data"))
 import build_dataset  # noqa: E402
 from shard_format import shard_paths  # noqa: E402
 
-import train_gpt as tg  # noqa: E402
-
 VOCABS = (4096, 8192)
 TOKENIZER_TRAIN_DOCS = 900  # of the corpus' ~1,200 distinct documents
 UNUSUAL_DOCS = [
     "Ｆｕｌｌ-width ｌｅｔｔｅｒｓ, ligatures ﬁ ﬂ and ① are folded by NFKC; 𝔉𝔯𝔞𝔨𝔱𝔲𝔯 too.",
-    "Emoji 🦜🐍🧪 and rare scripts ᚠᛇᚻ ꦱꦸꦫꦏꦂꦠ fall back to bytes.   Three spaces,\ttabs,\n\nand blank lines.",
-    "  Leading spaces; digits 20240520 and 3.14159; naïve café, Œuvre, Ærø; ∑ ∫ √ → ≤ ≥; 東京 서울 Москва.",
+    "Emoji 🦜🐍🧪 and rare scripts ᚠᛇᚻ ꦱꦸꦫꦏꦂꦠ fall back to bytes.   "
+    "Three spaces,\ttabs,\n\nand blank lines.",
+    "  Leading spaces; digits 20240520 and 3.14159; naïve café, Œuvre, Ærø; "
+    "∑ ∫ √ → ≤ ≥; 東京 서울 Москва.",
 ]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
-    docs = list(
-        dict.fromkeys(UNUSUAL_DOCS + stdlib_documents(1500))
-    )  # each text once: splits are disjoint by text too
+    # each text once: splits are disjoint by text too
+    docs = list(dict.fromkeys(UNUSUAL_DOCS + stdlib_documents(1500)))
     path = tmp_path_factory.mktemp("large_vocab") / "stdlib.jsonl"
     path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
     return path, docs
@@ -118,11 +119,11 @@ def test_byte_counting_at_vocab_8192_equals_the_decoded_text(built):
     assert int(counted.sum()) == decoded_document_bytes(sp, tokens)
     # Document by document, so an error cannot cancel out across documents.
     starts = list(np.flatnonzero(tokens == build_dataset.BOS_ID)) + [len(tokens)]
-    for a, b in zip(starts, starts[1:]):
+    for a, b in itertools.pairwise(starts):
         assert int(counted[a : b - 1].sum()) == len(
             sp.decode(tokens[a + 1 : b].tolist()).encode("utf-8")
         )
-    # What the count must get right occurs: byte fallback, long pieces with a space, multi-byte text.
+    # What the count must get right occurs: byte fallback, long pieces with a space, multibyte text.
     pieces = [sp.id_to_piece(int(i)) for i in np.unique(tokens)]
     assert any(sp.is_byte(int(i)) for i in np.unique(tokens))
     assert any(p.startswith("▁") and len(p) > 4 for p in pieces)
@@ -153,7 +154,7 @@ def test_the_trainer_runs_at_a_larger_vocabulary_with_mlp_4x(built, tmp_path, vo
         (256, 64),
         (64, 256),
     }
-    # val_bpb is the loss per token times tokens per byte, the bytes counted by SentencePiece's decode.
+    # val_bpb: loss per token times tokens per byte, the bytes counted by SentencePiece's decode.
     sp = spm.SentencePieceProcessor(model_file=str(result.tokenizer_path))
     tokens = split_tokens(result.dataset_dir, "val")
     targets, text_bytes = len(tokens) - 1, decoded_document_bytes(sp, tokens)

@@ -1,5 +1,5 @@
-"""Weight decay, EMA, MuonEq-R, Polar Express, the schedule's MIN_LR and WARMDOWN_FRAC, late QAT under
-torch.compile: each against a hand-written reference."""
+"""Weight decay, EMA, MuonEq-R, Polar Express, the schedule's MIN_LR and WARMDOWN_FRAC, late QAT
+under torch.compile: each against a hand-written reference."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from torch import nn
 
 import train_gpt as tg
 from conftest import CPU, run_script, small_hparams, tiny_env
-
 
 small_h = functools.partial(small_hparams, num_layers=2)
 
@@ -269,9 +268,10 @@ def test_late_qat_switches_on_when_the_lr_first_drops_below_the_threshold(tiny_d
         EMA_DECAY=0.9,
     )
     run_script(again)
+    # the raw checkpoint re-exports byte for byte
     assert (tmp_path / "artifacts" / "again.int6.ptz").read_bytes() == (
         tmp_path / "artifacts" / "tiny.int6.ptz"
-    ).read_bytes()  # the raw checkpoint re-exports byte for byte
+    ).read_bytes()
     assert set(ema_weights) == set(
         tg.build_model(tg.Hyperparameters.from_env(env), CPU).state_dict()
     )
@@ -296,6 +296,6 @@ def test_one_and_two_processes_agree_with_every_switch_on(tiny_data, tmp_path):
     run_script(two, nproc=2)
     s1 = json.loads((tmp_path / "one" / "logs" / "tiny.json").read_text())
     s2 = json.loads((tmp_path / "two" / "logs" / "tiny.json").read_text())
-    # Same data and averaged gradients; the all-reduce order and bf16 Newton-Schulz make the last bits differ.
+    # Same data and averaged gradients; all-reduce order and bf16 Newton-Schulz move the last bits.
     assert s2["prequant_val_loss"] == pytest.approx(s1["prequant_val_loss"], abs=2e-3)
     assert math.isfinite(s1["val_loss"]) and s1["steps"] == s2["steps"] == 3

@@ -1,13 +1,10 @@
-"""GPTQ, SDClip and clip search, bits per group, lzma: each against a slow reference or round-tripped."""
+"""GPTQ, SDClip, clip search, bits per group, lzma: each against slow references or round trips."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import io
 import json
 import lzma
-import math
 import os
 import re
 from pathlib import Path
@@ -75,9 +72,8 @@ def test_clip_search_takes_each_rows_best_candidate():
     q, scale = tg.quantize_per_row(w, 7, 0.0, "search")
     for r in range(5):
         best = None
-        for (
-            fraction
-        ) in tg.SEARCH_CLIP_FRACTIONS:  # slow reference: every candidate, in order, first best wins
+        # slow reference: every candidate, in order, first best wins
+        for fraction in tg.SEARCH_CLIP_FRACTIONS:
             s = float(np.float16(max(float(w[r].abs().max()) * fraction / 7, 2**-24)))
             levels = np.clip(np.round(w[r].numpy() / np.float32(s)), -7, 7)
             error = float(((levels * s - w[r].numpy()) ** 2).sum())
@@ -114,7 +110,7 @@ def test_every_bit_width_and_compressor_round_trips(
         and kinds["blocks.1.attn.c_q.weight"] == f"int{attn_bits}"
     )
     assert kinds["tok_emb.weight"] == embed
-    for name, e in payload["tensors"].items():
+    for e in payload["tensors"].values():
         if "q" in e:
             assert e["q"].abs().max() <= tg.level_of(e["kind"])
     blob = tg.artifact_bytes(payload, 3, compressor)
@@ -207,9 +203,8 @@ def test_a_gptq_run_ships_a_scored_artifact_inside_the_wall_clock(tiny_data, tmp
     assert re.search(r"^gptq calibration\+quantization:\d+ms reserved:2000ms", log, re.M)
     assert re.search(r"^Total submission size int5/6\+lzma: \d+ bytes$", log, re.M)
     summary = json.loads((tmp_path / "logs" / "tiny.json").read_text())
-    assert (
-        summary["train_time_ms"] < 1000 + 3 * summary["step_avg_ms"]
-    )  # stopped at 3 s - 2 s reserved
+    # stopped at 3 s - 2 s reserved
+    assert summary["train_time_ms"] < 1000 + 3 * summary["step_avg_ms"]
     assert abs(summary["roundtrip_val_bpb"] - summary["prequant_val_bpb"]) < 0.05
     with pytest.raises(ValueError, match="GPTQ_RESERVE_SECONDS=10.0 leaves no training time"):
         tg.Hyperparameters.from_env({"QUANT_METHOD": "gptq", "MAX_WALLCLOCK_SECONDS": "5"})

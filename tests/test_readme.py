@@ -1,4 +1,4 @@
-"""The README stays true: every setting is documented with its real default, and its commands exist."""
+"""The README stays true: every setting documented with its real default, and its commands exist."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import re
 import pytest
 import torch
 
-from conftest import ROOT
-
 import train_gpt as tg
+from conftest import ROOT
 
 
 def readme_settings_table() -> dict[str, list[str]]:

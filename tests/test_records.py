@@ -59,8 +59,8 @@ class TinyRuns:
 
 
 def tiny_settings(tiny_data: dict, root: Path) -> dict[str, str]:
-    """conftest's tiny model with two heads, trained for 20 steps with validation and a sliding evaluation:
-    a few seconds on one CPU core. Its logs go to root/logs."""
+    """conftest's tiny model with two heads, trained for 20 steps with validation and a sliding
+    evaluation: a few seconds on one CPU core. Its logs go to root/logs."""
     return tiny_env(
         tiny_data,
         root,
@@ -221,7 +221,7 @@ def test_submit_writes_the_folder(tiny, tmp_path):
     assert [r["val_bpb"] for r in meta["runs"]] == [s["val_bpb"] for s in summaries]
 
     readme = (folder / "README.md").read_text()
-    for s, summary in zip(SEEDS, summaries):
+    for s, summary in zip(SEEDS, summaries, strict=True):
         assert (
             f"| {s} | `seed{s}` | {summary['val_loss']:.6f} | {summary['val_bpb']:.6f} |" in readme
         )
@@ -623,10 +623,8 @@ def test_runs_from_the_packed_file_score_as_the_plain_ones(tiny, packed):
         ]
         # The code that ran is the packed file: logged whole, counted at its size.
         assert run.source == data
-        assert run.log_path.read_bytes().startswith(
-            f"code_begin path:train_gpt.py bytes:{len(data)} sha256:{rt.sha256_hex(data)}\n".encode()
-            + data
-        )
+        header = f"code_begin path:train_gpt.py bytes:{len(data)} sha256:{rt.sha256_hex(data)}\n"
+        assert run.log_path.read_bytes().startswith(header.encode() + data)
         assert run.summary["bytes_code"] == len(data) == packed.code.stat().st_size
         assert run.summary["bytes_total"] == plain.summary["bytes_model"] + len(data)
         assert f"Code size: {len(data)} bytes" in rt.split_log(run.log_path)[1]
@@ -720,9 +718,8 @@ def test_the_packed_file_executes_only_its_own_source(tiny, packed, tmp_path):
     assert str(alone / "train_gpt.py") in report["open"]
     # The module holds what the plain file defines (and the stub's four names).
     plain = [n for n in compile_names(source)]
-    stub = {"base64", "linecache", "lzma", "s", "n"} - set(
-        plain
-    )  # the source may import lzma itself
+    # the source may import lzma itself
+    stub = {"base64", "linecache", "lzma", "s", "n"} - set(plain)
     assert sorted(set(report["names"]) - stub) == sorted(plain)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alone", "cwd"] and not any(
         workdir.iterdir()

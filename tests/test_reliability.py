@@ -1,5 +1,6 @@
-"""What a run does when things go wrong: checks before step 0, stop signals, failures on one rank, resume,
-broken models. Real processes (python and torchrun with gloo), real signals, tiny models on the CPU."""
+"""What a run does when things go wrong: checks before step 0, stop signals, failures on one rank,
+resume, broken models. Real processes (python and torchrun with gloo), real signals, tiny models on
+the CPU."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def files_of(env: dict) -> list[str]:
 
 
 def start(env: dict, nproc: int = 1, script: Path = ROOT / "train_gpt.py") -> subprocess.Popen:
-    """The run in its own session (so a signal can go to the whole group, as Ctrl-C in a terminal does)."""
+    """The run in its own session, so a signal reaches the whole group (as Ctrl-C in a terminal)."""
     full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     full.update(env)
     full.setdefault("OMP_NUM_THREADS", "1")
@@ -121,9 +122,8 @@ def test_a_stop_signal_mid_training_keeps_the_weights_and_a_resume_checkpoint(
     muon = next(
         s for s in ckpt["optimizers"] if any("momentum_buffer" in v for v in s["state"].values())
     )
-    assert len(muon["state"]) == len(
-        muon["param_groups"][0]["params"]
-    )  # every rank's share was gathered
+    # every rank's share was gathered
+    assert len(muon["state"]) == len(muon["param_groups"][0]["params"])
     if nproc == 2 and signum == signal.SIGTERM:  # the kept weights re-export into a scored artifact
         again = dict(
             env,
@@ -175,9 +175,8 @@ def test_resuming_from_a_stop_ends_with_the_weights_of_an_uninterrupted_run(tiny
         }
 
     after = {s: v for s, v in losses(resumed).items() if s > at}
-    assert len(after) == 60 - at and after == {
-        s: v for s, v in losses(straight).items() if s > at
-    }  # same data
+    # same data
+    assert len(after) == 60 - at and after == {s: v for s, v in losses(straight).items() if s > at}
     a = torch.load(Path(straight["ARTIFACT_DIR"]) / "straight_raw.pt", weights_only=True)
     b = torch.load(Path(straight["ARTIFACT_DIR"]) / "resumed_raw.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -249,9 +248,8 @@ def test_a_damaged_later_shard_fails_the_run_but_keeps_the_weights(tiny_data, tm
         proc.stderr,
     )
     lines = log_lines(env)
-    assert any(
-        line.startswith("interrupted step:2/") for line in lines
-    )  # 3000 tokens = two 1025-token steps
+    # 3000 tokens = two 1025-token steps
+    assert any(line.startswith("interrupted step:2/") for line in lines)
     assert (Path(env["ARTIFACT_DIR"]) / "damaged_raw.pt").exists()
 
 
@@ -363,8 +361,8 @@ def test_a_checkpoint_of_another_shape_names_the_first_mismatch(tiny_data, tmp_p
     env = tiny_env(tiny_data, tmp_path, MLP_MULT=3, INIT_CHECKPOINT=str(trained["raw"]))
     refused(
         env,
-        f"INIT_CHECKPOINT={trained['raw']}: tensor blocks.0.mlp.fc.weight has shape (128, 64) in the "
-        "file, (192, 64) in this model",
+        f"INIT_CHECKPOINT={trained['raw']}: tensor blocks.0.mlp.fc.weight has shape (128, 64) in "
+        "the file, (192, 64) in this model",
     )
     env = tiny_env(tiny_data, tmp_path, NUM_LAYERS=3, INIT_CHECKPOINT=str(trained["raw"]))
     refused(env, "no tensor blocks.2.")
@@ -489,9 +487,6 @@ def test_the_projected_fineweb_evaluation_time_is_shown_only_on_cuda(trained):
 
 
 def test_the_records_tools_refuse_a_failed_run(tiny_data, tmp_path):
-    sys.path.insert(0, str(ROOT / "records"))
-    import make_submission
-
     logs = tmp_path / "logs"
     good = [
         tiny_env(tiny_data, tmp_path, RUN_ID=f"good{seed}", SEED=seed, ITERATIONS=2)

@@ -42,8 +42,9 @@ def effective_stride(window: int, stride: int) -> int:
 
 
 def first_principles_context(t: int, num_targets: int, seq_len: int, stride: int) -> int:
-    """Preceding tokens target t sees: windows of w tokens end at w, w+s, w+2s, ... (the last at the end of
-    the split) and each target is scored in the first window that holds it, i.e. the one ending soonest after it."""
+    """Preceding tokens target t sees: windows of w tokens end at w, w+s, w+2s, ... (the last at the
+    end of the split) and each target is scored in the first window that holds it, i.e. the one
+    ending soonest after it."""
     w = min(seq_len, num_targets)
     s = effective_stride(w, stride)
     if t < w:
@@ -69,8 +70,9 @@ def piece_bytes(sp: spm.SentencePieceProcessor, prev: int, tok: int) -> int:
 def naive_plain(
     model, tokens: torch.Tensor, seq_len: int, luts: tg.ByteLuts
 ) -> tuple[float, int, int]:
-    """Non-overlapping chunks of w tokens; a tail shorter than w is scored at the end of the last full-length
-    window (the plan's docstring: the last window ends at the end of the split). Returns (loss sum, targets, bytes)."""
+    """Non-overlapping chunks of w tokens; a tail shorter than w is scored at the end of the last
+    full-length window (the plan's docstring: the last window ends at the end of the split). Returns
+    (loss sum, targets, bytes)."""
     n = tokens.numel() - 1
     w = min(seq_len, n)
     full = n // w * w
@@ -104,7 +106,7 @@ def target_losses_by_plan(model, tokens: torch.Tensor, seq_len: int, stride: int
 def target_losses_first_principles(
     model, tokens: torch.Tensor, seq_len: int, stride: int
 ) -> torch.Tensor:
-    """Per-target loss with the model run on exactly that target's context, the last position scored."""
+    """Per-target loss, the model run on exactly that target's context, the last position scored."""
     n = tokens.numel() - 1
     losses = torch.empty(n, dtype=torch.float64)
     for t in range(n):
@@ -132,14 +134,15 @@ def snippet(val_tokens) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def random_model(tiny_data) -> tg.GPT:
-    """A tiny GPT in float64 with every parameter perturbed, so each position depends on its whole context
-    (at init the zero-initialized projections would make the output depend on the current token only)."""
+    """A tiny GPT in float64 with every parameter perturbed, so each position depends on its whole
+    context (at init the zero-initialized projections would make the output depend on the current
+    token only)."""
     return random_gpt(small_hparams(num_layers=3, vocab_size=tiny_data["vocab_size"])).eval()
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory) -> dict:
-    """One real run: a tiny model trained for a few hundred CPU steps, scored with stride EVAL_STRIDE."""
+    """One real run: a tiny model trained a few hundred CPU steps, scored at stride EVAL_STRIDE."""
     root = tmp_path_factory.mktemp("sliding_trained")
     env = tiny_env(
         tiny_data,
@@ -159,7 +162,7 @@ def trained(tiny_data, tmp_path_factory) -> dict:
 
 
 def check_rate_line(log: str, world_size: int) -> None:
-    """The rate line; on a CPU no projection of the 8-GPU FineWeb evaluation time (it would mean nothing)."""
+    """The rate line; on a CPU no projected 8-GPU FineWeb evaluation time (meaningless there)."""
     ((_, _, _, _, scored, eval_ms),) = [m.groups() for m in SLIDING_LINE.finditer(log)]
     ((rate, per_rank),) = [m.groups() for m in RATE_LINE.finditer(log)]
     assert float(rate) == pytest.approx(int(scored) / (int(eval_ms) / 1000.0), rel=0.02)
@@ -173,7 +176,10 @@ def test_the_fineweb_projection_and_its_warning(capsys):
         tg.FINEWEB_VAL_TOKENS / 2000.0
     )
     lines = []
-    log = lambda msg, console=True: lines.append(msg)  # noqa: E731
+
+    def log(msg, console=True):
+        lines.append(msg)
+
     tg.log_eval_projection(log, 2 * tg.FINEWEB_VAL_TOKENS / 8 / 500, 2)  # 500 s: inside the budget
     assert lines == ["projected_fineweb_8gpu:500.0s"]
     tg.log_eval_projection(log, tg.FINEWEB_VAL_TOKENS / 8 / 700, 1)
@@ -232,7 +238,7 @@ def check_plan(num_targets: int, seq_len: int, stride: int) -> None:
         assert len(scored_in[t]) == 1, f"target {t} scored {len(scored_in[t])} times: {where}"
         start = windows[scored_in[t][0]][0]
         context = t - start
-        # Most context: the earliest window holding t scores it; no other window of the plan offers more.
+        # Most context: the earliest window holding t scores it; no other planned window has more.
         assert context == max(t - windows[k][0] for k in holding[t]), where
         assert context == first_principles_context(t, num_targets, seq_len, stride), where
         assert min(t, w - s) <= context <= min(t, w - 1), where
@@ -270,13 +276,11 @@ def test_plan_stride_off_is_non_overlapping():
         assert tg.plan_windows(n, seq_len, seq_len) == plain
         assert tg.plan_windows(n, seq_len, seq_len + 5) == plain
         full = n // w
-        assert plain[:full] == [
-            (k * w, w) for k in range(full)
-        ]  # disjoint chunks, each scored whole
+        # disjoint chunks, each scored whole
+        assert plain[:full] == [(k * w, w) for k in range(full)]
         tail = n - full * w
-        assert plain[full:] == (
-            [(n - w, tail)] if tail else []
-        )  # the tail once, from the last full window
+        # the tail once, from the last full window
+        assert plain[full:] == ([(n - w, tail)] if tail else [])
     assert tg.plan_windows(0, 16, 4) == []
 
 
@@ -287,7 +291,7 @@ def test_plan_stride_off_is_non_overlapping():
 
 def test_stride_equal_to_seq_len_is_the_plain_evaluation(random_model, snippet, luts, tiny_sp):
     split_bytes = sum(
-        piece_bytes(tiny_sp, int(p), int(t)) for p, t in zip(snippet[:-1], snippet[1:])
+        piece_bytes(tiny_sp, int(p), int(t)) for p, t in zip(snippet[:-1], snippet[1:], strict=True)
     )
     for tokens, seq_len in [(snippet, 32), (snippet, 7), (snippet[:20], 32), (snippet[:33], 32)]:
         loss_sum, count, byte_sum = naive_plain(random_model, tokens, seq_len, luts)
@@ -317,12 +321,12 @@ def test_sliding_matches_per_target_references(
     r = tg.evaluate(random_model, tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=3)
     assert r.scored_tokens == n
     assert r.scored_bytes == sum(
-        piece_bytes(tiny_sp, int(p), int(t)) for p, t in zip(tokens[:-1], tokens[1:])
+        piece_bytes(tiny_sp, int(p), int(t)) for p, t in zip(tokens[:-1], tokens[1:], strict=True)
     )
     loss_sum = r.val_loss * r.scored_tokens
     assert loss_sum == pytest.approx(by_plan.sum().item(), rel=1e-12)
     assert loss_sum == pytest.approx(by_context.sum().item(), rel=1e-7)
-    # The check has teeth: with less context (plain windows) the per-target losses and their sum move.
+    # The check has teeth: with less context (plain windows) the per-target losses and sum move.
     plain = target_losses_by_plan(random_model, tokens, seq_len, 0)
     assert (plain - by_plan).abs().max() > 1e-2
     assert abs(plain.sum().item() - loss_sum) > 1e-3 * loss_sum
@@ -377,16 +381,15 @@ def test_evaluation_scores_in_eval_mode_and_restores_the_mode(tiny_data, snippet
 
 
 def test_ranks_split_the_windows(random_model, snippet, luts, monkeypatch):
-    """Each rank scores a disjoint share; together exactly the single-process sums (all_reduce stubbed as a sum)."""
+    """Each rank scores a disjoint share; together exactly the single-process sums."""
     single = tg.evaluate(random_model, snippet, luts, seq_len=24, stride=5, batch_seqs=4)
     total = torch.tensor(
         [single.val_loss * single.scored_tokens, single.scored_tokens, single.scored_bytes],
         dtype=torch.float64,
     )
 
-    def all_reduce(
-        t, op=None
-    ):  # keep this rank's share, hand back the total as a real all_reduce would
+    # keep this rank's share, hand back the total as a real all_reduce would
+    def all_reduce(t, op=None):
         shares.append(t.clone())
         t.copy_(total)
 
@@ -433,13 +436,10 @@ def test_trained_run_reports_the_sliding_score(trained, tiny_data, luts, val_tok
     ((stride, seq_len, val_loss, val_bpb, scored, _),) = [
         m.groups() for m in SLIDING_LINE.finditer(log)
     ]
-    assert (int(stride), int(seq_len)) == (
-        EVAL_STRIDE,
-        TRAIN_SEQ_LEN,
-    )  # EVAL_SEQ_LEN defaults to TRAIN_SEQ_LEN
-    assert (
-        int(scored) == summary["scored_tokens"] == tiny_data["val_tokens"] - 1
-    )  # every target once
+    # EVAL_SEQ_LEN defaults to TRAIN_SEQ_LEN
+    assert (int(stride), int(seq_len)) == (EVAL_STRIDE, TRAIN_SEQ_LEN)
+    # every target once
+    assert int(scored) == summary["scored_tokens"] == tiny_data["val_tokens"] - 1
     assert summary["val_tokens"] == tiny_data["val_tokens"]
     assert (
         summary["val_bpb"] == summary["sliding_val_bpb"]
@@ -448,7 +448,7 @@ def test_trained_run_reports_the_sliding_score(trained, tiny_data, luts, val_tok
     assert float(val_bpb) == pytest.approx(summary["sliding_val_bpb"], abs=1e-8)
     assert float(val_loss) == pytest.approx(summary["sliding_val_loss"], abs=1e-8)
     check_rate_line(log, world_size=1)
-    # The reported score is the shipped artifact's: re-read from disk and re-scored here, one process.
+    # The reported score is the shipped artifact's: re-read from disk, re-scored in one process.
     _, model = shipped_model(trained)
     r = tg.evaluate(
         model, val_tokens, luts, seq_len=TRAIN_SEQ_LEN, stride=EVAL_STRIDE, batch_seqs=64
@@ -461,7 +461,7 @@ def test_trained_run_reports_the_sliding_score(trained, tiny_data, luts, val_tok
 def test_sliding_beats_plain_on_a_trained_model(trained):
     summary = trained["summary"]
     assert summary["steps"] == TRAIN_STEPS
-    # Same artifact, same targets; only the context differs. Float noise is ~1e-7: a gain of 1e-3 is real.
+    # Same artifact and targets; only the context differs. Float noise ~1e-7: a 1e-3 gain is real.
     assert summary["sliding_val_bpb"] < summary["roundtrip_val_bpb"] - 1e-3, summary
 
 

@@ -1,4 +1,4 @@
-"""The technique switches: each against a slow, obviously-correct reference; off means the stored outputs."""
+"""Technique switches: each against a slow, plainly correct reference; off = the stored outputs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 import switches_off
 import train_gpt as tg
-from conftest import CPU, assert_causal, ROOT, randomized, run_script, small_hparams, tiny_env
+from conftest import CPU, ROOT, assert_causal, randomized, run_script, small_hparams, tiny_env
 
 ALL_ON = dict(
     xsa_last_n=3,
@@ -51,7 +51,7 @@ def test_xsa_leaves_no_component_along_the_tokens_own_value(tmp_path):
     x = torch.randn(2, 9, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = attn(x).view(2, 9, 6, 8)  # (B, T, H, D)
     v = attn.c_v(x).view(2, 9, 2, 8)
-    # Slow reference: plain attention with each query head reading its kv head, then per-head projection removal.
+    # Slow reference: plain attention, each query head on its kv head, then the projection removed.
     q = tg.rms_norm(attn.c_q(x).view(2, 9, 6, 8).transpose(1, 2))
     k = tg.rms_norm(attn.c_k(x).view(2, 9, 2, 8).transpose(1, 2))
     cos, sin = attn.rotary(9, CPU)
@@ -68,9 +68,8 @@ def test_xsa_leaves_no_component_along_the_tokens_own_value(tmp_path):
                 unit = v[b, t, kv] / v[b, t, kv].norm()
                 expected[b, t, head] = out[t] - (out[t] @ unit) * unit
                 assert abs(float(y[b, t, head].detach() @ unit.detach())) < 1e-10
-    torch.testing.assert_close(
-        y, expected, rtol=0, atol=1e-6
-    )  # q and k are normed and rotated in fp32
+    # q and k are normed and rotated in fp32
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)
 
 
 def test_partial_rope_rotates_only_the_first_dims_and_equals_full_rope_on_them():
@@ -213,7 +212,7 @@ def test_bad_technique_settings_are_refused():
 
 
 def readme_presets() -> dict[str, dict[str, str]]:
-    """The README's preset table: one row per setting, one column per preset (blank = the default)."""
+    """The README's preset table: a row per setting, a column per preset (blank = the default)."""
     lines = (
         (ROOT / "README.md")
         .read_text()
@@ -227,7 +226,7 @@ def readme_presets() -> dict[str, dict[str, str]]:
     table = {name: {} for name in names}
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        for name, cell in zip(names, cells[1:]):
+        for name, cell in zip(names, cells[1:], strict=True):
             if cell:
                 table[name][cells[0].strip("`")] = cell.strip("`")
     return table
@@ -237,7 +236,10 @@ def test_each_preset_resolves_to_its_documented_table():
     documented = readme_presets()
     assert set(documented) == set(tg.PRESETS) - {""}
     default = tg.Hyperparameters().as_env()
-    shown = lambda v: str(int(v) if isinstance(v, bool) else v)  # noqa: E731
+
+    def shown(v):
+        return str(int(v) if isinstance(v, bool) else v)
+
     for name, values in documented.items():
         resolved = tg.Hyperparameters.from_env({"PRESET": name}).as_env()
         for key, value in resolved.items():
@@ -285,10 +287,11 @@ def test_a_run_with_a_preset_and_every_switch_logs_and_summarizes_it(tiny_data, 
     summary = json.loads((tmp_path / "logs" / "tiny.json").read_text())
     assert summary["preset"] == "frontier" and summary["hyperparameters"]["ROPE_DIMS"] == 16
     assert summary["hyperparameters"]["NUM_LAYERS"] == 6  # explicit wins
+    # 2/3 >= 0.35
     assert re.search(
         r"looping_on step:2 train_time:\d+ms virtual_layers:\[0, 1, 2, 1, 2, 1, 2, 3, 4, 5\]",
         proc.stdout,
-    )  # 2/3 >= 0.35
+    )
     table = record_tools.sweep_table(tmp_path / "logs")
     assert (
         table.splitlines()[0].split()[:2] == ["run_id", "preset"]

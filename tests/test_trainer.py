@@ -1,7 +1,7 @@
-"""CPU tests of the trainer core: model pieces, Muon, schedules, settings, data, byte counting, whole runs.
+"""The trainer core on CPU: model pieces, Muon, schedules, settings, data, byte counts, whole runs.
 
-Whole runs of train_gpt.py (a copy, so that edits to the repository's file cannot race with them) start
-together once per module, two at a time; each test waits only for the runs it reads.
+Whole runs of train_gpt.py (a copy, so that edits to the repository's file cannot race with them)
+start together once per module, two at a time; each test waits only for the runs it reads.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from conftest import (
 )
 from trainer_helpers import MUON_SHAPES, muon_trajectory, muon_worker
 
-
 # -----------------------------------------------------------------------------
 # Model: causality, SmearGate, attention
 # -----------------------------------------------------------------------------
@@ -58,14 +57,12 @@ def test_changing_later_tokens_never_changes_earlier_logits():
         for t in [0, 5, 8, 9, 15, 22]:
             changed = ids.clone()
             changed[:, t + 1 :] = torch.randint(4, h.vocab_size, (2, 23 - t), generator=gen)
-            changed[:, t + 1] = (ids[:, t + 1] + 1 - 4) % (
-                h.vocab_size - 4
-            ) + 4  # surely a different token
+            # surely a different token
+            changed[:, t + 1] = (ids[:, t + 1] + 1 - 4) % (h.vocab_size - 4) + 4
             out = model(changed)
             torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
-            assert (
-                out[:, t + 1] - base[:, t + 1]
-            ).abs().amax() > 1e-3  # the changed position does see it
+            # the changed position does see it
+            assert (out[:, t + 1] - base[:, t + 1]).abs().amax() > 1e-3
 
 
 def test_smear_gate_blends_the_previous_token_except_at_bos_and_position_0():
@@ -87,13 +84,8 @@ def test_smear_gate_blends_the_previous_token_except_at_bos_and_position_0():
             if ids[b, t] != 1:
                 expected[b, t] = (1 - g) * xs[b, t] + g * xs[b, t - 1]
     np.testing.assert_allclose(out.double().numpy(), expected, rtol=0, atol=1e-6)
-    for b, t in [
-        (0, 0),
-        (0, 3),
-        (1, 0),
-        (1, 1),
-        (1, 5),
-    ]:  # position 0 and every BOS: bit for bit unchanged
+    # position 0 and every BOS: bit for bit unchanged
+    for b, t in [(0, 0), (0, 3), (1, 0), (1, 1), (1, 5)]:
         assert torch.equal(out[b, t], x[b, t])
     assert int(((out - x).abs().amax(-1) > 1e-3).sum()) == 12 - 5  # every other position did blend
 
@@ -101,12 +93,11 @@ def test_smear_gate_blends_the_previous_token_except_at_bos_and_position_0():
 def reference_attention(
     attn: tg.CausalSelfAttention, x: torch.Tensor, rope_base: float, kv_head_of=None
 ) -> torch.Tensor:
-    """Slow float64 multi-head attention: per head softmax(q k^T / sqrt(D)) with a causal mask, then proj."""
+    """Slow float64 attention: per head softmax(q k^T / sqrt(D)) with a causal mask, then proj."""
     H, KV, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     B, T, C = x.shape
-    kv_head_of = kv_head_of or (
-        lambda head: head // (H // KV)
-    )  # repeat_interleave: neighbours share
+    # repeat_interleave: neighbours share
+    kv_head_of = kv_head_of or (lambda head: head // (H // KV))
     xd = x.double()
 
     def heads(linear, n):
@@ -115,7 +106,7 @@ def reference_attention(
     def rms(z):
         return z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
 
-    # RoPE as in the baseline: the pair (j, j + D/2) as a complex number, rotated by -t * base^(-2j/D)
+    # RoPE as in the baseline: pair (j, j + D/2) as a complex number, rotated by -t * base^(-2j/D)
     j = torch.arange(D // 2, dtype=torch.float64)
     theta = torch.arange(T, dtype=torch.float64)[:, None] * rope_base ** (-2.0 * j / D)  # (T, D/2)
 
@@ -144,9 +135,8 @@ def test_attention_equals_hand_attention_with_repeated_kv_heads(num_kv_heads):
     h = small_h(num_heads=4, num_kv_heads=num_kv_heads, model_dim=32)
     attn = randomized(tg.CausalSelfAttention(h, layer_idx=0), seed=4, dtype=torch.float32).eval()
     with torch.no_grad():
-        attn.q_gain.copy_(
-            torch.tensor([1.0, 2.0, 3.0, 1.5])
-        )  # peaked attention, a demanding comparison
+        # peaked attention, a demanding comparison
+        attn.q_gain.copy_(torch.tensor([1.0, 2.0, 3.0, 1.5]))
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         out = attn(x)
@@ -169,8 +159,8 @@ def test_newton_schulz_puts_singular_values_in_a_band_around_1(shape):
     for seed in range(3):
         gen = torch.Generator().manual_seed(seed)
         if shape[0] == shape[1]:
-            # A Gaussian square matrix has singular values near 0 that five iterations cannot lift; use a
-            # random one with condition number 100 instead.
+            # A Gaussian square matrix has singular values near 0 that five iterations cannot lift;
+            # use a random one with condition number 100 instead.
             u, _ = torch.linalg.qr(torch.randn(*shape, generator=gen))
             v, _ = torch.linalg.qr(torch.randn(*shape, generator=gen))
             g = u @ torch.diag(torch.logspace(0, -2, shape[0])) @ v.T
@@ -180,7 +170,7 @@ def test_newton_schulz_puts_singular_values_in_a_band_around_1(shape):
         assert out.shape == g.shape
         sv = torch.linalg.svdvals(out)
         assert 0.6 <= sv.min() and sv.max() <= 1.25, (shape, seed, sv.min().item(), sv.max().item())
-        # The singular vectors are g's own: U^T out V is diagonal up to bf16 noise, with positive entries.
+        # The singular vectors are g's: U^T out V is diagonal up to bf16 noise, entries positive.
         u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
         m = u.T @ out @ vh.T
         diag = torch.diag(m)
@@ -196,9 +186,9 @@ def test_muon_steps_on_two_gloo_processes_equal_one_process(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert [t.shape for t in got] == [torch.Size(s) for s in MUON_SHAPES]
-        for e, g in zip(expected, got):
+        for e, g in zip(expected, got, strict=True):
             assert torch.equal(e, g)
-    for b, e in zip(before, expected):
+    for b, e in zip(before, expected, strict=True):
         assert (e - b).abs().amax() > 1e-2  # every matrix was updated
 
 
@@ -408,9 +398,8 @@ def test_the_bos_id_comes_from_the_tokenizer(tiny_data):
         smear.gate.fill_(10.0)  # blend almost fully with the previous token wherever it blends
         x = torch.eye(4)[None].repeat(1, 1, 8)[:, :, :32]
         out = smear(x, ids)
-    assert torch.equal(out[0, 1], x[0, 1]) and not torch.equal(
-        out[0, 3], x[0, 3]
-    )  # id 7 is the BOS here
+    # id 7 is the BOS here
+    assert torch.equal(out[0, 1], x[0, 1]) and not torch.equal(out[0, 3], x[0, 3])
 
 
 def test_rotary_angles_are_fp32_at_long_positions():
@@ -482,9 +471,8 @@ def test_loader_is_deterministic_and_ranks_tile_the_one_rank_stream(three_shards
             assert x.shape == y.shape == (2, 4) and x.dtype == y.dtype == torch.int64
             taken = np.append(x.flatten().numpy(), y.flatten()[-1].item())
             np.testing.assert_array_equal(y.flatten().numpy(), taken[1:])
-            start = (
-                2 * call + rank
-            ) * span  # rank r's span follows rank r-1's: disjoint, contiguous
+            # rank r's span follows rank r-1's: disjoint, contiguous
+            start = (2 * call + rank) * span
             np.testing.assert_array_equal(taken, expected[start : start + span])
             spans.append(taken)
         x_again, y_again = again.next_batch(local_tokens, seq_len)
@@ -525,15 +513,14 @@ def test_byte_counts_equal_utf8_bytes_of_decoded_text(tiny_data, tiny_sp):
         assert counted == len(sp.decode(ids).encode("utf-8")), text
         streams.append(stream)
     pieces = [sp.id_to_piece(i) for s in streams for i in s.tolist()]
-    assert "▁" in pieces and any(
-        p.startswith("<0x") for p in pieces
-    )  # bare spaces and byte fallback occur
+    # bare spaces and byte fallback occur
+    assert "▁" in pieces and any(p.startswith("<0x") for p in pieces)
     # Several documents in one stream: the BOS targets count 0 and no space leaks across documents.
     joined = torch.cat(streams)
     assert int(luts.count(joined[:-1], joined[1:]).sum()) == decoded_document_bytes(
         sp, joined.numpy()
     )
-    # Token by token: a byte piece is 1 byte (not the 6 characters of "<0xF0>"), "▁" is the space alone.
+    # Token by token: a byte piece is 1 byte (not the 6 characters of "<0xF0>"), "▁" just the space.
     byte_id, space_id, word_id = sp.piece_to_id("<0xF0>"), sp.piece_to_id("▁"), sp.piece_to_id("▁t")
     prev = torch.tensor([byte_id, 100, tg.BOS_ID, 100, tg.BOS_ID, 100])
     target = torch.tensor([byte_id, space_id, space_id, word_id, word_id, tg.BOS_ID])
@@ -754,7 +741,8 @@ def test_whole_run_learns_and_logs_every_line(runs):
         "Serialized model int6+zstd-3:",
         f"Code size: {n} bytes",
         "fits_16mb:true",
-        f"run_complete run_id:tiny val_loss:{summary['val_loss']:.8f} val_bpb:{summary['val_bpb']:.8f}",
+        f"run_complete run_id:tiny val_loss:{summary['val_loss']:.8f} "
+        f"val_bpb:{summary['val_bpb']:.8f}",
     ):
         assert sum(line.startswith(prefix) for line in lines) == 1, prefix
     assert lines[-1].startswith("run_complete")
@@ -787,9 +775,8 @@ def test_two_processes_reach_the_weights_of_one_process_with_twice_the_accumulat
     one, two = ok(runs.get("short")), ok(runs.get("ddp"))
     assert any("world_size:1 grad_accum_steps:8" in line for line in one.lines)
     assert any("world_size:2 grad_accum_steps:4" in line for line in two.lines)
-    assert not any(
-        line.startswith("warning:") for line in two.lines
-    )  # torchrun's variables are no typos
+    # torchrun's variables are no typos
+    assert not any(line.startswith("warning:") for line in two.lines)
     l1, l2 = one.train_losses(), two.train_losses()
     assert sorted(l1) == sorted(l2) == [1, 2, 3]
     for s in l1:
@@ -799,8 +786,9 @@ def test_two_processes_reach_the_weights_of_one_process_with_twice_the_accumulat
     init = tg.build_model(h, CPU).state_dict()
     a, b = one.raw(), two.raw()
     assert a.keys() == b.keys() == init.keys()
-    # Same data, same averaged gradients; only the summation order differs, and Muon's bf16 Newton-Schulz
-    # amplifies those last-bit differences into a few percent of the matrices' updates.
+    # Same data, same averaged gradients; only the summation order differs, and Muon's bf16
+    # Newton-Schulz amplifies those last-bit differences into a few percent of the matrices'
+    # updates.
     for name in a:
         moved = (a[name] - init[name]).norm()
         assert moved > 0, name
@@ -842,14 +830,13 @@ def test_wallclock_cap_stops_the_run_and_still_writes_the_final_lines(runs):
         )
         if m
     }
-    assert times[steps] >= 300 and (
-        steps == 1 or times[steps - 1] < 301
-    )  # stopped at the first step over
+    # stopped at the first step over
+    assert times[steps] >= 300 and (steps == 1 or times[steps - 1] < 301)
     assert any(line.startswith(f"step:{steps}/100000 val_loss:") for line in lines)
     for prefix in ("final_prequant_exact", "final_int6_roundtrip_exact", "run_complete"):
         assert any(line.startswith(prefix) for line in lines), prefix
     assert run.raw_path.is_file() and Path(summary["artifact_path"]).is_file()
-    # The misspelled MLP_MUL=3 in this run's environment: one warning, in the log and on the console.
+    # The misspelled MLP_MUL=3 in this run's environment: one warning, in the log and the console.
     warnings = [line for line in lines if line.startswith("warning:")]
     assert len(warnings) == 1 and "MLP_MUL " in warnings[0] and "MLP_MULT" in warnings[0]
     assert warnings[0] in run.proc.stdout
@@ -863,9 +850,8 @@ def test_non_finite_loss_stops_the_run_naming_the_step(runs):
         and "Traceback" not in run.proc.stderr
     )
     losses = run.train_losses()
-    assert list(losses) == [1] and math.isfinite(
-        losses[1]
-    )  # step 1 was fine: step 2 is the first bad one
+    # step 1 was fine: step 2 is the first bad one
+    assert list(losses) == [1] and math.isfinite(losses[1])
     assert run.raw_path.exists()  # the (diverged) weights are kept all the same
     assert any(line.startswith("error: non-finite training loss at step 2") for line in run.lines)
     assert not any(line.startswith("run_complete") for line in run.lines)

@@ -1,10 +1,10 @@
 """Score-first test-time training (TTT): legal by construction, and proven so.
 
-The rules: every validation target is scored once, under the full softmax, before any update that used it;
-one pass; the last chunk is never trained on. An instrumented pass records, for every scored target, how
-many updates had happened when it was scored, and for every update, which target positions carried its
-gradient. The arithmetic is checked against a slow per-target reference; TTT_LR=0 against the plain
-sliding-window score; the script against itself across process counts.
+The rules: every validation target is scored once, under the full softmax, before any update that
+used it; one pass; the last chunk is never trained on. An instrumented pass records, for every
+scored target, how many updates had happened when it was scored, and for every update, which target
+positions carried its gradient. The arithmetic is checked against a slow per-target reference;
+TTT_LR=0 against the plain sliding-window score; the script against itself across process counts.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def settings(tiny_data, **ttt) -> tg.Hyperparameters:
 
 
 def random_stream(tiny_data, num_targets: int) -> torch.Tensor:
-    """Uniform random token ids: every (w + 1)-token window occurs once, so a window's tokens name its position."""
+    """Uniform random ids: each (w + 1)-token window is unique, so its tokens name its position."""
     gen = torch.Generator().manual_seed(2)
     return torch.randint(
         4, tiny_data["vocab_size"], (num_targets + 1,), generator=gen, dtype=torch.int32
@@ -63,25 +63,28 @@ def random_stream(tiny_data, num_targets: int) -> torch.Tensor:
 
 
 class TrainingRecorder(torch.nn.Module):
-    """The model; each forward with gradients records, per row, the window's start (found from its tokens)
-    and, once backward has run, the target positions whose loss received a gradient. Forwards without
-    gradients must come from evaluate() (the scoring), those with gradients never."""
+    """The model; each forward with gradients records, per row, the window's start (found from its
+    tokens) and, once backward has run, the target positions whose loss received a gradient.
+    Forwards without gradients must come from evaluate() (the scoring), those with gradients
+    never."""
 
     def __init__(self, model, tokens: torch.Tensor, w: int):
         super().__init__()
         self.model, self.w = model, w
         self.where = {tuple(tokens[s : s + w + 1].tolist()): s for s in range(tokens.numel() - w)}
-        self.rows = []  # per forward with gradients: (window starts, positions with a nonzero loss gradient)
+        # per forward with gradients: (window starts, positions with a nonzero loss gradient)
+        self.rows = []
         self.scoring = False  # inside evaluate()
 
     def forward(self, x, y, **kwargs):
         assert self.scoring != torch.is_grad_enabled()
         losses = self.model(x, y, **kwargs)
         if torch.is_grad_enabled():
-            assert (
-                kwargs["score_last"] == self.w and y.shape == x.shape
-            )  # every position of the window
-            starts = [self.where[tuple(xr.tolist()) + (int(yr[-1]),)] for xr, yr in zip(x, y)]
+            # every position of the window
+            assert kwargs["score_last"] == self.w and y.shape == x.shape
+            starts = [
+                self.where[tuple(xr.tolist()) + (int(yr[-1]),)] for xr, yr in zip(x, y, strict=True)
+            ]
             record = {"starts": starts, "trained": []}
             self.rows.append(record)
             losses.register_hook(
@@ -93,14 +96,13 @@ class TrainingRecorder(torch.nn.Module):
 
 
 def instrumented_pass(monkeypatch, tokens, luts, h, *, seq_len, stride, batch_seqs):
-    """Run evaluate_ttt recording scoring (the windows each evaluate() call scores) and updates (SGD steps)."""
+    """Run evaluate_ttt recording the windows each evaluate() scores and the updates (SGD steps)."""
     n = tokens.numel() - 1
     w = min(seq_len, n)
     recorder = TrainingRecorder(random_gpt(h), tokens, w)
     updates = []  # per SGD step: the targets that carried its gradient, and those its windows held
-    scored_at = [
-        [] for _ in range(n)
-    ]  # per target: updates done when it was scored (once, if all is well)
+    # per target: updates done when it was scored (once, if all is well)
+    scored_at = [[] for _ in range(n)]
     chunks = []  # per evaluate() call: the targets it scored
     real_evaluate = tg.evaluate
 
@@ -158,12 +160,11 @@ def test_every_update_uses_only_targets_already_scored(
     assert [len(u) for u in scored_at] == [1] * n
     assert result.scored_tokens == n
     scored_at = [u[0] for u in scored_at]
-    # One pass, in order: chunks of consecutive targets; after each but the last, exactly `epochs` updates.
+    # One pass in order: chunks of consecutive targets; after each but the last, `epochs` updates.
     assert [t for c in chunks for t in c] == list(range(n))
     assert all(c == list(range(c[0], c[-1] + 1)) for c in chunks)
-    last_chunk_of = [
-        c[-1] // chunk_tokens for c in chunks
-    ]  # a chunk: the windows whose last target is in it
+    # a chunk: the windows whose last target is in it
+    last_chunk_of = [c[-1] // chunk_tokens for c in chunks]
     assert last_chunk_of == sorted(set(last_chunk_of))
     assert [scored_at[c[0]] for c in chunks] == [epochs * k for k in range(len(chunks))]
     assert len(updates) == epochs * (len(chunks) - 1)
@@ -171,11 +172,12 @@ def test_every_update_uses_only_targets_already_scored(
         assert len(chunks) == 1 and updates == []
     for u, update in enumerate(updates):
         chunk = chunks[u // epochs]
-        # Only targets scored before this update, by a model that had not seen them: both the targets that
-        # carried the gradient and every token the update's windows held (token j is target j - 1).
+        # Only targets scored before this update, by a model that had not seen them: both the
+        # targets that carried the gradient and every token the update's windows held (token j is
+        # target j - 1).
         assert all(scored_at[t] <= u for t in update["held"]), u
         assert all(scored_at[t] <= u for t in update["trained"]), u
-        # The gradient: exactly the targets the chunk has just scored, each once (a masked position is inert).
+        # The gradient: the targets the chunk just scored, each once (a masked position is inert).
         assert sorted(update["trained"]) == chunk, u
     # The last chunk is never trained on.
     assert not set(chunks[-1]) & {t for update in updates for t in update["trained"]}
@@ -203,11 +205,12 @@ def reference_ttt(
 ) -> torch.Tensor:
     """Per-target losses of score-first TTT, one target at a time, from the definitions:
 
-    target t is scored by the window that ends soonest after it (windows end at w, w+s, ..., and at the end of
-    the split); a chunk is the targets whose scoring window ends in [k*C, (k+1)*C); the chunks are scored in
-    order; after each one but the last, `epochs` SGD steps (momentum, global-norm clip, lr cosine-decayed from
-    chunk 0 to the last chunk) on the mean loss of its targets, target t seen from the start of its training
-    window: the chunk's targets cut into windows of w from its first target, the last one ending at its end.
+    target t is scored by the window that ends soonest after it (windows end at w, w+s, ..., and at
+    the end of the split); a chunk is the targets whose scoring window ends in [k*C, (k+1)*C); the
+    chunks are scored in order; after each one but the last, `epochs` SGD steps (momentum,
+    global-norm clip, lr cosine-decayed from chunk 0 to the last chunk) on the mean loss of its
+    targets, target t seen from the start of its training window: the chunk's targets cut into
+    windows of w from its first target, the last one ending at its end.
     """
     n = tokens.numel() - 1
     w = min(seq_len, n)
@@ -277,10 +280,11 @@ def test_matches_a_per_target_reference(
     )
     assert not reference.isnan().any()
     assert r.scored_tokens == tokens.numel() - 1
-    # Float64 weights, fp32 losses: batched and one-at-a-time sums agree to ~1e-9 (measured: 0 to 3e-9).
+    # Float64 weights, fp32 losses: batched and one-at-a-time sums agree to ~1e-9 (measured: 0 to
+    # 3e-9).
     assert r.val_loss * r.scored_tokens == pytest.approx(reference.sum().item(), rel=1e-7)
-    # Teeth: without training the sum differs by over a thousand times that tolerance (measured: 3e-4 with the
-    # tightest clip, up to 5e-2).
+    # Teeth: without training the sum differs by over a thousand times that tolerance (measured:
+    # 3e-4 with the tightest clip, up to 5e-2).
     plain = tg.evaluate(random_gpt(h), tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=3)
     assert abs(plain.val_loss - r.val_loss) > 1e-4 * r.val_loss
 
@@ -292,9 +296,8 @@ def test_lr_zero_is_the_sliding_score(tiny_data, val_tokens, luts):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sliding = tg.evaluate(model, tokens, luts, seq_len=32, stride=8, batch_seqs=16)
     ttt = tg.evaluate_ttt(model, tokens, luts, h, seq_len=32, stride=8, batch_seqs=16)
-    assert all(
-        torch.equal(v, before[k]) for k, v in model.state_dict().items()
-    )  # trained with lr 0: unchanged
+    # trained with lr 0: unchanged
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert ttt.scored_tokens == sliding.scored_tokens == tokens.numel() - 1
     assert ttt.scored_bytes == sliding.scored_bytes
     assert ttt.val_loss * ttt.scored_tokens == pytest.approx(
@@ -310,14 +313,14 @@ def test_lr_zero_is_the_sliding_score(tiny_data, val_tokens, luts):
         stride=8,
         batch_seqs=16,
     )
-    assert (
-        abs(moved.val_loss - sliding.val_loss) > 1e-4 * sliding.val_loss
-    )  # lr > 0 does move the score
+    # lr > 0 does move the score
+    assert abs(moved.val_loss - sliding.val_loss) > 1e-4 * sliding.val_loss
 
 
 def test_fixed_shapes_and_no_fake_quant(tiny_data, val_tokens, luts, monkeypatch):
-    """One training shape and at most two scoring shapes for the whole pass (a compiled model never recompiles
-    per chunk); the artifact's weights, never fake-quantized, though QAT is on and the model in training mode."""
+    """One training shape and at most two scoring shapes for the whole pass (a compiled model never
+    recompiles per chunk); the artifact's weights, never fake-quantized, though QAT is on and the
+    model in training mode."""
     h = settings(tiny_data, ttt_chunk_tokens=70, ttt_lr=0.01, ttt_epochs=1)
     model = tg.build_model(h, CPU)  # QAT on, training mode
     assert any(m.qat is not None for m in model.modules() if isinstance(m, tg.CastedLinear))
@@ -329,17 +332,15 @@ def test_fixed_shapes_and_no_fake_quant(tiny_data, val_tokens, luts, monkeypatch
     recorder = ShapeRecorder(model)
     r = tg.evaluate_ttt(recorder, val_tokens[:701], luts, h, seq_len=32, stride=8, batch_seqs=64)
     assert r.scored_tokens == 700
-    # Batches no larger than a chunk needs: its most windows, and its most training windows of 32 targets.
+    # Batches no larger than a chunk needs: most windows, most training windows of 32 targets.
     chunks = {}
     for start, k in tg.plan_windows(700, 32, 8):
         chunks.setdefault((start + 31) // 70, []).append((start, k))
     chunks = list(chunks.values())
     most_windows = max(map(len, chunks))
     most_seqs = max(math.ceil((c[-1][0] + 32 - (c[0][0] + 32 - c[0][1])) / 32) for c in chunks[:-1])
-    assert (most_windows, most_seqs) == (
-        10,
-        3,
-    )  # the last chunk ends with the split: one more window
+    # the last chunk ends with the split: one more window
+    assert (most_windows, most_seqs) == (10, 3)
     shapes = [(grad, x, score_last) for grad, x, _, score_last in recorder.calls]
     assert set(shapes) == {(False, (10, 32), 32), (False, (10, 32), 8), (True, (3, 32), 32)}
     assert sum(s[0] for s in shapes) == len(chunks) - 1  # one step (one micro-batch) per chunk
@@ -389,7 +390,10 @@ def test_settings_defaults_and_validation():
 def test_the_projection_line_names_ttt_and_its_remedy():
     """On CUDA the TTT pass gets its own projected 8-GPU time, with the warning over the budget."""
     lines = []
-    log = lambda msg, console=True: lines.append(msg)  # noqa: E731
+
+    def log(msg, console=True):
+        lines.append(msg)
+
     tg.log_eval_projection(log, tg.FINEWEB_VAL_TOKENS / 8 / 500, 1, "_ttt", "lower TTT_EPOCHS")
     tg.log_eval_projection(log, tg.FINEWEB_VAL_TOKENS / 8 / 700, 1, "_ttt", "lower TTT_EPOCHS")
     assert lines[:2] == ["projected_fineweb_8gpu_ttt:500.0s", "projected_fineweb_8gpu_ttt:700.0s"]
@@ -461,18 +465,18 @@ def test_a_run_with_ttt_reports_the_ttt_score(ttt_run, tiny_data, val_tokens, lu
 
 
 def test_two_processes_give_the_ttt_score_of_one(ttt_run, tmp_path):
-    """Two ranks, and micro-batches of 5 windows instead of 32: the same scores per window and the same
-    gradient up to the order of its fp32 sums (each rank's micro-batches, then the all-reduce), so the same
-    weights up to rounding. Measured: 5e-10 relative on the score (bit for bit with the same micro-batches).
-    The tolerance, 1e-6, is far above that rounding and far below what TTT moves (7e-2 here; the test above
-    asks for over 1e-3 bpb), so a rank that trained on other windows, or skipped the all-reduce, fails it."""
+    """Two ranks, and micro-batches of 5 windows instead of 32: the same scores per window and the
+    same gradient up to the order of its fp32 sums (each rank's micro-batches, then the all-reduce),
+    so the same weights up to rounding. Measured: 5e-10 relative on the score (bit for bit with the
+    same micro-batches). The tolerance, 1e-6, is far above that rounding and far below what TTT
+    moves (7e-2 here; the test above asks for over 1e-3 bpb), so a rank that trained on other
+    windows, or skipped the all-reduce, fails it."""
     run_script(rescore_env(ttt_run, tmp_path, EVAL_BATCH_SEQS=5), nproc=2)
     two = json.loads((tmp_path / "logs" / "rescore.json").read_text())
     one = ttt_run["summary"]
     assert two["world_size"] == 2 and two["scored_tokens"] == one["scored_tokens"]
-    assert two["sliding_val_loss"] == pytest.approx(
-        one["sliding_val_loss"], rel=1e-9
-    )  # same artifact
+    # same artifact
+    assert two["sliding_val_loss"] == pytest.approx(one["sliding_val_loss"], rel=1e-9)
     assert two["ttt_val_loss"] == pytest.approx(one["ttt_val_loss"], rel=1e-6)
     assert two["ttt_val_bpb"] == pytest.approx(one["ttt_val_bpb"], rel=1e-6)
     assert two["val_bpb"] == two["ttt_val_bpb"]

@@ -1,4 +1,4 @@
-"""Helpers for tests/test_trainer.py that must live in an importable module (spawned processes import them)."""
+"""Helpers of tests/test_trainer.py that spawned processes import: they must live in a module."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ MUON_STEPS = 3
 
 
 def muon_trajectory() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Parameters before and after MUON_STEPS Muon steps on seeded gradients; the same in every process."""
+    """Parameters before and after MUON_STEPS steps on seeded gradients; alike in every process."""
     gen = torch.Generator().manual_seed(1234)
     params = [nn.Parameter(torch.randn(*shape, generator=gen)) for shape in MUON_SHAPES]
     before = [p.detach().clone() for p in params]
