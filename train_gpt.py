@@ -29,6 +29,7 @@ import os
 import platform
 import resource
 import signal
+import struct
 import sys
 import time
 import traceback
@@ -38,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import brotli
 import numpy as np
 import sentencepiece as spm
 import torch
@@ -239,7 +241,7 @@ class Hyperparameters:
     sdclip_k_mlp: float = _knob(11.5, ">0", "SDClip: k standard deviations, MLP matrices")
     sdclip_k_attn: float = _knob(13.0, ">0", "SDClip: k of attention, bigram matrices and gates")
     sdclip_k_embed: float = _knob(20.0, ">0", "SDClip: k of the embedding tables and the head")
-    compressor: str = _knob("zstd", "zstd|lzma", "compression of the artifact")
+    compressor: str = _knob("zstd", "zstd|lzma|brotli|auto", "auto: the smallest codec per stream")
     fp16_keep: str = _knob("", "", "name patterns (fnmatch, comma-separated) kept in fp16")
     quant_clip_percentile: float = _knob(99.99984, "(0, 100]", "percentile clip of abs(w)")
     zstd_level: int = _knob(22, "1..22", "zstd compression level of the artifact")
@@ -1364,10 +1366,14 @@ def gptq_quantize(
     return q[:, torch.argsort(perm)].to(torch.int8)
 
 
-ARTIFACT_MAGIC = b"PGOLF-Q\x00"  # 8 bytes before the zstd frame
-ARTIFACT_FORMAT_VERSION = 2  # 2: the tensors packed into a few long runs (pack_payload)
+ARTIFACT_MAGIC = b"PGOLF-Q\x00"  # 8 bytes before the stream table
+ARTIFACT_FORMAT_VERSION = 3  # 3: the packed runs in separately compressed streams
 ARTIFACT_KINDS = ("int5", "int6", "int7", "int8", "fp16", "float")
-XZ_MAGIC = b"\xfd7zXZ\x00"  # an lzma (xz) stream; anything else after ARTIFACT_MAGIC is zstd
+STREAMS_MAGIC = b"PGS3"  # the stream table: count, then (codec, length) per stream
+STREAM_ENTRY = struct.Struct("<BQ")
+CODECS = ("zstd", "lzma", "brotli")  # a stream's codec, by its number in the table
+# The packed payload's runs, stored as raw bytes: their types are the reader's, not the file's.
+RUN_DTYPES = {"q": "i1", "scale": "<f2", "float": "<f4", "fp16_planes": "u1"}
 
 
 class ArtifactError(ValueError):
@@ -1441,13 +1447,26 @@ def torch_save_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
+def stream_group(name: str, tensor: Tensor) -> str:
+    """Which stream a tensor's levels go to: one per matrix type (the token table, each attention
+    and MLP matrix across the layers, ...). Levels of one type compress better apart from the
+    others (README, "Measured")."""
+    role = tensor_role(name, tensor)
+    return f"{role}.{name.split('.')[-2]}" if role in ("attention", "mlp") else role
+
+
+def packing_order(tensors: dict[str, dict]) -> list[str]:
+    """The tensors' order in the runs: by stream group, then as in the state dict."""
+    groups = {n: stream_group(n, e.get("q", e.get("data"))) for n, e in tensors.items()}
+    first = {g: i for i, g in reversed(list(enumerate(groups.values())))}
+    return sorted(tensors, key=lambda n: first[groups[n]])
+
+
 def pack_payload(payload: dict) -> dict:
-    """The payload as an index plus one run per kind of content (levels grouped by kind, scales,
-    fp32 data, fp16 data as a low-byte plane then a high-byte plane): 2-8 % smaller than one
-    record per tensor on a trained tiny model, within 0.7 % either side on the dense stand-in
-    (README, "Measured")."""
+    """The payload as an index plus one run per kind of content: levels (by stream group), scales,
+    fp32 data, fp16 data as a low-byte plane then a high-byte plane."""
     tensors = payload["tensors"]
-    names = sorted(tensors, key=lambda n: tensors[n]["kind"])
+    names = packing_order(tensors)
 
     def run(key: str, kinds: tuple, dtype) -> Tensor:
         parts = [tensors[n][key].flatten() for n in names if tensors[n]["kind"] in kinds]
@@ -1471,7 +1490,7 @@ def pack_payload(payload: dict) -> dict:
 def unpack_payload(packed: dict) -> dict[str, dict]:
     """The tensors back from pack_payload's runs; any inconsistency raises ValueError."""
     runs = {k: packed[k] for k in ("q", "scale", "float")}
-    runs["fp16"] = packed["fp16_planes"].T.contiguous().view(torch.float16).flatten()
+    runs["fp16"] = packed["fp16_planes"].reshape(2, -1).T.reshape(-1).view(torch.float16)
     dtypes = {
         "q": torch.int8,
         "scale": torch.float16,
@@ -1502,33 +1521,119 @@ def unpack_payload(packed: dict) -> dict[str, dict]:
     return tensors
 
 
+def compress(data: bytes, codec: str, zstd_level: int = 22) -> bytes:
+    if codec == "zstd":
+        return zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(data)
+    if codec == "lzma":
+        return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+    return brotli.compress(data, quality=11)
+
+
+def decompress(data: bytes, codec: str) -> bytes:
+    if codec == "zstd":
+        return zstandard.ZstdDecompressor().decompress(data)
+    return lzma.decompress(data) if codec == "lzma" else brotli.decompress(data)
+
+
+def payload_streams(payload: dict) -> list[bytes]:
+    """The packed payload as streams: a header (torch.save of everything but the runs, and the
+    stream manifest), then the raw bytes of each run, the levels cut at their stream groups."""
+    packed = pack_payload(payload)
+    level_counts: dict[str, int] = {}
+    for name in packing_order(payload["tensors"]):
+        entry = payload["tensors"][name]
+        if "q" in entry:
+            group = stream_group(name, entry["q"])
+            level_counts[group] = level_counts.get(group, 0) + entry["q"].numel()
+    parts, offset = [], 0
+    for count in level_counts.values():  # int8: one byte a level
+        parts.append(("q", packed["q"][offset : offset + count]))
+        offset += count
+    parts += [(run, packed[run]) for run in RUN_DTYPES if run != "q"]
+    manifest = [[run, t.numel() * t.element_size()] for run, t in parts]
+    header = {k: v for k, v in packed.items() if k not in RUN_DTYPES} | {"streams": manifest}
+    return [torch_save_bytes(header)] + [t.contiguous().numpy().tobytes() for _, t in parts]
+
+
 def artifact_bytes(payload: dict, zstd_level: int, compressor: str = "zstd") -> bytes:
-    raw = torch_save_bytes(pack_payload(payload))
-    if compressor == "lzma":
-        return ARTIFACT_MAGIC + lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
-    zstd = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
-    return ARTIFACT_MAGIC + zstd.compress(raw)
+    """The artifact: ARTIFACT_MAGIC, the stream table, the streams, each compressed with
+    COMPRESSOR or (auto) with whichever codec makes it smallest. Streams compress in threads."""
+    streams = payload_streams(payload)
+    codecs = CODECS if compressor == "auto" else (compressor,)
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        jobs = [[pool.submit(compress, data, c, zstd_level) for c in codecs] for data in streams]
+        tried = [[(len(job.result()), i, job.result()) for i, job in enumerate(js)] for js in jobs]
+    chosen = [min(candidates) for candidates in tried]  # ties: the first codec
+    table = STREAMS_MAGIC + struct.pack("<I", len(chosen))
+    for _, i, blob in chosen:
+        table += STREAM_ENTRY.pack(CODECS.index(codecs[i]), len(blob))
+    return ARTIFACT_MAGIC + table + b"".join(blob for _, _, blob in chosen)
+
+
+def stream_table(body: bytes) -> list[tuple[str, int]]:
+    """(codec, compressed length) of each stream of an artifact's body (after ARTIFACT_MAGIC);
+    ValueError if the table does not add up to the body."""
+    if body[:4] != STREAMS_MAGIC or len(body) < 8:
+        raise ValueError("no stream table")
+    (count,) = struct.unpack_from("<I", body, 4)
+    start = 8 + count * STREAM_ENTRY.size
+    if count == 0 or start > len(body):
+        raise ValueError(f"a stream table of {count} streams does not fit")
+    entries = [STREAM_ENTRY.unpack_from(body, 8 + i * STREAM_ENTRY.size) for i in range(count)]
+    if any(codec >= len(CODECS) for codec, _ in entries):
+        raise ValueError("unknown codec")
+    if start + sum(length for _, length in entries) != len(body):
+        raise ValueError("the streams' lengths do not add up to the file")
+    return [(CODECS[codec], length) for codec, length in entries]
+
+
+def read_streams(body: bytes) -> list[bytes]:
+    """The decompressed streams of an artifact's body."""
+    table = stream_table(body)
+    start, streams = 8 + len(table) * STREAM_ENTRY.size, []
+    for codec, length in table:
+        streams.append(decompress(body[start : start + length], codec))
+        start += length
+    return streams
+
+
+def packed_from_streams(header: dict, streams: list[bytes]) -> dict:
+    """pack_payload's dict back from the header and the runs' raw streams."""
+    manifest = header.pop("streams")
+    if len(manifest) != len(streams) or any(
+        len(s) != n for (_, n), s in zip(manifest, streams, strict=True)
+    ):
+        raise ValueError("the streams do not match the manifest")
+    runs = {run: bytearray() for run in RUN_DTYPES}
+    for (run, _), data in zip(manifest, streams, strict=True):
+        runs[run] += data
+    arrays = {run: np.frombuffer(data, dtype=RUN_DTYPES[run]) for run, data in runs.items()}
+    return header | {run: torch.from_numpy(a) for run, a in arrays.items()}
 
 
 def read_artifact(path: Path) -> dict:
-    """Load an artifact without executing code from it (weights_only), with clear errors on
-    damage."""
+    """Load an artifact without executing code from it (weights_only for the header, raw bytes
+    for the runs), with clear errors on damage."""
     blob = Path(path).read_bytes()
     if not blob.startswith(ARTIFACT_MAGIC):
         raise ArtifactError(f"{path}: not an artifact of this script (bad magic)")
-    body = blob[len(ARTIFACT_MAGIC) :]
-    try:  # MemoryError: a damaged header can declare an absurd size
-        if body.startswith(XZ_MAGIC):
-            raw = lzma.decompress(body)
-        else:
-            raw = zstandard.ZstdDecompressor().decompress(body)
-    except (zstandard.ZstdError, lzma.LZMAError, MemoryError) as e:
+    damage = (
+        ValueError,
+        struct.error,
+        MemoryError,
+        zstandard.ZstdError,
+        lzma.LZMAError,
+        brotli.error,
+    )
+    try:  # MemoryError: a damaged size field can declare an absurd size
+        streams = read_streams(blob[len(ARTIFACT_MAGIC) :])
+    except damage as e:
         raise ArtifactError(
             f"{path}: truncated or corrupt artifact ({str(e) or type(e).__name__}); "
             "re-export it from the raw checkpoint"
         ) from None
     try:
-        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(streams[0]), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
         raise ArtifactError(
             f"{path}: unreadable artifact payload ({type(e).__name__}: {e})"
@@ -1538,10 +1643,10 @@ def read_artifact(path: Path) -> dict:
     if payload.get("version") != ARTIFACT_FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: artifact format version {payload.get('version')}, this script reads "
-            f"version {ARTIFACT_FORMAT_VERSION}"
+            f"version {ARTIFACT_FORMAT_VERSION}; re-export it from the raw checkpoint"
         )
     try:
-        payload["tensors"] = unpack_payload(payload)
+        payload["tensors"] = unpack_payload(packed_from_streams(payload, streams[1:]))
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise ArtifactError(
             f"{path}: malformed artifact payload ({type(e).__name__}: {e}); re-export it from the "
@@ -1951,20 +2056,16 @@ def check_finite(first_bad_step: Tensor, rt: Runtime) -> None:
         )
 
 
-def train_step(
-    *,
-    model,
-    loader,
-    optimizers,
-    base_model,
-    h: Hyperparameters,
-    rt: Runtime,
-    grad_accum_steps: int,
-    lr_scale: float,
-    momentum: float,
-) -> Tensor:
+def train_step(s: Session, loader, lr_scale: float, momentum: float) -> Tensor:
     """One optimizer step (all micro-steps); returns the mean training loss as a device tensor
-    (no sync)."""
+    (no sync). Reads the session's model, optimizers, settings, runtime and micro-steps."""
+    model, optimizers, h, rt, grad_accum_steps = (
+        s.model,
+        s.optimizers,
+        s.h,
+        s.rt,
+        s.grad_accum_steps,
+    )
     local_tokens = h.train_batch_tokens // (rt.world_size * grad_accum_steps)
     total = torch.zeros((), device=rt.device)
     for micro in range(grad_accum_steps):
@@ -1981,26 +2082,12 @@ def train_step(
         if isinstance(opt, Muon):
             opt.param_groups[0]["momentum"] = momentum
     if h.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(base_model.parameters(), h.grad_clip_norm)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
     for opt in optimizers:
         opt.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     return total / grad_accum_steps
-
-
-def session_step(s: Session, loader, lr_scale: float, momentum: float) -> Tensor:
-    return train_step(
-        model=s.model,
-        loader=loader,
-        optimizers=s.optimizers,
-        base_model=s.base_model,
-        h=s.h,
-        rt=s.rt,
-        grad_accum_steps=s.grad_accum_steps,
-        lr_scale=lr_scale,
-        momentum=momentum,
-    )
 
 
 def warm_up(s: Session) -> None:
@@ -2014,7 +2101,7 @@ def warm_up(s: Session) -> None:
     lr_scale, momentum = schedule(h, s.state.step, s.state.train_time_ms)
     for i in range(h.warmup_steps):
         base_model.looping = h.num_loops > 0 and 2 * i >= h.warmup_steps
-        session_step(s, loader, lr_scale, momentum)
+        train_step(s, loader, lr_scale, momentum)
     base_model.looping = False
     s.rt.sync()
     base_model.load_state_dict(model_state)
@@ -2102,7 +2189,7 @@ def train(s: Session, signals: StopSignals) -> None:
             late_qat = False
             base_model.set_qat_active(True)
             log(f"late_qat_on step:{step} lr_scale:{lr_scale:.4f}")
-        loss = session_step(s, loader, lr_scale, momentum)
+        loss = train_step(s, loader, lr_scale, momentum)
         if s.ema is not None:
             s.ema.update()
         bad = (first_bad_step < 0) & ~torch.isfinite(loss)
@@ -2753,7 +2840,12 @@ def export(s: Session, bytes_code: int) -> int:
     if rt.master:
         payload = quantize_state_dict(s.base_model.state_dict(), h, hessians)
         quantized_s = time.perf_counter() - t_export
-        atomic_write_bytes(files.artifact, artifact_bytes(payload, h.zstd_level, h.compressor))
+        blob = artifact_bytes(payload, h.zstd_level, h.compressor)
+        compress_ms = 1000 * (time.perf_counter() - t_export - quantized_s)
+        codecs = [codec for codec, _ in stream_table(blob[len(ARTIFACT_MAGIC) :])]
+        chosen = " ".join(f"{c}:{codecs.count(c)}" for c in CODECS if c in codecs)
+        log(f"compression:{h.compressor} streams:{len(codecs)} {chosen} time:{compress_ms:.0f}ms")
+        atomic_write_bytes(files.artifact, blob)
         export_ms = 1000 * (time.perf_counter() - t_export)
         log(f"artifact:{files.artifact} export_time:{export_ms:.0f}ms")
         if hessians is not None:
@@ -2767,7 +2859,7 @@ def export(s: Session, bytes_code: int) -> int:
     bytes_model = files.artifact.stat().st_size
     bytes_total = bytes_model + bytes_code
     bits = "int6" if h.mlp_bits == h.attn_bits == 6 else f"int{h.mlp_bits}/{h.attn_bits}"
-    label = bits + (f"+zstd-{h.zstd_level}" if h.compressor == "zstd" else "+lzma")
+    label = bits + (f"+zstd-{h.zstd_level}" if h.compressor == "zstd" else f"+{h.compressor}")
     log(f"Serialized model {label}: {bytes_model} bytes")
     log(f"Code size: {bytes_code} bytes")
     log(f"Total submission size {label}: {bytes_total} bytes")

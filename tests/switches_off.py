@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -94,19 +95,11 @@ def outputs(h: tg.Hyperparameters | None = None) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     rt = tg.Runtime(0, 0, 1, torch.device("cpu"), False, None)
     optimizers = tg.build_optimizers(h, model, newton_schulz_fp64, fused=False)
+    # the parts of a run's Session that a training step reads
+    session = SimpleNamespace(model=model, optimizers=optimizers, h=h, rt=rt, grad_accum_steps=1)
     loader = FixedBatches(2)
     for step in range(3):
-        tg.train_step(
-            model=model,
-            loader=loader,
-            optimizers=optimizers,
-            base_model=model,
-            h=h,
-            rt=rt,
-            grad_accum_steps=1,
-            lr_scale=1.0 - 0.2 * step,
-            momentum=0.95,
-        )
+        tg.train_step(session, loader, lr_scale=1.0 - 0.2 * step, momentum=0.95)
     out |= {f"weights.{n}": p for n, p in model.state_dict().items()}
     payload = tg.quantize_state_dict(model.state_dict(), h)
     for name, entry in payload["tensors"].items():

@@ -13,10 +13,12 @@ import functools
 import hashlib
 import io
 import json
+import lzma
 import math
 import os
 import re
 import shutil
+import struct
 from fractions import Fraction
 from pathlib import Path
 
@@ -330,7 +332,9 @@ def test_damaged_artifacts_give_clear_errors(tmp_path, small_artifact):
                 torch.equal(a, intact[k]) for k, a in tg.dequantize_state_dict(payload).items()
             )
     # A damaged size field declaring 32 TiB of content: zstd tries to allocate it up front.
-    frame = blob[len(tg.ARTIFACT_MAGIC) :]
+    table = tg.stream_table(blob[len(tg.ARTIFACT_MAGIC) :])
+    start = len(tg.ARTIFACT_MAGIC) + 8 + len(table) * tg.STREAM_ENTRY.size
+    frame = blob[start : start + table[0][1]]  # the header stream, zstd
     # frame header: magic (4), descriptor (1), window (0 or 1), content size (0-8)
     descriptor = frame[4]
     single_segment = bool(descriptor & 0x20)
@@ -339,8 +343,16 @@ def test_damaged_artifacts_give_clear_errors(tmp_path, small_artifact):
     # 8-byte size field
     huge = frame[:4] + bytes([descriptor | 0xE0]) + (2**45).to_bytes(8, "little") + blocks
     assert zstandard.get_frame_parameters(huge).content_size == 2**45
+    forged = stream_container([("zstd", huge)])
     with pytest.raises(tg.ArtifactError, match="truncated or corrupt"):
-        tg.read_artifact(write(tmp_path / "huge.ptz", tg.ARTIFACT_MAGIC + huge))
+        tg.read_artifact(write(tmp_path / "huge.ptz", forged))
+
+
+def stream_container(streams: list[tuple[str, bytes]]) -> bytes:
+    """An artifact from (codec, compressed stream) pairs, built by hand."""
+    table = tg.STREAMS_MAGIC + struct.pack("<I", len(streams))
+    table += b"".join(tg.STREAM_ENTRY.pack(tg.CODECS.index(c), len(b)) for c, b in streams)
+    return tg.ARTIFACT_MAGIC + table + b"".join(b for _, b in streams)
 
 
 def test_non_artifacts_are_refused(tmp_path, small_artifact):
@@ -352,18 +364,15 @@ def test_non_artifacts_are_refused(tmp_path, small_artifact):
         tg.read_artifact(write(tmp_path / "text.ptz", b"hello, this is not a model\n"))
     with pytest.raises(tg.ArtifactError, match="bad magic"):
         tg.read_artifact(write(tmp_path / "empty.ptz", b""))
-    zstd = zstandard.ZstdCompressor(level=3)
+    with pytest.raises(tg.ArtifactError, match="truncated or corrupt .*no stream table"):
+        tg.read_artifact(write(tmp_path / "v2.ptz", tg.ARTIFACT_MAGIC + zstandard.compress(b"x")))
+    junk = stream_container([("zstd", zstandard.compress(b"not a torch file"))])
     with pytest.raises(tg.ArtifactError, match="unreadable"):
-        tg.read_artifact(
-            write(tmp_path / "junk.ptz", tg.ARTIFACT_MAGIC + zstd.compress(b"not a torch file"))
-        )
+        tg.read_artifact(write(tmp_path / "junk.ptz", junk))
+    other = tg.torch_save_bytes({"format": "something-else", "tensors": {}})
     with pytest.raises(tg.ArtifactError, match="not a pgolf-int6"):
         tg.read_artifact(
-            write(
-                tmp_path / "other.ptz",
-                tg.ARTIFACT_MAGIC
-                + zstd.compress(tg.torch_save_bytes({"format": "something-else", "tensors": {}})),
-            )
+            write(tmp_path / "other.ptz", stream_container([("lzma", lzma.compress(other))]))
         )
     payload = tg.read_artifact(write(tmp_path / "ok.ptz", small_artifact))
     payload["version"] = tg.ARTIFACT_FORMAT_VERSION + 1
@@ -386,13 +395,13 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     marker = tmp_path / "code_ran"
     payload = tg.quantize_state_dict(randomized_model(h).state_dict(), h)
     payload["extra"] = RunsCode(marker)
-    blob = tg.artifact_bytes(payload, 3)  # wrapped exactly like a real artifact: magic + zstd frame
+    blob = tg.artifact_bytes(payload, 3)  # wrapped exactly like a real artifact
     assert blob.startswith(tg.ARTIFACT_MAGIC)
     with pytest.raises(tg.ArtifactError, match="unreadable"):
         tg.read_artifact(write(tmp_path / "hostile.ptz", blob))
     assert not marker.exists()
     # The payload is really hostile: an unrestricted load runs it.
-    raw = zstandard.ZstdDecompressor().decompress(blob[len(tg.ARTIFACT_MAGIC) :])
+    raw = tg.read_streams(blob[len(tg.ARTIFACT_MAGIC) :])[0]
     torch.load(io.BytesIO(raw), weights_only=False)
     assert marker.is_dir()
 
@@ -626,8 +635,11 @@ def test_artifact_is_zstd22_of_the_raw_checkpoint_quantized(runs):
     payload = tg.quantize_state_dict(raw_state, h)
     assert blob == tg.artifact_bytes(payload, 22)
     assert blob != tg.artifact_bytes(payload, 3)
-    params = zstandard.get_frame_parameters(blob[len(tg.ARTIFACT_MAGIC) :])
-    assert params.has_checksum
+    body = blob[len(tg.ARTIFACT_MAGIC) :]
+    start = 8 + len(tg.stream_table(body)) * tg.STREAM_ENTRY.size
+    for codec, length in tg.stream_table(body):  # every stream zstd, with a checksum
+        assert codec == "zstd" and zstandard.get_frame_parameters(body[start:]).has_checksum
+        start += length
     read_back = tg.read_artifact(runs["artifacts"] / f"{RUN_ID}.int6.ptz")
     kinds = {name: e["kind"] for name, e in read_back["tensors"].items()}
     assert {n for n, k in kinds.items() if k == "int6"} == expected_int6_names(h.num_layers)

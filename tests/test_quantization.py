@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
-import lzma
 import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +93,8 @@ tiny_h = functools.partial(small_hparams, num_layers=2)
     [
         (5, 6, "fp16", "zstd"),
         (6, 7, "int8", "lzma"),
-        (8, 5, "int7", "zstd"),
-        (7, 8, "int6", "lzma"),
+        (8, 5, "int7", "brotli"),
+        (7, 8, "int6", "auto"),
     ],
 )
 def test_every_bit_width_and_compressor_round_trips(
@@ -114,7 +115,13 @@ def test_every_bit_width_and_compressor_round_trips(
         if "q" in e:
             assert e["q"].abs().max() <= tg.level_of(e["kind"])
     blob = tg.artifact_bytes(payload, 3, compressor)
-    assert blob[len(tg.ARTIFACT_MAGIC) :].startswith(tg.XZ_MAGIC) == (compressor == "lzma")
+    codecs = [codec for codec, _ in tg.stream_table(blob[len(tg.ARTIFACT_MAGIC) :])]
+    if compressor == "auto":  # each stream in its smallest codec
+        for stream, codec in zip(tg.payload_streams(payload), codecs, strict=True):
+            sizes = {c: len(tg.compress(stream, c, 3)) for c in tg.CODECS}
+            assert sizes[codec] == min(sizes.values())
+    else:
+        assert set(codecs) == {compressor}
     path = tmp_path / "a.ptz"
     path.write_bytes(blob)
     back = tg.read_artifact(path)  # reading needs no settings
@@ -220,18 +227,48 @@ def test_a_gptq_run_ships_a_scored_artifact_inside_the_wall_clock(tiny_data, tmp
         ),
         (lambda p: p.update(scale=p["scale"].float()), "wrong type"),
         (lambda p: p["index"][0].__setitem__(1, "int9"), "is malformed"),
-        (lambda p: p.pop("index"), "KeyError"),
+        (lambda p: p.pop("index"), "index"),  # a KeyError
     ],
 )
-def test_a_packed_payload_that_does_not_add_up_is_refused(tmp_path, tamper, message):
+def test_a_packed_payload_that_does_not_add_up_is_refused(tamper, message):
     h = tiny_h(embed_quant="fp16")
     packed = tg.pack_payload(tg.quantize_state_dict(tg.build_model(h, CPU).state_dict(), h))
     tamper(packed)
+    with pytest.raises((ValueError, KeyError), match=re.escape(message)):
+        tg.unpack_payload(packed)
+
+
+def stream_container(streams: list[tuple[str, bytes]]) -> bytes:
+    """An artifact body from (codec, compressed stream) pairs, built by hand."""
+    table = tg.STREAMS_MAGIC + struct.pack("<I", len(streams))
+    table += b"".join(tg.STREAM_ENTRY.pack(tg.CODECS.index(c), len(b)) for c, b in streams)
+    return tg.ARTIFACT_MAGIC + table + b"".join(b for _, b in streams)
+
+
+def test_an_artifact_whose_streams_do_not_match_its_manifest_is_refused(tmp_path):
+    h = tiny_h(embed_quant="fp16")
+    payload = tg.quantize_state_dict(tg.build_model(h, CPU).state_dict(), h)
+    streams = tg.payload_streams(payload)
     path = tmp_path / "bad.ptz"
-    path.write_bytes(tg.ARTIFACT_MAGIC + lzma.compress(tg.torch_save_bytes(packed)))
-    with pytest.raises(
-        tg.ArtifactError, match=f"malformed artifact payload .*{re.escape(message)}"
-    ):
+    for bad, message in [
+        (streams[:-1], "do not match the manifest"),  # a stream missing
+        (streams[:1] + [streams[1][:-1]] + streams[2:], "do not match the manifest"),  # cut short
+        (streams + [b"extra"], "do not match the manifest"),
+    ]:
+        path.write_bytes(stream_container([("zstd", tg.compress(b, "zstd", 3)) for b in bad]))
+        with pytest.raises(tg.ArtifactError, match=f"malformed artifact payload .*{message}"):
+            tg.read_artifact(path)
+    good = stream_container([("brotli", tg.compress(b, "brotli")) for b in streams])
+    path.write_bytes(good)
+    assert tg.read_artifact(path)["tensors"].keys() == payload["tensors"].keys()
+    for cut in (9, 20, len(good) - 1):  # inside the table, inside a stream
+        path.write_bytes(good[:cut])
+        with pytest.raises(tg.ArtifactError, match="truncated or corrupt"):
+            tg.read_artifact(path)
+    body = bytearray(good)
+    body[len(tg.ARTIFACT_MAGIC) + 8] = len(tg.CODECS)  # the first stream's codec number
+    path.write_bytes(bytes(body))
+    with pytest.raises(tg.ArtifactError, match="unknown codec"):
         tg.read_artifact(path)
 
 
@@ -239,8 +276,13 @@ def test_packing_groups_alike_bytes_and_round_trips():
     h = tiny_h(embed_quant="fp16", mlp_bits=5)
     payload = tg.quantize_state_dict(tg.build_model(h, CPU).state_dict(), h)
     packed = tg.pack_payload(payload)
-    kinds = [kind for _, kind, _ in packed["index"]]
-    assert kinds == sorted(kinds)  # levels of one kind lie together
+    tensors = payload["tensors"]
+    groups = [
+        tg.stream_group(n, tensors[n].get("q", tensors[n].get("data"))) for n, *_ in packed["index"]
+    ]
+    changes = sum(a != b for a, b in itertools.pairwise(groups))
+    assert changes == len(set(groups)) - 1  # the tensors of one stream group lie together
+    assert {"attention.c_q", "mlp.fc", "embedding", "control"} <= set(groups)
     assert packed["fp16_planes"].shape == (2, payload["tensors"]["tok_emb.weight"]["data"].numel())
     back = tg.unpack_payload(packed)
     for name, e in payload["tensors"].items():
