@@ -21,11 +21,11 @@ def inject(fault: str) -> None:
         rank, bad_call = map(int, args)
         real_step, calls = tg.train_step, [0]
 
-        def train_step(**kwargs):
+        def train_step(*args, **kwargs):
             calls[0] += 1
             if int(os.environ.get("RANK", "0")) == rank and calls[0] == bad_call:
                 raise RuntimeError(f"injected fault on rank {rank}")
-            return real_step(**kwargs)
+            return real_step(*args, **kwargs)
 
         tg.train_step = train_step
     elif kind == "gloo_group_fails":
