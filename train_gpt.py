@@ -84,8 +84,8 @@ PRESETS = {
         PARALLEL_RESIDUAL_START="8", VOCAB_SIZE="8192",
         DATA_PATH="./data/datasets/fineweb10B_sp8192",
         TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model", MLP_MULT="4", QAT="0",
-        QUANT_METHOD="gptq", CLIP="sdclip", MLP_BITS="5", EMBED_QUANT="int7", COMPRESSOR="lzma",
-        TTT_ENABLED="1",
+        QUANT_METHOD="gptq", CLIP="sdclip", EMBED_QUANT="int7", SDCLIP_K_EMBED="14",
+        LQER_RANK="4", LQER_TOP_K="3", COMPRESSOR="auto", BITS="auto", TTT_ENABLED="1",
     ),
 }  # fmt: skip
 
@@ -135,16 +135,10 @@ def rule_error(name: str, value, rule: str) -> str | None:
 class Hyperparameters:
     """Every setting; the environment variable is the field name upper-cased."""
 
-    preset: str = _knob(
-        "", "|".join(PRESETS), "defaults of a seed run or of the best stack (README)"
-    )
+    preset: str = _knob("", "|".join(PRESETS), "a seed run's or the best stack's defaults")
     # Data and bookkeeping
-    data_path: str = _knob(
-        "./data/datasets/fineweb10B_sp1024", "", "folder of fineweb_{train,val}_*.bin"
-    )
-    tokenizer_path: str = _knob(
-        "./data/tokenizers/fineweb_1024_bpe.model", "", "its SentencePiece model"
-    )
+    data_path: str = _knob("./data/datasets/fineweb10B_sp1024", "", "folder of the shards")
+    tokenizer_path: str = _knob("./data/tokenizers/fineweb_1024_bpe.model", "", "its tokenizer")
     run_id: str = _knob("", "name", "name of logs/artifacts; empty = a fresh random id")
     seed: int = _knob(1337, "", "seed for initialization")
     log_dir: str = _knob("logs", "", "folder for {RUN_ID}.txt and {RUN_ID}.json")
@@ -222,9 +216,7 @@ class Hyperparameters:
     embed_wd: float = _knob(0.0, ">=0", "decoupled weight decay of the embedding tables")
     adam_wd: float = _knob(0.0, ">=0", "decoupled weight decay of the other Adam parameters")
     muon_row_norm: bool = _knob(False, "", "MuonEq-R: equal row norms before Newton-Schulz")
-    muon_ns: str = _knob(
-        "quintic", "quintic|polar", "Newton-Schulz coefficients (polar = Polar Express)"
-    )
+    muon_ns: str = _knob("quintic", "quintic|polar", "Newton-Schulz coefficients (Polar Express)")
     ema_decay: float = _knob(0.0, "[0, 1)", "EMA of the weights, evaluated and exported (0 = off)")
     min_lr: float = _knob(0.0, "[0, 1]", "the warmdown ends at MIN_LR x the base LR")
     warmdown_frac: float = _knob(0.0, "[0, 1]", "warmdown over this fraction of the run (0: ITERS)")
@@ -241,6 +233,10 @@ class Hyperparameters:
     sdclip_k_mlp: float = _knob(11.5, ">0", "SDClip: k standard deviations, MLP matrices")
     sdclip_k_attn: float = _knob(13.0, ">0", "SDClip: k of attention, bigram matrices and gates")
     sdclip_k_embed: float = _knob(20.0, ">0", "SDClip: k of the embedding tables and the head")
+    control_quant: str = _knob("float", "float|fp16", "control tensors (scales, mixes, gains)")
+    bits: str = _knob("fixed", "fixed|auto", "auto: per-group bit widths that fill the 16 MB")
+    lqer_rank: int = _knob(0, ">=0", "LQER: rank of the quantization-error correction (0 = off)")
+    lqer_top_k: int = _knob(3, ">0", "LQER: how many tensors, the largest quantization errors")
     compressor: str = _knob("zstd", "zstd|lzma|brotli|auto", "auto: the smallest codec per stream")
     fp16_keep: str = _knob("", "", "name patterns (fnmatch, comma-separated) kept in fp16")
     quant_clip_percentile: float = _knob(99.99984, "(0, 100]", "percentile clip of abs(w)")
@@ -291,10 +287,8 @@ class Hyperparameters:
             )
         if head_dim % 2:
             raise ValueError(f"MODEL_DIM/NUM_HEADS={head_dim} must be even (RoPE turns pairs)")
-        if (
-            self.quant_method == "gptq"
-            and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds
-        ):
+        reserve = self.gptq_reserve_seconds if self.quant_method == "gptq" else 0.0
+        if 0 < self.max_wallclock_seconds <= reserve:
             raise ValueError(
                 f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
                 f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}"
@@ -343,17 +337,6 @@ class Hyperparameters:
     def overrides(self) -> dict:
         defaults = Hyperparameters().as_env()
         return {k: v for k, v in self.as_env().items() if defaults[k] != v}
-
-
-def describe_rule(kind: type, rule: str) -> str:
-    """A rule as the README's settings table shows it."""
-    if kind is bool:
-        return "0, 1"
-    if rule == "name":
-        return "a file name"
-    if "|" in rule:
-        return ", ".join(choice or "(empty)" for choice in rule.split("|"))
-    return rule or "any"
 
 
 def _parse_value(name: str, raw: str, kind: type):
@@ -519,13 +502,7 @@ class DistributedTokenLoader:
     disjoint."""
 
     def __init__(
-        self,
-        pattern: str,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        vocab_size: int | None = None,
-        position: tuple[int, int] = (0, 0),
+        self, pattern: str, rank: int, world_size: int, device, vocab_size=None, position=(0, 0)
     ):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.stream = TokenStream(pattern, vocab_size, *position)
@@ -614,9 +591,8 @@ def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     manifest = Path(h.data_path) / "manifest.json"
     if h.check_tokenizer and manifest.is_file():
         try:
-            want = (
-                json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer", {}).get("sha256")
-            )
+            meta = json.loads(manifest.read_text(encoding="utf-8"))
+            want = meta.get("tokenizer", {}).get("sha256")
         except (ValueError, AttributeError):
             raise ValueError(
                 f"{manifest}: not a readable dataset manifest; rebuild the dataset"
@@ -902,12 +878,7 @@ class GPT(nn.Module):
         return rms_norm(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
 
     def forward(
-        self,
-        input_ids: Tensor,
-        target_ids: Tensor | None = None,
-        *,
-        score_last: int = 0,
-        reduction: str = "mean",
+        self, input_ids: Tensor, target_ids=None, *, score_last=0, reduction="mean"
     ) -> Tensor:
         """input_ids (B, T). No targets: logits (B, T, V). With targets: cross-entropy, mean or
         per token. score_last=k sends only the last k positions through the head; target_ids is
@@ -955,7 +926,7 @@ ROLE_RULES = {
     "projection": RoleRules("matrix", "attn_bits", "sdclip_k_attn"),  # BigramHash's to MODEL_DIM
     "mlp": RoleRules("matrix", "mlp_bits", "sdclip_k_mlp"),
     "gate": RoleRules("scalar", "int8", "sdclip_k_attn"),  # attention gates: controls, as matrices
-    "control": RoleRules("scalar", "float", ""),  # vectors, scalars, mixes, skip weights, lanes
+    "control": RoleRules("scalar", "control_quant", ""),  # vectors, scalars, mixes, skips, lanes
 }
 
 
@@ -1015,27 +986,11 @@ class Muon(torch.optim.Optimizer):
     does it). `row_norm` is MuonEq-R; `ns` names the Newton-Schulz coefficients.
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float,
-        momentum: float,
-        backend_steps: int,
-        nesterov=True,
-        zeropower=zeropower_via_newtonschulz5,
-        weight_decay=0.0,
-        row_norm=False,
-        ns="quintic",
-    ):
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            backend_steps=backend_steps,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-        )
-        super().__init__(params, defaults)
-        self.zeropower, self.row_norm, self.coefficients = zeropower, row_norm, NEWTON_SCHULZ[ns]
+    def __init__(self, params, zeropower=None, row_norm=False, ns="quintic", **defaults):
+        """defaults: lr, momentum, backend_steps; nesterov (True) and weight_decay (0) optional."""
+        super().__init__(params, {"nesterov": True, "weight_decay": 0.0, **defaults})
+        self.zeropower = zeropower or zeropower_via_newtonschulz5
+        self.row_norm, self.coefficients = row_norm, NEWTON_SCHULZ[ns]
 
     def update(self, p: Tensor, group: dict) -> Tensor:
         """The orthogonalized update of one matrix from its gradient and momentum."""
@@ -1089,24 +1044,17 @@ def build_optimizers(h: Hyperparameters, model: GPT, zeropower, fused: bool) -> 
 
     def adam(params: list, lr: float, weight_decay: float) -> torch.optim.AdamW:
         # AdamW: decoupled weight decay; base_lr is what the schedule scales
+        group = {"params": params, "lr": lr, "base_lr": lr}
+        betas = (h.beta1, h.beta2)
         return torch.optim.AdamW(
-            [{"params": params, "lr": lr, "base_lr": lr}],
-            betas=(h.beta1, h.beta2),
-            eps=h.adam_eps,
-            fused=fused,
-            weight_decay=weight_decay,
+            [group], betas=betas, eps=h.adam_eps, fused=fused, weight_decay=weight_decay
         )
 
     embed_lr = h.tied_embed_lr if h.tie_embeddings else h.embed_lr
+    muon_steps = dict(lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps)
+    matrices = [{"params": groups["matrix"], "base_lr": h.matrix_lr}]
     muon = Muon(
-        [{"params": groups["matrix"], "base_lr": h.matrix_lr}],
-        lr=h.matrix_lr,
-        momentum=h.muon_momentum,
-        backend_steps=h.muon_backend_steps,
-        zeropower=zeropower,
-        weight_decay=h.muon_wd,
-        row_norm=h.muon_row_norm,
-        ns=h.muon_ns,
+        matrices, zeropower, h.muon_row_norm, h.muon_ns, weight_decay=h.muon_wd, **muon_steps
     )
     optimizers = [
         adam(groups["embed"], embed_lr, h.embed_wd),
@@ -1142,14 +1090,7 @@ class EMA:
 
 
 def lr_multiplier(
-    step: int,
-    elapsed_ms: float,
-    *,
-    iterations: int,
-    warmdown_iters: int,
-    max_wallclock_ms: float | None,
-    warmdown_frac: float = 0.0,
-    min_lr: float = 0.0,
+    step, elapsed_ms, *, iterations, warmdown_iters, max_wallclock_ms, warmdown_frac=0.0, min_lr=0.0
 ) -> float:
     """LR scale: 1, then a linear warmdown to MIN_LR over the end of training.
 
@@ -1251,11 +1192,7 @@ def dequantize_per_row(q: Tensor, scale: Tensor) -> Tensor:
 
 
 def fake_quantize(
-    w: Tensor,
-    max_level: int,
-    clip_param: float,
-    method: str = "percentile",
-    on: Tensor | float = 1.0,
+    w: Tensor, max_level: int, clip_param: float, method="percentile", on=1.0
 ) -> Tensor:
     """Forward: the exported (dequantized) weight where on = 1, w itself where on = 0.
     Backward: identity (STE)."""
@@ -1265,15 +1202,12 @@ def fake_quantize(
 
 def export_kind(name: str, tensor: Tensor, h: Hyperparameters) -> str:
     """How the artifact stores a tensor: fp16 (FP16_KEEP), else by its role (ROLE_RULES):
-    EMBED_QUANT, intN (MLP_BITS / ATTN_BITS), int8, or float."""
+    EMBED_QUANT, intN (MLP_BITS / ATTN_BITS), int8, or CONTROL_QUANT."""
     if any(fnmatch.fnmatchcase(name, p.strip()) for p in h.fp16_keep.split(",") if p.strip()):
         return "fp16"
     export = ROLE_RULES[tensor_role(name, tensor)].export
-    by_setting = {
-        "embed_quant": h.embed_quant,
-        "mlp_bits": f"int{h.mlp_bits}",
-        "attn_bits": f"int{h.attn_bits}",
-    }
+    bits = {"mlp_bits": f"int{h.mlp_bits}", "attn_bits": f"int{h.attn_bits}"}
+    by_setting = bits | {"embed_quant": h.embed_quant, "control_quant": h.control_quant}
     return by_setting.get(export, export)
 
 
@@ -1305,10 +1239,13 @@ def collect_hessians(model: GPT, h: Hyperparameters, rt: Runtime, grad_accum_ste
     only (calibration never reads the validation split), summed over the ranks. The tied
     embedding's inputs as the output head are the final hidden states."""
     hessians: dict[str, Tensor] = {}
+    last: list = [None, None]  # the last input and its x^T x: Q, K and V read the same input
 
-    def add(name: str, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        hessians[name] = hessians[name] + x.T @ x if name in hessians else x.T @ x
+    def add(name: str, x: Tensor) -> None:  # summed in fp64: the same sum however ranks split it
+        if x is not last[0]:
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            last[:] = [x, (flat.T @ flat).double()]
+        hessians[name] = hessians.get(name, 0) + last[1]  # a new tensor, never an alias
 
     hooks = [
         m.register_forward_pre_hook(lambda _, args, key=f"{n}.weight": add(key, args[0]))
@@ -1334,9 +1271,10 @@ def collect_hessians(model: GPT, h: Hyperparameters, rt: Runtime, grad_accum_ste
         for hook in hooks:
             hook.remove()
         model.train(was_training)
+        last.clear()
     for hessian in hessians.values() if rt.distributed else ():
         dist.all_reduce(hessian)
-    return hessians
+    return {name: hessian.float() for name, hessian in hessians.items()}
 
 
 def gptq_quantize(
@@ -1345,9 +1283,11 @@ def gptq_quantize(
     """GPTQ (Frantar et al. 2022, arXiv:2210.17323): the levels of w (out, in) on the rows' grids,
     chosen column by column in decreasing order of the Hessian's diagonal (act order), each
     column's rounding error fed forward to the later columns through the upper Cholesky factor of
-    the damped inverse Hessian, in blocks. H = I gives round-to-nearest exactly."""
-    w, s = w.float().clone(), scale.float().to(w.device)
-    hessian = hessian.float().to(w.device).clone()
+    the damped inverse Hessian, in blocks. H = I gives round-to-nearest exactly. Computed in
+    fp32, or in fp64 for an fp64 w."""
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    w, s = w.to(dtype).clone(), scale.to(w.device, dtype)
+    hessian = hessian.to(w.device, dtype).clone()
     dead = hessian.diagonal() == 0  # inputs never seen: nothing to preserve
     hessian[dead, dead], w[:, dead] = 1.0, 0.0
     perm = torch.argsort(hessian.diagonal(), descending=True)
@@ -1373,50 +1313,96 @@ STREAMS_MAGIC = b"PGS3"  # the stream table: count, then (codec, length) per str
 STREAM_ENTRY = struct.Struct("<BQ")
 CODECS = ("zstd", "lzma", "brotli")  # a stream's codec, by its number in the table
 # The packed payload's runs, stored as raw bytes: their types are the reader's, not the file's.
-RUN_DTYPES = {"q": "i1", "scale": "<f2", "float": "<f4", "fp16_planes": "u1"}
+RUN_DTYPES = {"q": "i1", "scale": "<f2", "float": "<f4", "fp16_planes": "u1", "lqer_q": "i1",
+              "lqer_scale": "<f2"}  # fmt: skip
 
 
 class ArtifactError(ValueError):
     pass
 
 
+def quantize_tensor(name: str, t: Tensor, kind: str, h: Hyperparameters, hessian=None) -> dict:
+    """One tensor's payload entry in an export kind: levels and row scales (GPTQ when it has a
+    Hessian), or its values in fp16 / fp32."""
+    t = t.detach()
+    if not kind.startswith("int"):
+        return {"kind": kind, "data": t.cpu().half() if kind == "fp16" else t.cpu().float().clone()}
+    max_level, (clip_param, method) = level_of(kind), clip_rule(name, t, h)
+    if hessian is None:
+        q, scale = quantize_per_row(t, max_level, clip_param, method)
+    else:
+        scale = row_scales(t.float(), max_level, clip_param, method)
+        q, scale = gptq_quantize(t, hessian, max_level, scale), scale.to(torch.float16)
+    return {"kind": kind, "q": q.cpu(), "scale": scale.cpu()}
+
+
 def quantize_state_dict(
     state: dict[str, Tensor], h: Hyperparameters, hessians: dict | None = None
 ) -> dict:
     """The artifact's payload: every tensor in its export kind; GPTQ for the matrices that have a
-    Hessian."""
-    entries = {}
-    for name, t in state.items():
-        kind = export_kind(name, t, h)
-        if not kind.startswith("int"):
-            data = t.detach().cpu()
-            entries[name] = {
-                "kind": kind,
-                "data": data.half() if kind == "fp16" else data.float().clone(),
-            }
-            continue
-        max_level, (clip_param, method) = level_of(kind), clip_rule(name, t, h)
-        if hessians and name in hessians:
-            scale = row_scales(t.detach().float(), max_level, clip_param, method)
-            q = gptq_quantize(t.detach(), hessians[name], max_level, scale)
-            scale = scale.to(torch.float16)
-        else:
-            q, scale = quantize_per_row(t.detach(), max_level, clip_param, method)
-        entries[name] = {"kind": kind, "q": q.cpu(), "scale": scale.cpu()}
-    made_with = {"quant_method": h.quant_method, "clip": h.clip, "compressor": h.compressor}
-    return {
-        "format": "pgolf-int6",
-        "version": ARTIFACT_FORMAT_VERSION,
-        "tensors": entries,
-        "made_with": made_with,
+    Hessian; LQER corrections when LQER_RANK is on."""
+    hessians = hessians or {}
+    entries = {
+        name: quantize_tensor(name, t, export_kind(name, t, h), h, hessians.get(name))
+        for name, t in state.items()
     }
+    return make_payload(entries, state, h)
+
+
+def make_payload(entries: dict[str, dict], state: dict[str, Tensor], h: Hyperparameters) -> dict:
+    """The payload of quantized entries (in the state dict's order), with LQER when it is on."""
+    entries = {name: dict(entries[name]) for name in state}
+    if h.lqer_rank:
+        add_lqer(entries, state, h)
+    made_with = {"quant_method": h.quant_method, "clip": h.clip, "compressor": h.compressor}
+    head = {"format": "pgolf-int6", "version": ARTIFACT_FORMAT_VERSION}
+    return head | {"tensors": entries, "made_with": made_with}
+
+
+LQER_GROUP = 64  # values of B per int4 scale
+
+
+def add_lqer(entries: dict, state: dict[str, Tensor], h: Hyperparameters) -> None:
+    """LQER (low-rank quantization-error reconstruction, as the 1.0611 record): for the
+    LQER_TOP_K quantized matrices and embedding with the largest error E = W - dequantized(W),
+    store E's best rank-LQER_RANK approximation A @ B (truncated SVD, A = U S, B = V^T) with A in
+    int2 ([-2, 1], one scale) and B in int4 ([-8, 7], one scale per LQER_GROUP values)."""
+    errors = {}
+    for name, e in entries.items():
+        if "q" in e and ROLE_RULES[tensor_role(name, e["q"])].optimizer in ("matrix", "embed"):
+            errors[name] = state[name].detach().cpu().float() - dequantize_entry(e)
+    ranked = sorted(errors, key=lambda n: (-errors[n].norm().item(), n))
+    for name in ranked[: h.lqer_top_k]:
+        u, sv, vh = torch.linalg.svd(errors[name], full_matrices=False)
+        r = min(h.lqer_rank, sv.numel())
+        a, b = u[:, :r] * sv[:r], vh[:r]
+        a_scale = (a.abs().amax().clamp_min(1e-10) / 1.5).to(torch.float16).reshape(1)
+        groups = b.reshape(-1, lqer_group(b.shape))
+        b_scale = (groups.abs().amax(dim=1).clamp_min(1e-10) / 7.5).to(torch.float16)
+        qa = torch.clamp(torch.round(a / a_scale.float()), -2, 1).to(torch.int8)
+        qb = torch.clamp(torch.round(groups / b_scale.float()[:, None]), -8, 7).to(torch.int8)
+        entries[name] |= {"lqer_a": qa, "lqer_a_scale": a_scale}
+        entries[name] |= {"lqer_b": qb.reshape(b.shape), "lqer_b_scale": b_scale}
+
+
+def lqer_group(b_shape) -> int:
+    """Values of B per scale: LQER_GROUP, or a row where LQER_GROUP does not divide B."""
+    return LQER_GROUP if math.prod(b_shape) % LQER_GROUP == 0 else b_shape[1]
+
+
+def dequantize_entry(e: dict) -> Tensor:
+    if "q" not in e:
+        return e["data"].float()
+    w = dequantize_per_row(e["q"], e["scale"])
+    if "lqer_a" in e:
+        b = e["lqer_b"].reshape(e["lqer_b_scale"].numel(), -1).float()
+        b = (b * e["lqer_b_scale"].float()[:, None]).reshape(e["lqer_b"].shape)
+        w = w + (e["lqer_a"].float() * e["lqer_a_scale"].float()) @ b
+    return w
 
 
 def dequantize_state_dict(payload: dict) -> dict[str, Tensor]:
-    return {
-        name: dequantize_per_row(e["q"], e["scale"]) if "q" in e else e["data"].float()
-        for name, e in payload["tensors"].items()
-    }
+    return {name: dequantize_entry(e) for name, e in payload["tensors"].items()}
 
 
 def check_exportable(state: dict[str, Tensor], h: Hyperparameters) -> None:
@@ -1424,11 +1410,8 @@ def check_exportable(state: dict[str, Tensor], h: Hyperparameters) -> None:
     format holds."""
     for name, t in state.items():
         kind = export_kind(name, t, h)
-        limit = (
-            math.inf
-            if kind == "float"
-            else FP16_MAX * (level_of(kind) if kind.startswith("int") else 1)
-        )
+        limit = FP16_MAX * (level_of(kind) if kind.startswith("int") else 1)
+        limit = math.inf if kind == "float" else limit
         if not torch.isfinite(t).all():
             raise BrokenModel(
                 f"weight {name} has non-finite values: training diverged (lower the learning "
@@ -1475,28 +1458,36 @@ def pack_payload(payload: dict) -> dict:
     def shape(n: str) -> list[int]:
         return list(tensors[n]["q" if "q" in tensors[n] else "data"].shape)
 
+    def index(n: str) -> list:  # with LQER: the correction's rank
+        entry = [n, tensors[n]["kind"], shape(n)]
+        return entry + [tensors[n]["lqer_a"].shape[1]] if "lqer_a" in tensors[n] else entry
+
     ints = tuple(k for k in ARTIFACT_KINDS if k.startswith("int"))
     fp16 = run("data", ("fp16",), torch.float16)
-    return {
+    packed = {
         **{k: v for k, v in payload.items() if k != "tensors"},
         "q": run("q", ints, torch.int8),
         "scale": run("scale", ints, torch.float16),
         "float": run("data", ("float",), torch.float32),
         "fp16_planes": fp16.view(torch.uint8).view(-1, 2).T.contiguous(),
-        "index": [[n, tensors[n]["kind"], shape(n)] for n in names],
+        "index": [index(n) for n in names],
     }
+    lqer = [tensors[n] for n in names if "lqer_a" in tensors[n]]
+    if lqer:  # LQER off: no runs, the same bytes as before it existed
+        packed["lqer_q"] = torch.cat([e[k].flatten() for e in lqer for k in ("lqer_a", "lqer_b")])
+        scales = [e[k] for e in lqer for k in ("lqer_a_scale", "lqer_b_scale")]
+        packed["lqer_scale"] = torch.cat(scales)
+    return packed
 
 
 def unpack_payload(packed: dict) -> dict[str, dict]:
     """The tensors back from pack_payload's runs; any inconsistency raises ValueError."""
     runs = {k: packed[k] for k in ("q", "scale", "float")}
     runs["fp16"] = packed["fp16_planes"].reshape(2, -1).T.reshape(-1).view(torch.float16)
-    dtypes = {
-        "q": torch.int8,
-        "scale": torch.float16,
-        "float": torch.float32,
-        "fp16": torch.float16,
-    }
+    runs["lqer_q"] = packed.get("lqer_q", torch.zeros(0, dtype=torch.int8))
+    runs["lqer_scale"] = packed.get("lqer_scale", torch.zeros(0, dtype=torch.float16))
+    dtypes = {"q": torch.int8, "scale": torch.float16, "float": torch.float32}
+    dtypes |= {"fp16": torch.float16, "lqer_q": torch.int8, "lqer_scale": torch.float16}
     if any(not isinstance(t, Tensor) or t.dtype != dtypes[k] for k, t in runs.items()):
         raise ValueError("a run has the wrong type")
     taken, tensors = dict.fromkeys(runs, 0), {}
@@ -1509,13 +1500,21 @@ def unpack_payload(packed: dict) -> dict[str, dict]:
         taken[key] += n
         return part.view(shape)
 
-    for name, kind, shape in packed["index"]:
-        if kind not in ARTIFACT_KINDS or not all(isinstance(d, int) and d >= 0 for d in shape):
+    for name, kind, shape, *lqer in packed["index"]:
+        dims = [*shape, *lqer]
+        if kind not in ARTIFACT_KINDS or not all(isinstance(d, int) and d >= 0 for d in dims):
             raise ValueError(f"entry {name!r} is malformed")
-        if kind.startswith("int"):
-            tensors[name] = {"kind": kind, "q": take("q", shape), "scale": take("scale", shape[:1])}
-        else:
+        if not kind.startswith("int"):
             tensors[name] = {"kind": kind, "data": take(kind, shape)}
+            continue
+        tensors[name] = {"kind": kind, "q": take("q", shape), "scale": take("scale", shape[:1])}
+        if lqer:  # A (out, rank) and B (rank, in), then their scales
+            (rank,), (rows, cols) = lqer, shape
+            a, b = take("lqer_q", [rows, rank]), take("lqer_q", [rank, cols])
+            a_scale = take("lqer_scale", [1])
+            b_scale = take("lqer_scale", [rank * cols // lqer_group([rank, cols])])
+            tensors[name] |= {"lqer_a": a, "lqer_a_scale": a_scale, "lqer_b": b}
+            tensors[name] |= {"lqer_b_scale": b_scale}
     if any(taken[k] != runs[k].numel() for k in runs):
         raise ValueError("the runs hold more than the index names")
     return tensors
@@ -1535,39 +1534,53 @@ def decompress(data: bytes, codec: str) -> bytes:
     return lzma.decompress(data) if codec == "lzma" else brotli.decompress(data)
 
 
+def level_groups(tensors: dict[str, dict]) -> dict[str, int]:
+    """The stream groups of the levels, in the order of their streams, with their level counts."""
+    counts: dict[str, int] = {}
+    for name in packing_order(tensors):
+        if "q" in tensors[name]:
+            group = stream_group(name, tensors[name]["q"])
+            counts[group] = counts.get(group, 0) + tensors[name]["q"].numel()
+    return counts
+
+
 def payload_streams(payload: dict) -> list[bytes]:
     """The packed payload as streams: a header (torch.save of everything but the runs, and the
     stream manifest), then the raw bytes of each run, the levels cut at their stream groups."""
     packed = pack_payload(payload)
-    level_counts: dict[str, int] = {}
-    for name in packing_order(payload["tensors"]):
-        entry = payload["tensors"][name]
-        if "q" in entry:
-            group = stream_group(name, entry["q"])
-            level_counts[group] = level_counts.get(group, 0) + entry["q"].numel()
+    level_counts = level_groups(payload["tensors"])
     parts, offset = [], 0
     for count in level_counts.values():  # int8: one byte a level
         parts.append(("q", packed["q"][offset : offset + count]))
         offset += count
-    parts += [(run, packed[run]) for run in RUN_DTYPES if run != "q"]
+    parts += [(run, packed[run]) for run in RUN_DTYPES if run != "q" and run in packed]
     manifest = [[run, t.numel() * t.element_size()] for run, t in parts]
     header = {k: v for k, v in packed.items() if k not in RUN_DTYPES} | {"streams": manifest}
     return [torch_save_bytes(header)] + [t.contiguous().numpy().tobytes() for _, t in parts]
 
 
-def artifact_bytes(payload: dict, zstd_level: int, compressor: str = "zstd") -> bytes:
+def artifact_bytes(
+    payload: dict, zstd_level: int, compressor: str = "zstd", cache: dict | None = None
+) -> bytes:
     """The artifact: ARTIFACT_MAGIC, the stream table, the streams, each compressed with
-    COMPRESSOR or (auto) with whichever codec makes it smallest. Streams compress in threads."""
-    streams = payload_streams(payload)
+    COMPRESSOR or (auto) with whichever codec makes it smallest. Streams compress in threads;
+    `cache` keeps each stream's result by its content, for artifacts that differ in a few."""
+    streams, cache = payload_streams(payload), {} if cache is None else cache
     codecs = CODECS if compressor == "auto" else (compressor,)
+    how = f"{compressor}-{zstd_level}".encode()
+    keys = [hashlib.sha256(data).digest() + how for data in streams]
     with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
-        jobs = [[pool.submit(compress, data, c, zstd_level) for c in codecs] for data in streams]
-        tried = [[(len(job.result()), i, job.result()) for i, job in enumerate(js)] for js in jobs]
-    chosen = [min(candidates) for candidates in tried]  # ties: the first codec
-    table = STREAMS_MAGIC + struct.pack("<I", len(chosen))
-    for _, i, blob in chosen:
-        table += STREAM_ENTRY.pack(CODECS.index(codecs[i]), len(blob))
-    return ARTIFACT_MAGIC + table + b"".join(blob for _, _, blob in chosen)
+        jobs = {
+            key: [pool.submit(compress, data, c, zstd_level) for c in codecs]
+            for key, data in zip(keys, streams, strict=True)
+            if key not in cache
+        }
+        for key, js in jobs.items():  # the smallest; ties: the first codec
+            cache[key] = min((len(job.result()), i, job.result()) for i, job in enumerate(js))
+    table = STREAMS_MAGIC + struct.pack("<I", len(streams))
+    for key in keys:
+        table += STREAM_ENTRY.pack(CODECS.index(codecs[cache[key][1]]), cache[key][0])
+    return ARTIFACT_MAGIC + table + b"".join(cache[key][2] for key in keys)
 
 
 def stream_table(body: bytes) -> list[tuple[str, int]]:
@@ -1604,9 +1617,9 @@ def packed_from_streams(header: dict, streams: list[bytes]) -> dict:
         len(s) != n for (_, n), s in zip(manifest, streams, strict=True)
     ):
         raise ValueError("the streams do not match the manifest")
-    runs = {run: bytearray() for run in RUN_DTYPES}
+    runs = {run: bytearray() for run in RUN_DTYPES if run in ("q", "scale", "float", "fp16_planes")}
     for (run, _), data in zip(manifest, streams, strict=True):
-        runs[run] += data
+        runs.setdefault(run, bytearray()).extend(data)
     arrays = {run: np.frombuffer(data, dtype=RUN_DTYPES[run]) for run, data in runs.items()}
     return header | {run: torch.from_numpy(a) for run, a in arrays.items()}
 
@@ -1617,17 +1630,10 @@ def read_artifact(path: Path) -> dict:
     blob = Path(path).read_bytes()
     if not blob.startswith(ARTIFACT_MAGIC):
         raise ArtifactError(f"{path}: not an artifact of this script (bad magic)")
-    damage = (
-        ValueError,
-        struct.error,
-        MemoryError,
-        zstandard.ZstdError,
-        lzma.LZMAError,
-        brotli.error,
-    )
+    damage = (ValueError, struct.error, MemoryError, zstandard.ZstdError, lzma.LZMAError)
     try:  # MemoryError: a damaged size field can declare an absurd size
         streams = read_streams(blob[len(ARTIFACT_MAGIC) :])
-    except damage as e:
+    except (*damage, brotli.error) as e:
         raise ArtifactError(
             f"{path}: truncated or corrupt artifact ({str(e) or type(e).__name__}); "
             "re-export it from the raw checkpoint"
@@ -1653,6 +1659,130 @@ def read_artifact(path: Path) -> dict:
             "raw checkpoint"
         ) from None
     return payload
+
+
+AUTO_BITS = range(5, 9)  # the widths BITS=auto chooses from
+AUTO_SETTINGS = ("embed_quant", "mlp_bits", "attn_bits")  # it sets the groups of these roles
+
+
+def quantization_error(w: Tensor, entry: dict, hessian: Tensor | None) -> float:
+    """GPTQ's objective, sum of d H d^T over the rows d of w - dequantized(w) (H = I without a
+    Hessian)."""
+    d = w.detach().cpu().float() - dequantize_entry(entry)
+    weighted = d if hessian is None else d @ hessian.cpu().float()
+    return float((weighted * d).sum())
+
+
+def cost_per_byte(more_bytes: float, more_error: float) -> float:
+    """Error added per byte saved (a lower width), or error saved per byte added, negated (a
+    higher one): the smaller, the better the move."""
+    return more_error / max(abs(more_bytes), 1.0)
+
+
+def entropy_bytes(entries: list[dict]) -> float:
+    """The levels' order-0 entropy in bytes: how BITS=auto scales a stream's compressed size."""
+    q = torch.cat([e["q"].flatten() for e in entries]).long() + 128
+    p = torch.bincount(q, minlength=256).double() / q.numel()
+    return float(-(p[p > 0] * p[p > 0].log2()).sum()) * q.numel() / 8
+
+
+def fit_bits(
+    state: dict[str, Tensor], h: Hyperparameters, hessians: dict, budget: int, log: Logger
+) -> tuple[dict, bytes, float]:
+    """BITS=auto: the payload, the artifact and the seconds spent compressing, with one bit
+    width per stream group of the matrices
+    and the embedding, that fit `budget` bytes. From the settings' widths: while the artifact is
+    over, the group whose weighted error (quantization_error) grows least per byte saved loses a
+    bit; then, while one still fits, the group whose error falls most per byte added gains one.
+    A group's size at another width is its compressed stream in the last artifact scaled by the
+    levels' entropy; the chosen widths are then compressed for real, and lowered again if over."""
+    kinds, groups = {n: export_kind(n, t, h) for n, t in state.items()}, {}
+    for n, t in state.items():
+        if kinds[n].startswith("int") and ROLE_RULES[tensor_role(n, t)].export in AUTO_SETTINGS:
+            groups.setdefault(stream_group(n, t), []).append(n)
+    widths = {g: int(kinds[names[0]][3:]) for g, names in groups.items()}
+    tried: dict[tuple, tuple] = {}  # (group, bits) -> (entries, entropy bytes, error)
+
+    def at(g: str, bits: int) -> tuple:
+        if (g, bits) not in tried:
+            entries = {
+                n: quantize_tensor(n, state[n], f"int{bits}", h, hessians.get(n)) for n in groups[g]
+            }
+            error = sum(quantization_error(state[n], entries[n], hessians.get(n)) for n in entries)
+            tried[g, bits] = entries, entropy_bytes(list(entries.values())), error
+        return tried[g, bits]
+
+    grouped = {n for names in groups.values() for n in names}
+    entries = {
+        n: quantize_tensor(n, t, kinds[n], h, hessians.get(n))
+        for n, t in state.items()
+        if n not in grouped
+    }
+    last: dict = {}  # the last artifact compressed: its length, and (bits, bytes) of each group
+
+    def size(g: str, bits: int) -> float:
+        b0, n0 = last["groups"][g]
+        return n0 * at(g, bits)[1] / at(g, b0)[1]
+
+    def change(g: str, bits: int) -> tuple[float, float]:  # (bytes, error) of going to bits
+        return size(g, bits) - size(g, widths[g]), at(g, bits)[2] - at(g, widths[g])[2]
+
+    def total() -> float:
+        return last["length"] + sum(size(g, widths[g]) - last["groups"][g][1] for g in groups)
+
+    def step(g: str, bits: int) -> None:
+        more_bytes, more_error = change(g, bits)
+        log(
+            f"bits_auto group:{g} bits:{widths[g]}->{bits} bytes:{more_bytes:+.0f} "
+            f"error:{more_error:+.4g}"
+        )
+        widths[g] = bits
+
+    cache, compress_s = {}, 0.0
+    for attempt in range(4):
+        for g in groups:
+            entries |= at(g, widths[g])[0]
+        payload, t0 = make_payload(entries, state, h), time.perf_counter()
+        blob = artifact_bytes(payload, h.zstd_level, h.compressor, cache)
+        compress_s += time.perf_counter() - t0
+        if len(blob) <= budget and attempt:
+            break
+        levels = list(level_groups(payload["tensors"]))  # their streams follow the header
+        sizes = [n for _, n in stream_table(blob[len(ARTIFACT_MAGIC) :])[1 : 1 + len(levels)]]
+        last["length"] = len(blob)
+        last["groups"] = {
+            g: (widths[g], n) for g, n in zip(levels, sizes, strict=True) if g in groups
+        }
+        moved = False
+        while total() > budget:
+            lower = [g for g in groups if widths[g] > AUTO_BITS[0]]
+            if not lower:
+                raise BrokenModel(
+                    f"BITS=auto: the artifact is {total() - budget:.0f} bytes over the budget even "
+                    f"with every group at {AUTO_BITS[0]} bits; shrink the model (NUM_LAYERS, "
+                    "MODEL_DIM, MLP_MULT, VOCAB_SIZE)"
+                )
+            g = min(lower, key=lambda g: cost_per_byte(*change(g, widths[g] - 1)))
+            step(g, widths[g] - 1)
+            moved = True
+        while attempt == 0:
+            up = [g for g in groups if widths[g] < AUTO_BITS[-1]]
+            up = [g for g in up if total() + change(g, widths[g] + 1)[0] <= budget]
+            if not up:
+                break
+            g = min(up, key=lambda g: cost_per_byte(*change(g, widths[g] + 1)))
+            step(g, widths[g] + 1)
+            moved = True
+        if not moved:
+            break
+    else:
+        raise BrokenModel(
+            f"BITS=auto: no widths found that fit {budget} bytes in 4 tries; set MLP_BITS, "
+            "ATTN_BITS and EMBED_QUANT by hand (BITS=fixed)"
+        )
+    chosen = " ".join(f"{g}:{bits}" for g, bits in widths.items())
+    log(f"bits_auto widths {chosen} bytes:{len(blob)} budget:{budget}")
+    return payload, blob, compress_s
 
 
 # -----------------------------------------------------------------------------
@@ -1726,16 +1856,12 @@ class EvalClock:
     def result(self, loss_sum: float, count: float, byte_count: float) -> EvalResult:
         """Mean loss (nats) and bits per byte from the sums over the scored targets."""
         graphs, compile_s = compile_stats()
-        val_loss = loss_sum / count
-        return EvalResult(
-            val_loss=val_loss,
-            val_bpb=val_loss / math.log(2.0) * count / byte_count,
-            scored_tokens=int(count),
-            scored_bytes=int(byte_count),
-            eval_time_ms=1000.0 * (time.perf_counter() - self.t0),
-            graphs=graphs - self.graphs0,
-            compile_ms=1000.0 * (compile_s - self.compile0),
-        )
+        val_loss, elapsed_ms = loss_sum / count, 1000.0 * (time.perf_counter() - self.t0)
+        val_bpb = val_loss / math.log(2.0) * count / byte_count
+        cost = dict(eval_time_ms=elapsed_ms, graphs=graphs - self.graphs0)
+        cost["compile_ms"] = 1000.0 * (compile_s - self.compile0)
+        scored = dict(scored_tokens=int(count), scored_bytes=int(byte_count))
+        return EvalResult(val_loss=val_loss, val_bpb=val_bpb, **scored, **cost)
 
 
 def window_batch(
@@ -1768,7 +1894,7 @@ def evaluate(
     batch_seqs: int,
     rank: int = 0,
     world_size: int = 1,
-    autocast=contextlib.nullcontext,
+    autocast=None,
     windows: list[tuple[int, int]] | None = None,
 ) -> EvalResult:
     """Mean cross-entropy (nats) and bits per byte over all targets of `tokens` (a 1-D tensor on
@@ -1783,7 +1909,7 @@ def evaluate(
     the sums. So an evaluation calls the model with at most two shapes, and a compiled model
     builds at most two graphs.
     """
-    clock = EvalClock()
+    clock, autocast = EvalClock(), autocast or contextlib.nullcontext
     windows = plan_windows(tokens.numel() - 1, seq_len, stride) if windows is None else windows
     mine = rank_share(windows, rank, world_size)
     w = min(seq_len, tokens.numel() - 1)
@@ -1809,17 +1935,7 @@ def evaluate(
 
 
 def evaluate_ttt(
-    model: nn.Module,
-    tokens: Tensor,
-    luts: ByteLuts,
-    h: Hyperparameters,
-    *,
-    seq_len: int,
-    stride: int,
-    batch_seqs: int,
-    rank: int = 0,
-    world_size: int = 1,
-    autocast=contextlib.nullcontext,
+    model, tokens, luts, h, *, seq_len, stride, batch_seqs, rank=0, world_size=1, autocast=None
 ) -> EvalResult:
     """Score-first test-time training over evaluate()'s windows, taken in chunks of about
     TTT_CHUNK_TOKENS targets: each chunk is scored, then the model takes TTT_EPOCHS SGD steps on
@@ -1831,9 +1947,9 @@ def evaluate_ttt(
     split across ranks and run in padded micro-batches of one shape. Each step's gradient is the
     mean over the whole chunk (each rank's loss sum over the chunk's target count, summed across
     ranks): every rank applies the same update, whatever the number of ranks. The model stays in
-    eval mode (the artifact's weights, no fake-quant).
+    eval mode (the artifact's weights, no fake-quant). Arguments as evaluate()'s, and the settings.
     """
-    clock = EvalClock()
+    clock, autocast = EvalClock(), autocast or contextlib.nullcontext
     w = min(seq_len, tokens.numel() - 1)
     by_chunk: dict[int, list] = {}
     for start, scored in plan_windows(tokens.numel() - 1, seq_len, stride):
@@ -1849,32 +1965,19 @@ def evaluate_ttt(
     opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
     model.eval()
     sums = [0.0, 0, 0]  # loss, targets, bytes
+    ranks = dict(rank=rank, world_size=world_size, autocast=autocast)
     for c, (windows, (lo, hi)) in enumerate(zip(chunks, spans, strict=True)):
-        r = evaluate(
-            model,
-            tokens,
-            luts,
-            seq_len=seq_len,
-            stride=stride,
-            batch_seqs=score_batch,
-            rank=rank,
-            world_size=world_size,
-            autocast=autocast,
-            windows=windows,
-        )
-        sums = [
-            sums[0] + r.val_loss * r.scored_tokens,
-            sums[1] + r.scored_tokens,
-            sums[2] + r.scored_bytes,
-        ]
+        plan = dict(seq_len=seq_len, stride=stride, batch_seqs=score_batch, windows=windows)
+        r = evaluate(model, tokens, luts, **plan, **ranks)
+        scored = (r.val_loss * r.scored_tokens, r.scored_tokens, r.scored_bytes)
+        sums = [total + more for total, more in zip(sums, scored, strict=True)]
         if c == len(chunks) - 1:
             break  # nothing is scored after the last chunk: training on it would change no score
         # (start, scored) windows of w targets over [lo, hi), the last one ending at hi
         seqs = [(min(a + w, hi) - w, min(a + w, hi) - a) for a in range(lo, hi, w)]
         mine = rank_share(seqs, rank, world_size)
-        opt.param_groups[0]["lr"] = (
-            h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / (len(chunks) - 1)))
-        )
+        cosine = 0.5 * (1.0 + math.cos(math.pi * c / (len(chunks) - 1)))
+        opt.param_groups[0]["lr"] = h.ttt_lr * cosine
         for _ in range(h.ttt_epochs):
             opt.zero_grad(set_to_none=True)
             for b in range(0, -(-len(seqs) // world_size), micro):  # as many on every rank
@@ -1887,12 +1990,9 @@ def evaluate_ttt(
             if world_size > 1:
                 flat = torch.cat([g.reshape(-1) for g in grads])
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                grads = [
-                    g.view_as(p)
-                    for g, p in zip(flat.split([p.numel() for p in params]), params, strict=True)
-                ]
+                grads = flat.split([p.numel() for p in params])
             for p, g in zip(params, grads, strict=True):
-                p.grad = g
+                p.grad = g.view_as(p)
             if h.ttt_grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
             opt.step()
@@ -1905,13 +2005,10 @@ def projected_fineweb_eval_seconds(scored_tokens_per_s: float, world_size: int) 
 
 
 def log_eval_projection(
-    log: Logger,
-    scored_tokens_per_s: float,
-    world_size: int,
-    what: str = "",
-    remedy: str = "raise EVAL_STRIDE",
-) -> None:
-    projected_s = projected_fineweb_eval_seconds(scored_tokens_per_s, world_size)
+    log: Logger, rate: float, world_size: int, what="", remedy="raise EVAL_STRIDE"
+):
+    """The evaluation's time on the published split on 8 such devices, warned over the budget."""
+    projected_s = projected_fineweb_eval_seconds(rate, world_size)
     log(f"projected_fineweb_8gpu{what}:{projected_s:.1f}s")
     if projected_s > EVAL_BUDGET_SECONDS:
         log(
@@ -1933,6 +2030,9 @@ class NonFiniteLoss(RuntimeError):
 class BrokenModel(RuntimeError):
     """The trained model cannot be a result: a non-finite score or weight, or a value fp16 cannot
     hold."""
+
+
+RUN_ERRORS = (ValueError, FileNotFoundError, NonFiniteLoss, BrokenModel)  # no traceback: a cause
 
 
 @dataclass
@@ -1968,15 +2068,9 @@ class Session:
 
     def loader(self) -> DistributedTokenLoader:
         """The training data from where the state says training stands."""
-        rt = self.rt
-        return DistributedTokenLoader(
-            train_shards(self.h),
-            rt.rank,
-            rt.world_size,
-            rt.device,
-            self.h.vocab_size,
-            tuple(self.state.loader_position),
-        )
+        rt, position = self.rt, tuple(self.state.loader_position)
+        at = (train_shards(self.h), rt.rank, rt.world_size, rt.device, self.h.vocab_size, position)
+        return DistributedTokenLoader(*at)
 
     def score(self, model: nn.Module, final: bool = False, method=evaluate) -> EvalResult:
         """The validation split scored on plain windows of TRAIN_SEQ_LEN, or (final) on the final
@@ -1985,28 +2079,14 @@ class Session:
         seq_len = h.effective_eval_seq_len if final else h.train_seq_len
         batch_seqs = windows_per_batch(h, rt.world_size, self.grad_accum_steps, seq_len)
         rt.sync()
-        return method(
-            model,
-            self.val_tokens,
-            self.luts,
-            seq_len=seq_len,
-            stride=h.final_stride if final else 0,
-            batch_seqs=batch_seqs,
-            rank=rt.rank,
-            world_size=rt.world_size,
-            autocast=rt.autocast,
-        )
+        ranks = dict(rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
+        plan = dict(seq_len=seq_len, stride=h.final_stride if final else 0, batch_seqs=batch_seqs)
+        return method(model, self.val_tokens, self.luts, **plan, **ranks)
 
     def record_validation(self, step: int, result: EvalResult) -> None:
         state = self.state
-        state.val_history.append(
-            {
-                "step": step,
-                "train_time_ms": round(state.train_time_ms, 1),
-                "val_loss": result.val_loss,
-                "val_bpb": result.val_bpb,
-            }
-        )
+        entry = {"step": step, "train_time_ms": round(state.train_time_ms, 1)}
+        state.val_history.append(entry | {"val_loss": result.val_loss, "val_bpb": result.val_bpb})
         self.log(
             f"step:{step}/{self.h.iterations} val_loss:{result.val_loss:.4f} "
             f"val_bpb:{result.val_bpb:.4f} train_time:{state.train_time_ms:.0f}ms "
@@ -2025,22 +2105,11 @@ def training_cap_ms(h: Hyperparameters) -> float | None:
 
 def schedule(h: Hyperparameters, step: int, elapsed_ms: float) -> tuple[float, float]:
     """(LR scale, Muon momentum) of a step."""
-    lr_scale = lr_multiplier(
-        step,
-        elapsed_ms,
-        iterations=h.iterations,
-        warmdown_iters=h.warmdown_iters,
-        max_wallclock_ms=training_cap_ms(h),
-        warmdown_frac=h.warmdown_frac,
-        min_lr=h.min_lr,
-    )
-    momentum = muon_momentum_at(
-        step,
-        start=h.muon_momentum_warmup_start,
-        end=h.muon_momentum,
-        warmup_steps=h.muon_momentum_warmup_steps,
-    )
-    return lr_scale, momentum
+    length = dict(iterations=h.iterations, max_wallclock_ms=training_cap_ms(h))
+    warmdown = dict(warmdown_iters=h.warmdown_iters, warmdown_frac=h.warmdown_frac, min_lr=h.min_lr)
+    warmup = dict(start=h.muon_momentum_warmup_start, warmup_steps=h.muon_momentum_warmup_steps)
+    lr_scale = lr_multiplier(step, elapsed_ms, **length, **warmdown)
+    return lr_scale, muon_momentum_at(step, end=h.muon_momentum, **warmup)
 
 
 def check_finite(first_bad_step: Tensor, rt: Runtime) -> None:
@@ -2059,13 +2128,7 @@ def check_finite(first_bad_step: Tensor, rt: Runtime) -> None:
 def train_step(s: Session, loader, lr_scale: float, momentum: float) -> Tensor:
     """One optimizer step (all micro-steps); returns the mean training loss as a device tensor
     (no sync). Reads the session's model, optimizers, settings, runtime and micro-steps."""
-    model, optimizers, h, rt, grad_accum_steps = (
-        s.model,
-        s.optimizers,
-        s.h,
-        s.rt,
-        s.grad_accum_steps,
-    )
+    model, h, rt, grad_accum_steps = s.model, s.h, s.rt, s.grad_accum_steps
     local_tokens = h.train_batch_tokens // (rt.world_size * grad_accum_steps)
     total = torch.zeros((), device=rt.device)
     for micro in range(grad_accum_steps):
@@ -2076,16 +2139,16 @@ def train_step(s: Session, loader, lr_scale: float, momentum: float) -> Tensor:
             loss = model(x, y)
         (loss / grad_accum_steps).backward()
         total += loss.detach()
-    for opt in optimizers:
+    for opt in s.optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_scale
         if isinstance(opt, Muon):
             opt.param_groups[0]["momentum"] = momentum
     if h.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
-    for opt in optimizers:
+    for opt in s.optimizers:
         opt.step()
-    for opt in optimizers:
+    for opt in s.optimizers:
         opt.zero_grad(set_to_none=True)
     return total / grad_accum_steps
 
@@ -2120,12 +2183,8 @@ def log_train_loss(s: Session, loss: Tensor, approx_ms: float, flops_per_step: f
         loss_value /= rt.world_size
     seconds = max(approx_ms / 1000.0, 1e-9)
     tok_s = h.train_batch_tokens * step / seconds
-    peak = device_peak_flops(rt.device)
-    mfu = (
-        f" mfu:{100 * flops_per_step * step / seconds / (peak * rt.world_size):.1f}%"
-        if peak
-        else ""
-    )
+    peak = (device_peak_flops(rt.device) or 0.0) * rt.world_size
+    mfu = f" mfu:{100 * flops_per_step * step / seconds / peak:.1f}%" if peak else ""
     s.log(
         f"step:{step}/{h.iterations} train_loss:{loss_value.item():.4f} "
         f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms tok_s:{tok_s:.0f}{mfu}"
@@ -2374,13 +2433,8 @@ def device_peak_flops(device: torch.device) -> float | None:
 
 
 def versions() -> str:
-    parts = [
-        f"python:{platform.python_version()}",
-        f"torch:{torch.__version__}",
-        f"numpy:{np.__version__}",
-        f"sentencepiece:{spm.__version__}",
-        f"zstandard:{zstandard.__version__}",
-    ]
+    parts = [f"python:{platform.python_version()}"]
+    parts += [f"{m.__name__}:{m.__version__}" for m in (torch, np, spm, zstandard, brotli)]
     if torch.cuda.is_available():
         parts += [f"cuda:{torch.version.cuda}", f"gpu:{torch.cuda.get_device_name()}"]
     return " ".join(parts)
@@ -2443,14 +2497,8 @@ class RunFiles:
     @classmethod
     def of(cls, h: Hyperparameters, run_id: str) -> RunFiles:
         logs, arts = Path(h.log_dir), Path(h.artifact_dir)
-        return cls(
-            run_id,
-            logs / f"{run_id}.txt",
-            logs / f"{run_id}.json",
-            arts / f"{run_id}_raw.pt",
-            arts / f"{run_id}.int6.ptz",
-            arts / f"{run_id}_ckpt.pt",
-        )
+        names = (logs / f"{run_id}.txt", logs / f"{run_id}.json", arts / f"{run_id}_raw.pt")
+        return cls(run_id, *names, arts / f"{run_id}.int6.ptz", arts / f"{run_id}_ckpt.pt")
 
     def taken(self) -> Path | None:
         paths = (self.log, self.summary, self.raw, self.artifact, self.checkpoint)
@@ -2498,11 +2546,8 @@ def restore_checkpoint(s: Session, ckpt: dict) -> None:
     state.step, state.train_time_ms = ckpt["step"], ckpt["train_time_ms"]
     state.loader_position = tuple(ckpt["loader_position"])
     state.val_history = list(ckpt["val_history"])
-    changed = [
-        k
-        for k, v in s.h.as_env().items()
-        if k not in ("RUN_ID", "RESUME_FROM") and ckpt["hyperparameters"].get(k) != str(v)
-    ]
+    settings = {k: str(v) for k, v in s.h.as_env().items() if k not in ("RUN_ID", "RESUME_FROM")}
+    changed = [k for k, v in settings.items() if ckpt["hyperparameters"].get(k) != v]
     warning = f" warning: settings differ from the checkpoint's: {', '.join(changed)}"
     s.log(
         f"resumed_from:{s.h.resume_from} step:{state.step} "
@@ -2661,7 +2706,8 @@ def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> di
     log = Logger(files.log if rt.master else None)
     state = TrainState()
     try:
-        log_start(h, rt, env, code, code_name, files, inputs, log)
+        log.write_code(code, code_name)
+        log_start(h, rt, env, files, inputs, log)
         s = start_session(h, rt, files, inputs, log, state)
         train_and_keep(s)
         if not h.final_eval:
@@ -2684,18 +2730,8 @@ def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> di
         raise
 
 
-def log_start(
-    h: Hyperparameters,
-    rt: Runtime,
-    env,
-    code: bytes,
-    code_name: str,
-    files: RunFiles,
-    inputs: Inputs,
-    log: Logger,
-) -> None:
-    """The code, the warnings, every setting, and what this run runs on and with."""
-    log.write_code(code, code_name)
+def log_start(h: Hyperparameters, rt: Runtime, env, files: RunFiles, inputs: Inputs, log: Logger):
+    """The warnings, every setting, and what this run runs on and with."""
     for line in setting_warnings(env, h) + rt.notes:
         log(line)
     for name, value in h.as_env().items():
@@ -2744,23 +2780,11 @@ def start_session(
         model = DDP(compiled, device_ids=device_ids, broadcast_buffers=False)
     optimizers = build_optimizers(h, base_model, zeropower, fused=rt.device.type == "cuda")
     ema = EMA(base_model, h.ema_decay) if h.ema_decay > 0 else None
-    s = Session(
-        h,
-        rt,
-        files,
-        log,
-        state,
-        inputs.grad_accum_steps,
-        inputs.sp.bos_id(),
-        inputs.val_tokens.to(rt.device),
-        luts,
-        base_model,
-        compile_fn,
-        compiled,
-        model,
-        optimizers,
-        ema,
-    )
+    setup = dict(h=h, rt=rt, files=files, log=log, state=state, bos_id=inputs.sp.bos_id())
+    data = dict(val_tokens=inputs.val_tokens.to(rt.device), luts=luts)
+    models = dict(base_model=base_model, compile_fn=compile_fn, compiled=compiled, model=model)
+    training = dict(grad_accum_steps=inputs.grad_accum_steps, optimizers=optimizers, ema=ema)
+    s = Session(**setup, **data, **models, **training)
     if inputs.resume is not None:
         restore_checkpoint(s, inputs.resume)
     return s
@@ -2838,10 +2862,18 @@ def export(s: Session, bytes_code: int) -> int:
         calib_ms = 1000 * (time.perf_counter() - t_export)
         log(f"gptq_calibration tokens:{h.gptq_calib_tokens} time:{calib_ms:.0f}ms")
     if rt.master:
-        payload = quantize_state_dict(s.base_model.state_dict(), h, hessians)
-        quantized_s = time.perf_counter() - t_export
-        blob = artifact_bytes(payload, h.zstd_level, h.compressor)
+        state = s.base_model.state_dict()
+        if h.bits == "auto":  # the widths are chosen in the reserve, the compressions are not
+            budget = SIZE_LIMIT_BYTES - bytes_code
+            payload, blob, compress_s = fit_bits(state, h, hessians or {}, budget, log)
+            quantized_s = time.perf_counter() - t_export - compress_s
+        else:
+            payload = quantize_state_dict(state, h, hessians)
+            quantized_s = time.perf_counter() - t_export
+            blob = artifact_bytes(payload, h.zstd_level, h.compressor)
         compress_ms = 1000 * (time.perf_counter() - t_export - quantized_s)
+        if corrected := [n for n, e in payload["tensors"].items() if "lqer_a" in e]:
+            log(f"lqer rank:{h.lqer_rank} tensors:{','.join(corrected)}")
         codecs = [codec for codec, _ in stream_table(blob[len(ARTIFACT_MAGIC) :])]
         chosen = " ".join(f"{c}:{codecs.count(c)}" for c in CODECS if c in codecs)
         log(f"compression:{h.compressor} streams:{len(codecs)} {chosen} time:{compress_ms:.0f}ms")
@@ -2859,6 +2891,7 @@ def export(s: Session, bytes_code: int) -> int:
     bytes_model = files.artifact.stat().st_size
     bytes_total = bytes_model + bytes_code
     bits = "int6" if h.mlp_bits == h.attn_bits == 6 else f"int{h.mlp_bits}/{h.attn_bits}"
+    bits = "bits-auto" if h.bits == "auto" else bits
     label = bits + (f"+zstd-{h.zstd_level}" if h.compressor == "zstd" else f"+{h.compressor}")
     log(f"Serialized model {label}: {bytes_model} bytes")
     log(f"Code size: {bytes_code} bytes")
@@ -2906,9 +2939,7 @@ def final_evaluations(s: Session, prequant: EvalResult) -> dict[str, EvalResult 
         ttt = s.score(shipped, final=True, method=functools.partial(evaluate_ttt, h=h))
         log_final(log, "ttt", ttt, tail=f" scored_tokens:{ttt.scored_tokens}")
         if not math.isfinite(ttt.val_loss):
-            raise BrokenModel(
-                f"test-time training diverged (val_loss {ttt.val_loss}); lower TTT_LR"
-            )
+            raise BrokenModel(f"TTT diverged (val_loss {ttt.val_loss}); lower TTT_LR")
         if rt.device.type == "cuda":
             rate = ttt.scored_tokens / max(ttt.eval_time_ms / 1000.0, 1e-9)
             log_eval_projection(
@@ -2975,15 +3006,7 @@ def cli() -> int:
             status = 128 + e.signum
         else:
             status = 130 if isinstance(e, KeyboardInterrupt) else 1
-        expected = (
-            ValueError,
-            FileNotFoundError,
-            NonFiniteLoss,
-            BrokenModel,
-            StopRequested,
-            KeyboardInterrupt,
-        )
-        if not isinstance(e, expected):
+        if not isinstance(e, (*RUN_ERRORS, StopRequested, KeyboardInterrupt)):
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr, flush=True)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -5,6 +5,8 @@
     VOCAB_SIZE=8192 MLP_MULT=4 python bench/export_size.py --embed-quant all  # which format fits?
     python bench/export_size.py --code packed/train_gpt.py  # count the packed file's bytes as code
     python bench/export_size.py --table  # the dense stand-in: method x clip x bits x compressor
+    PRESET=frontier python bench/export_size.py --compressors  # one set of levels, every codec
+    PRESET=frontier BITS=auto python bench/export_size.py  # the widths BITS=auto chooses
 
 Two weight sets are exported. "init" is the model as built (the output projections start at zero, so
 it compresses far better than a trained model). "dense" replaces every block matrix by a Gaussian of
@@ -52,12 +54,22 @@ def densify(model: tg.GPT, h: tg.Hyperparameters, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * h.tied_embed_init_std)
 
 
-def export(state: dict, h: tg.Hyperparameters, hessians: dict | None = None) -> dict:
+def export(
+    state: dict, h: tg.Hyperparameters, hessians: dict | None = None, bytes_code: int = 0
+) -> dict:
+    """Quantize and compress; with BITS=auto, the widths that fit beside `bytes_code` (their
+    decisions printed; its compressions counted as compression time)."""
     t0 = time.perf_counter()
-    payload = tg.quantize_state_dict(state, h, hessians)
-    t1 = time.perf_counter()
-    blob = tg.artifact_bytes(payload, h.zstd_level, h.compressor)
-    t2 = time.perf_counter()
+    if h.bits == "auto":
+        budget = tg.SIZE_LIMIT_BYTES - bytes_code
+        payload, blob, compress_s = tg.fit_bits(state, h, hessians or {}, budget, print)
+        t2 = time.perf_counter()
+        t1 = t2 - compress_s
+    else:
+        payload = tg.quantize_state_dict(state, h, hessians)
+        t1 = time.perf_counter()
+        blob = tg.artifact_bytes(payload, h.zstd_level, h.compressor)
+        t2 = time.perf_counter()
     raw = len(tg.torch_save_bytes(payload))
     return {
         "quantize_ms": 1000 * (t1 - t0),
@@ -163,6 +175,30 @@ def table(model: tg.GPT, h: tg.Hyperparameters, bytes_code: int, data_path: Path
                 )
 
 
+def compressor_table(state: dict, h: tg.Hyperparameters, bytes_code: int) -> None:
+    """Markdown rows: the same levels (quantized once) stored with each COMPRESSOR."""
+    t0 = time.perf_counter()
+    payload = tg.quantize_state_dict(state, h)
+    print(f"quantized once: {time.perf_counter() - t0:.1f}s ({h.quant_method}, {h.clip})")
+    print(
+        "| compressor | streams | codecs chosen | compress s | model bytes | total bytes | fits |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for compressor in (*tg.CODECS, "auto"):
+        t0 = time.perf_counter()
+        blob = tg.artifact_bytes(payload, h.zstd_level, compressor)
+        seconds = time.perf_counter() - t0
+        codecs = [c for c, _ in tg.stream_table(blob[len(tg.ARTIFACT_MAGIC) :])]
+        chosen = ", ".join(f"{c} {codecs.count(c)}" for c in tg.CODECS if c in codecs)
+        total = len(blob) + bytes_code
+        fits = "yes" if total <= tg.SIZE_LIMIT_BYTES else "NO"
+        print(
+            f"| {compressor} | {len(codecs)} | {chosen} | {seconds:.1f} | {len(blob):,} "
+            f"| {total:,} | {fits} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1337)
@@ -182,6 +218,11 @@ def main() -> None:
         action="store_true",
         help="the dense stand-in only, for each quantization "
         "method x clip x MLP bits x compressor (GPTQ calibrates on --data-path)",
+    )
+    parser.add_argument(
+        "--compressors",
+        action="store_true",
+        help="the dense stand-in only, quantized once and stored with each COMPRESSOR",
     )
     parser.add_argument(
         "--data-path",
@@ -219,9 +260,12 @@ def main() -> None:
         f"torch_threads:{torch.get_num_threads()} overrides:{h.overrides() or '-'} "
         f"code:{args.code.name} bytes_code:{bytes_code} embed_quant_accepted:{','.join(accepted)}"
     )
-    if args.table:
+    if args.table or args.compressors:
         densify(model, h, args.seed)
-        table(model, h, bytes_code, args.data_path)
+        if args.compressors:
+            compressor_table(model.state_dict(), h, bytes_code)
+        else:
+            table(model, h, bytes_code, args.data_path)
         return
     verdicts = []
     for label in ("init", "dense"):
@@ -230,7 +274,7 @@ def main() -> None:
         state = model.state_dict()
         totals = {}
         for fmt in formats:
-            r = export(state, dataclasses.replace(h, embed_quant=fmt))
+            r = export(state, dataclasses.replace(h, embed_quant=fmt), bytes_code=bytes_code)
             totals[fmt] = total = r["bytes_model"] + bytes_code
             print(
                 f"{label}: embed_quant:{fmt} quantize:{r['quantize_ms']:.0f}ms "
