@@ -235,6 +235,7 @@ class Hyperparameters:
     sdclip_k_embed: float = _knob(20.0, ">0", "SDClip: k of the embedding tables and the head")
     control_quant: str = _knob("float", "float|fp16", "control tensors (scales, mixes, gains)")
     bits: str = _knob("fixed", "fixed|auto", "auto: per-group bit widths that fill the 16 MB")
+    bits_budget: int = _knob(0, ">=0", "BITS=auto: total bytes to fill (0 = the 16 MB limit)")
     lqer_rank: int = _knob(0, ">=0", "LQER: rank of the quantization-error correction (0 = off)")
     lqer_top_k: int = _knob(3, ">0", "LQER: how many tensors, the largest quantization errors")
     compressor: str = _knob("zstd", "zstd|lzma|brotli|auto", "auto: the smallest codec per stream")
@@ -1252,9 +1253,8 @@ def collect_hessians(model: GPT, h: Hyperparameters, rt: Runtime, grad_accum_ste
         for n, m in model.named_modules()
         if isinstance(m, CastedLinear) and quantized_matrix(f"{n}.weight", m.weight, h)
     ]
-    loader = DistributedTokenLoader(
-        train_shards(h), rt.rank, rt.world_size, rt.device, h.vocab_size
-    )
+    ranks = (rt.rank, rt.world_size, rt.device)
+    loader = DistributedTokenLoader(train_shards(h), *ranks, h.vocab_size)
     local_tokens = h.train_batch_tokens // (rt.world_size * grad_accum_steps)
     batches = max(1, math.ceil(h.gptq_calib_tokens / (local_tokens * rt.world_size)))
     emb = model.tok_emb.weight
@@ -1738,14 +1738,14 @@ def fit_bits(
         )
         widths[g] = bits
 
-    cache, compress_s = {}, 0.0
-    for attempt in range(4):
+    cache, compress_s, first = {}, 0.0, True
+    while True:  # after the first artifact, each one over the budget lowers a width: it ends
         for g in groups:
             entries |= at(g, widths[g])[0]
         payload, t0 = make_payload(entries, state, h), time.perf_counter()
         blob = artifact_bytes(payload, h.zstd_level, h.compressor, cache)
         compress_s += time.perf_counter() - t0
-        if len(blob) <= budget and attempt:
+        if len(blob) <= budget and not first:
             break
         levels = list(level_groups(payload["tensors"]))  # their streams follow the header
         sizes = [n for _, n in stream_table(blob[len(ARTIFACT_MAGIC) :])[1 : 1 + len(levels)]]
@@ -1765,7 +1765,7 @@ def fit_bits(
             g = min(lower, key=lambda g: cost_per_byte(*change(g, widths[g] - 1)))
             step(g, widths[g] - 1)
             moved = True
-        while attempt == 0:
+        while first:
             up = [g for g in groups if widths[g] < AUTO_BITS[-1]]
             up = [g for g in up if total() + change(g, widths[g] + 1)[0] <= budget]
             if not up:
@@ -1775,11 +1775,7 @@ def fit_bits(
             moved = True
         if not moved:
             break
-    else:
-        raise BrokenModel(
-            f"BITS=auto: no widths found that fit {budget} bytes in 4 tries; set MLP_BITS, "
-            "ATTN_BITS and EMBED_QUANT by hand (BITS=fixed)"
-        )
+        first = False
     chosen = " ".join(f"{g}:{bits}" for g, bits in widths.items())
     log(f"bits_auto widths {chosen} bytes:{len(blob)} budget:{budget}")
     return payload, blob, compress_s
@@ -2263,12 +2259,9 @@ def train(s: Session, signals: StopSignals) -> None:
         # the loops.
         since_checkpoint = time.perf_counter() - last_checkpoint
         checkpoint_due = 0 < h.checkpoint_every_seconds <= since_checkpoint
-        reached_cap, stop, checkpoint_now, loop_now = rt.agree(
-            int(cap_ms is not None and approx_ms >= cap_ms),
-            signals.signum,
-            int(checkpoint_due),
-            int(loops_due(approx_ms)),
-        )
+        at_cap = cap_ms is not None and approx_ms >= cap_ms
+        flags = (at_cap, signals.signum, checkpoint_due, loops_due(approx_ms))
+        reached_cap, stop, checkpoint_now, loop_now = rt.agree(*map(int, flags))
         if stop:
             state.train_time_ms = clock_ms()
             raise StopRequested(stop)
@@ -2576,15 +2569,10 @@ def save_stopped_run(s: Session, e: BaseException) -> None:
         f"interrupted step:{s.state.step}/{s.h.iterations} "
         f"train_time:{s.state.train_time_ms:.0f}ms ({e}) raw_checkpoint:{files.raw}"
     )
-    log(
-        f"to re-export: ITERATIONS=0 INIT_CHECKPOINT={files.raw} RUN_ID=<new id> (other "
-        "settings as this run)"
-    )
+    same = "(other settings as this run)"
+    log(f"to re-export: ITERATIONS=0 INIT_CHECKPOINT={files.raw} RUN_ID=<new id> {same}")
     if files.checkpoint.exists():
-        log(
-            f"to resume: RESUME_FROM={files.checkpoint} RUN_ID=<new id> (other settings as this "
-            "run)"
-        )
+        log(f"to resume: RESUME_FROM={files.checkpoint} RUN_ID=<new id> {same}")
 
 
 @dataclass
@@ -2613,10 +2601,7 @@ def check_writable(folder: str, setting: str) -> None:
 
 
 def check_shapes(state: dict, expected: dict, where: str) -> dict:
-    hint = (
-        "the settings (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE, ...) differ from the run "
-        "that wrote it"
-    )
+    hint = "the settings (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE, ...) differ from its run's"
     for name, shape in expected.items():
         if name not in state:
             raise ValueError(
@@ -2864,7 +2849,7 @@ def export(s: Session, bytes_code: int) -> int:
     if rt.master:
         state = s.base_model.state_dict()
         if h.bits == "auto":  # the widths are chosen in the reserve, the compressions are not
-            budget = SIZE_LIMIT_BYTES - bytes_code
+            budget = (h.bits_budget or SIZE_LIMIT_BYTES) - bytes_code
             payload, blob, compress_s = fit_bits(state, h, hessians or {}, budget, log)
             quantized_s = time.perf_counter() - t_export - compress_s
         else:
@@ -2896,11 +2881,9 @@ def export(s: Session, bytes_code: int) -> int:
     log(f"Serialized model {label}: {bytes_model} bytes")
     log(f"Code size: {bytes_code} bytes")
     log(f"Total submission size {label}: {bytes_total} bytes")
-    log(
-        f"fits_16mb:{str(bytes_total <= SIZE_LIMIT_BYTES).lower()} "
-        f"margin:{SIZE_LIMIT_BYTES - bytes_total}"
-    )
-    if bytes_total > SIZE_LIMIT_BYTES:
+    fits, margin = bytes_total <= SIZE_LIMIT_BYTES, SIZE_LIMIT_BYTES - bytes_total
+    log(f"fits_16mb:{str(fits).lower()} margin:{margin}")
+    if not fits:
         log(
             f"WARNING: the submission is {bytes_total - SIZE_LIMIT_BYTES} bytes OVER the "
             f"{SIZE_LIMIT_BYTES}-byte limit; shrink the model or change the quantization "
@@ -2953,11 +2936,8 @@ def write_summary(s: Session, code: bytes, bytes_model: int, results: dict) -> d
     the bytes, the clock and the settings."""
     h, state = s.h, s.state
     final = results["ttt"] or results["sliding"] or results["roundtrip"]
-    scores = {
-        f"{name}_val_{m}": getattr(r, f"val_{m}") if r else None
-        for m in ("bpb", "loss")
-        for name, r in results.items()
-    }
+    scores = {f"{name}_val_bpb": r and r.val_bpb for name, r in results.items()}
+    scores |= {f"{name}_val_loss": r and r.val_loss for name, r in results.items()}
     bytes_total = bytes_model + len(code)
     summary = {
         "run_id": s.files.run_id, "preset": h.preset, "seed": h.seed,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import CPU, run_script, small_hparams, tiny_env
+from conftest import CPU, log_events, run_script, small_hparams, tiny_env
 
 
 def rtn(w: torch.Tensor, max_level: int, scale: torch.Tensor) -> torch.Tensor:
@@ -499,3 +499,26 @@ def test_bits_auto_checks_its_estimate_on_the_real_artifact(monkeypatch):
     lowered = [line for line in lines if "bits_auto group:" in line]
     first = tg.fit_bits(state, h, {}, size - 1500, lambda _: None)  # same again: deterministic
     assert first[1] == blob and len(lowered) >= 2
+
+
+def test_a_run_with_bits_auto_fits_its_budget_or_fails_before_evaluating(tiny_data, tmp_path):
+    first = tiny_env(tiny_data, tmp_path, RUN_ID="fixed")
+    run_script(first)
+    fixed = json.loads((tmp_path / "logs" / "fixed.json").read_text())
+    budget = fixed["bytes_total"] - 1500
+    again = dict(first, ITERATIONS="0", INIT_CHECKPOINT=fixed["raw_checkpoint_path"], BITS="auto")
+    proc = run_script(dict(again, RUN_ID="auto", BITS_BUDGET=str(budget)))
+    summary = json.loads((tmp_path / "logs" / "auto.json").read_text())
+    assert summary["bytes_total"] <= budget < fixed["bytes_total"]
+    assert re.search(r"^bits_auto group:\S+ bits:6->5 bytes:-\d+ error:\+", proc.stdout, re.M)
+    assert re.search(
+        rf"^bits_auto widths .* budget:{budget - summary['bytes_code']}$", proc.stdout, re.M
+    )
+    assert "Total submission size bits-auto+zstd-3:" in proc.stdout
+    failed = run_script(dict(again, RUN_ID="tight", BITS_BUDGET="1000"), check=False)
+    assert failed.returncode == 1
+    assert re.search(r"^error: BITS=auto: the artifact is \d+ bytes over", failed.stderr, re.M)
+    lines = log_events(tmp_path / "logs" / "tight.txt")
+    assert "final_int6_roundtrip" not in lines and "run_complete" not in lines
+    assert (tmp_path / "artifacts" / "tight_raw.pt").is_file()
+    assert not (tmp_path / "artifacts" / "tight.int6.ptz").exists()
