@@ -1720,9 +1720,9 @@ def fit_bits(
     }
     last: dict = {}  # the last artifact compressed: its length, and (bits, bytes) of each group
 
-    def size(g: str, bits: int) -> float:
+    def size(g: str, bits: int) -> float:  # levels all zero (a zero-initialized group) stay so
         b0, n0 = last["groups"][g]
-        return n0 * at(g, bits)[1] / at(g, b0)[1]
+        return n0 * at(g, bits)[1] / at(g, b0)[1] if at(g, b0)[1] else n0
 
     def change(g: str, bits: int) -> tuple[float, float]:  # (bytes, error) of going to bits
         return size(g, bits) - size(g, widths[g]), at(g, bits)[2] - at(g, widths[g])[2]

@@ -468,6 +468,14 @@ def test_bits_auto_raises_widths_while_they_fit_and_fails_clearly_when_nothing_f
         tg.fit_bits(state, h, {}, size // 3, lambda _: None)
 
 
+def test_bits_auto_takes_a_model_with_zero_initialized_groups():
+    h = tiny_h(embed_quant="int8", bits="auto")
+    state = tg.build_model(h, CPU).state_dict()  # the output projections are all zero
+    size = len(tg.artifact_bytes(tg.quantize_state_dict(state, h), h.zstd_level))
+    _, blob, _ = tg.fit_bits(state, h, {}, size - 200, lambda _: None)
+    assert len(blob) <= size - 200
+
+
 def test_bits_auto_ranks_groups_by_hessian_weighted_error_per_byte():
     h = tiny_h(embed_quant="int8", bits="auto")
     state = noisy_state(h, seed=2)
