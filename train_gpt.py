@@ -1689,13 +1689,13 @@ def entropy_bytes(entries: list[dict]) -> float:
 def fit_bits(
     state: dict[str, Tensor], h: Hyperparameters, hessians: dict, budget: int, log: Logger
 ) -> tuple[dict, bytes, float]:
-    """BITS=auto: the payload, the artifact and the seconds spent compressing, with one bit
-    width per stream group of the matrices
-    and the embedding, that fit `budget` bytes. From the settings' widths: while the artifact is
-    over, the group whose weighted error (quantization_error) grows least per byte saved loses a
-    bit; then, while one still fits, the group whose error falls most per byte added gains one.
-    A group's size at another width is its compressed stream in the last artifact scaled by the
-    levels' entropy; the chosen widths are then compressed for real, and lowered again if over."""
+    """BITS=auto: the payload, the artifact and the seconds spent compressing, with one bit width
+    per stream group of the matrices and the embedding, that fit `budget` bytes. From the
+    settings' widths: while over, the group whose error (quantization_error; relative to its
+    squared weights without Hessians) grows least per byte saved loses a bit; then, while one
+    still fits, the group whose error falls most per byte added gains one. A group's size at
+    another width: its stream in the last artifact, scaled by the levels' entropy; the chosen
+    widths are compressed for real, and lowered again if over."""
     kinds, groups = {n: export_kind(n, t, h) for n, t in state.items()}, {}
     for n, t in state.items():
         if kinds[n].startswith("int") and ROLE_RULES[tensor_role(n, t)].export in AUTO_SETTINGS:
@@ -1709,6 +1709,8 @@ def fit_bits(
                 n: quantize_tensor(n, state[n], f"int{bits}", h, hessians.get(n)) for n in groups[g]
             }
             error = sum(quantization_error(state[n], entries[n], hessians.get(n)) for n in entries)
+            if not any(n in hessians for n in entries):  # no calibration: relative to the weights
+                error /= sum(float(state[n].float().square().sum()) for n in entries) or 1.0
             tried[g, bits] = entries, entropy_bytes(list(entries.values())), error
         return tried[g, bits]
 
