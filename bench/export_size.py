@@ -7,6 +7,7 @@
     python bench/export_size.py --table  # the dense stand-in: method x clip x bits x compressor
     PRESET=frontier python bench/export_size.py --compressors  # one set of levels, every codec
     PRESET=frontier BITS=auto python bench/export_size.py  # the widths BITS=auto chooses
+    python bench/export_size.py --packing [--weights RAW.pt]  # streams vs one torch.save record
 
 Two weight sets are exported. "init" is the model as built (the output projections start at zero, so
 it compresses far better than a trained model). "dense" replaces every block matrix by a Gaussian of
@@ -199,6 +200,18 @@ def compressor_table(state: dict, h: tg.Hyperparameters, bytes_code: int) -> Non
         )
 
 
+def packing_row(label: str, state: dict, h: tg.Hyperparameters) -> None:
+    """One markdown row: the artifact's streams (COMPRESSOR=auto) against the same payload as one
+    torch.save record of tensors, compressed whole with each codec."""
+    payload = tg.quantize_state_dict(state, h)
+    ours = len(tg.artifact_bytes(payload, h.zstd_level, "auto"))
+    plain = tg.torch_save_bytes(payload)
+    sizes = {c: len(tg.compress(plain, c, h.zstd_level)) for c in tg.CODECS}
+    best = min(sizes.values())
+    cells = " | ".join(f"{sizes[c]:,}" for c in tg.CODECS)
+    print(f"| {label} | {ours:,} | {cells} | {100 * (ours / best - 1):+.1f} % |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1337)
@@ -223,6 +236,15 @@ def main() -> None:
         "--compressors",
         action="store_true",
         help="the dense stand-in only, quantized once and stored with each COMPRESSOR",
+    )
+    parser.add_argument(
+        "--packing",
+        action="store_true",
+        help="the artifact's streams against one torch.save record, on the init and dense weights "
+        "(or on --weights)",
+    )
+    parser.add_argument(
+        "--weights", type=Path, help="with --packing: a raw checkpoint (*_raw.pt) to measure on"
     )
     parser.add_argument(
         "--data-path",
@@ -260,6 +282,19 @@ def main() -> None:
         f"torch_threads:{torch.get_num_threads()} overrides:{h.overrides() or '-'} "
         f"code:{args.code.name} bytes_code:{bytes_code} embed_quant_accepted:{','.join(accepted)}"
     )
+    if args.packing:
+        print(
+            "| weights | streams, auto | torch.save + zstd | + lzma | + brotli | streams vs best |"
+        )
+        print("|---|---|---|---|---|---|")
+        if args.weights:
+            state = torch.load(args.weights, map_location="cpu", weights_only=True)
+            packing_row(args.weights.name, state, h)
+            return
+        packing_row("init", model.state_dict(), h)
+        densify(model, h, args.seed)
+        packing_row("dense stand-in", model.state_dict(), h)
+        return
     if args.table or args.compressors:
         densify(model, h, args.seed)
         if args.compressors:
