@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import difflib
 import fnmatch
 import functools
@@ -49,9 +50,7 @@ import zstandard
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# -----------------------------------------------------------------------------
-# Configuration
-# -----------------------------------------------------------------------------
+# ===== Configuration ==============================================================================
 
 SIZE_LIMIT_BYTES = 16_000_000  # the challenge's artifact cap: code bytes + model bytes (decimal)
 FINEWEB_VAL_TOKENS = 63_779_840  # the published validation split, for eval-time projections
@@ -117,10 +116,14 @@ def _holds(value, atom: str) -> bool:
 
 def rule_error(name: str, value, rule: str) -> str | None:
     """The error naming the variable when a value breaks its setting's rule; None if it holds."""
-    if rule == "name":
-        if value not in (".", "..") and "/" not in value and "\\" not in value:
+    if rule == "name":  # a file name, with room for the longest suffix a run adds
+        if value not in (".", "..") and not {"/", "\\"} & set(value) and len(value) <= 200:
             return None
-        return f"{name}={value!r} must be a plain name: it names files in LOG_DIR and ARTIFACT_DIR"
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        return (
+            f"{name}={shown!r} must be a plain name of at most 200 characters: it names files in "
+            "LOG_DIR and ARTIFACT_DIR"
+        )
     if "|" in rule:
         choices = rule.split("|")
         return None if value in choices else f"{name}={value!r} must be one of {', '.join(choices)}"
@@ -247,6 +250,7 @@ class Hyperparameters:
     compile: str = _knob("auto", "auto|0|1", "torch.compile (auto: on CUDA)")
     sdpa_backend: str = _knob("auto", "|".join(("auto",) + SDPA_BACKENDS), "CUDA attention kernel")
     host_sync: str = _knob("auto", "auto|gloo|device", "how ranks agree each step (auto = gloo)")
+    collective_timeout_seconds: float = _knob(600.0, ">0", "a peer silent this long fails the run")
 
     @classmethod
     def env_names(cls) -> list[str]:
@@ -258,34 +262,24 @@ class Hyperparameters:
         overrides."""
         preset = env.get("PRESET", "").strip()
         if preset not in PRESETS:
-            raise ValueError(
-                f"PRESET={preset!r} is not one of: {', '.join(p for p in PRESETS if p)}"
-            )
+            raise ValueError(f"PRESET={preset!r} is not one of: {', '.join(filter(None, PRESETS))}")
         env = {**PRESETS[preset], **env}
-        values = {}
-        for f in dataclasses.fields(cls):
-            name = f.name.upper()
-            if name in env:
-                values[f.name] = _parse_value(name, env[name], type(f.default))
-        h = cls(**values)
+        fields = [(f, f.name.upper()) for f in dataclasses.fields(cls)]
+        h = cls(**{f.name: _parse_value(k, env[k], type(f.default)) for f, k in fields if k in env})
         h.validate()
         return h
 
     def validate(self) -> None:
         """Each setting's own rule, then the rules that relate several settings."""
         for f in dataclasses.fields(self):
-            error = rule_error(f.name.upper(), getattr(self, f.name), f.metadata["rule"])
-            if error:
+            if error := rule_error(f.name.upper(), getattr(self, f.name), f.metadata["rule"]):
                 raise ValueError(error)
         head_dim = self.model_dim // self.num_heads
-        if self.model_dim % self.num_heads:
-            raise ValueError(
-                f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}"
-            )
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}"
-            )
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        if self.model_dim % heads:
+            raise ValueError(f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={heads}")
+        if heads % kv_heads:
+            raise ValueError(f"NUM_HEADS={heads} is not divisible by NUM_KV_HEADS={kv_heads}")
         if head_dim % 2:
             raise ValueError(f"MODEL_DIM/NUM_HEADS={head_dim} must be even (RoPE turns pairs)")
         reserve = self.gptq_reserve_seconds if self.quant_method == "gptq" else 0.0
@@ -294,14 +288,11 @@ class Hyperparameters:
                 f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
                 f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}"
             )
-        if self.xsa_last_n > self.num_layers:
-            raise ValueError(
-                f"XSA_LAST_N={self.xsa_last_n} must be in 0..NUM_LAYERS={self.num_layers}"
-            )
-        if self.rope_dims % 2 or self.rope_dims > head_dim:
-            raise ValueError(
-                f"ROPE_DIMS={self.rope_dims} must be even and at most the head size {head_dim}"
-            )
+        layers, rope = self.num_layers, self.rope_dims
+        if self.xsa_last_n > layers:
+            raise ValueError(f"XSA_LAST_N={self.xsa_last_n} must be in 0..NUM_LAYERS={layers}")
+        if rope % 2 or rope > head_dim:
+            raise ValueError(f"ROPE_DIMS={rope} must be even and at most the head size {head_dim}")
         if self.num_loops and not self.loop_start <= self.loop_end < self.num_layers:
             raise ValueError(
                 f"NUM_LOOPS={self.num_loops} needs 0 <= LOOP_START={self.loop_start} <= "
@@ -327,10 +318,8 @@ class Hyperparameters:
     @property
     def sliding(self) -> bool:
         """Whether the final evaluation differs from the plain windows of the round trip."""
-        return (
-            self.final_stride < self.effective_eval_seq_len
-            or self.effective_eval_seq_len != self.train_seq_len
-        )
+        seq_len = self.effective_eval_seq_len
+        return self.final_stride < seq_len or seq_len != self.train_seq_len
 
     def as_env(self) -> dict:
         return {f.name.upper(): getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -368,22 +357,31 @@ def setting_warnings(env, h: Hyperparameters) -> list[str]:
     known = Hyperparameters.env_names()
     warnings = []
     for key in sorted(env):
-        if key in known:
+        up = key.upper()
+        if key in known or not (key.isupper() or key.islower()):
             continue
-        if key.upper() in known:
-            warnings.append(
-                f"warning: {key} is not read (settings are upper-case); did you mean {key.upper()}?"
-            )
-        elif key.isupper() and (match := difflib.get_close_matches(key, known, n=1, cutoff=0.85)):
-            warnings.append(
-                f"warning: {key} is not a setting of this script; did you mean {match[0]}?"
-            )
+        if up in known:
+            warnings.append(f"{key} is not read (settings are upper-case); did you mean {up}?")
+        elif match := near_setting(up, known):
+            warnings.append(f"{key} is not a setting of this script; did you mean {match}?")
+    if h.iterations == 0 and not (h.init_checkpoint or h.resume_from):
+        warnings.append("ITERATIONS=0 and no INIT_CHECKPOINT: it scores an untrained model")
     if h.eval_stride and h.final_stride == h.effective_eval_seq_len:
         warnings.append(
-            f"warning: EVAL_STRIDE={h.eval_stride} >= EVAL_SEQ_LEN={h.effective_eval_seq_len}: "
+            f"EVAL_STRIDE={h.eval_stride} >= EVAL_SEQ_LEN={h.effective_eval_seq_len}: "
             "sliding-window evaluation is off, the final score uses non-overlapping windows"
         )
-    return warnings
+    return [f"warning: {w}" for w in warnings]
+
+
+def near_setting(name: str, known: list[str]) -> str | None:
+    """The setting a variable looks like a misspelling (NUM_LAYER) or a short form (VOCAB, ITERS,
+    LAYERS) of: close as a whole, or one word of five letters or more that is a word of the
+    setting's name or, less a plural s, its start."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+    short = len(name) >= 5 and name.isalpha()
+    words = [k for k in known if short and (name in k.split("_") or k.startswith(name[:-1]))]
+    return (close or words or [None])[0]
 
 
 def resolve_grad_accum_steps(h: Hyperparameters, world_size: int) -> int:
@@ -392,9 +390,7 @@ def resolve_grad_accum_steps(h: Hyperparameters, world_size: int) -> int:
     elif 8 % world_size == 0:
         steps = 8 // world_size
     else:
-        raise ValueError(
-            f"WORLD_SIZE={world_size} does not divide 8; set GRAD_ACCUM_STEPS explicitly"
-        )
+        raise ValueError(f"WORLD_SIZE={world_size} does not divide 8; set GRAD_ACCUM_STEPS")
     per_micro = world_size * steps * h.train_seq_len
     if h.train_batch_tokens % per_micro:
         raise ValueError(
@@ -405,9 +401,7 @@ def resolve_grad_accum_steps(h: Hyperparameters, world_size: int) -> int:
     return steps
 
 
-# -----------------------------------------------------------------------------
-# Data: shards and the distributed loader
-# -----------------------------------------------------------------------------
+# ===== Data: shards and the distributed loader ====================================================
 
 SHARD_MAGIC = 20240520  # header[0] of every fineweb_*.bin shard
 SHARD_VERSION = 1
@@ -423,11 +417,11 @@ DATA_HELP = (
 
 def read_shard_header(path: Path) -> int:
     """Token count of a shard, after checking its header and its size on disk."""
+    if not path.is_file():
+        raise ValueError(f"{path}: matches the shard pattern but is not a file; move it away")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header.size != SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise ValueError(
-            f"{path}: not a shard (bad magic/version in the header); re-download or rebuild it"
-        )
+        raise ValueError(f"{path}: not a shard (bad magic or version); re-download or rebuild it")
     num_tokens = int(header[2])
     expected = SHARD_HEADER_INTS * 4 + num_tokens * 2
     if path.stat().st_size != expected:
@@ -463,18 +457,12 @@ def train_shards(h: Hyperparameters) -> str:
     return os.path.join(h.data_path, "fineweb_train_*.bin")
 
 
-def val_shards(h: Hyperparameters) -> str:
-    return os.path.join(h.data_path, "fineweb_val_*.bin")
-
-
 class TokenStream:
     """Reads shards in order, forever, wrapping around at the end; the position is
     (file_idx, pos). The next shard is read and checked in a background thread, so the timed loop
     never waits on the disk."""
 
-    def __init__(
-        self, pattern: str, vocab_size: int | None = None, file_idx: int = 0, pos: int = 0
-    ):
+    def __init__(self, pattern: str, vocab_size: int | None = None, file_idx=0, pos=0):
         self.files, self.vocab_size = shard_files(pattern), vocab_size
         self.file_idx, self.pos = file_idx, pos
         self.tokens = load_data_shard(self.files[file_idx], vocab_size)
@@ -502,9 +490,7 @@ class DistributedTokenLoader:
     """Each call takes one contiguous span per rank from a single shared stream: deterministic and
     disjoint."""
 
-    def __init__(
-        self, pattern: str, rank: int, world_size: int, device, vocab_size=None, position=(0, 0)
-    ):
+    def __init__(self, pattern, rank, world_size, device, vocab_size=None, position=(0, 0)):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.stream = TokenStream(pattern, vocab_size, *position)
 
@@ -531,9 +517,7 @@ def load_validation_tokens(pattern: str, min_tokens: int, vocab_size: int | None
     return torch.from_numpy(tokens.astype(np.int32))
 
 
-# -----------------------------------------------------------------------------
-# Byte counting for bits per byte
-# -----------------------------------------------------------------------------
+# ===== Byte counting for bits per byte ============================================================
 
 
 @dataclass
@@ -577,11 +561,11 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLuts
     return ByteLuts(*(torch.from_numpy(t) for t in tables))
 
 
-def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
+def load_tokenizer(h: Hyperparameters, val_tokens: Tensor | None = None):
+    """The SentencePiece model, checked against the data: the tokenizer the manifest names, or
+    (without one) one that gives back the validation documents' ids (check_round_trip)."""
     if not Path(h.tokenizer_path).is_file():
-        raise FileNotFoundError(
-            f"tokenizer not found at TOKENIZER_PATH={h.tokenizer_path}; {DATA_HELP}"
-        )
+        raise FileNotFoundError(f"no tokenizer at TOKENIZER_PATH={h.tokenizer_path}; {DATA_HELP}")
     try:
         sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     except (OSError, RuntimeError) as e:
@@ -589,15 +573,13 @@ def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
             f"TOKENIZER_PATH={h.tokenizer_path} is not a SentencePiece model ({str(e).strip()}); "
             f"{DATA_HELP}"
         ) from None
-    manifest = Path(h.data_path) / "manifest.json"
+    manifest, want = Path(h.data_path) / "manifest.json", None
     if h.check_tokenizer and manifest.is_file():
         try:
             meta = json.loads(manifest.read_text(encoding="utf-8"))
             want = meta.get("tokenizer", {}).get("sha256")
         except (ValueError, AttributeError):
-            raise ValueError(
-                f"{manifest}: not a readable dataset manifest; rebuild the dataset"
-            ) from None
+            raise ValueError(f"{manifest}: not a readable dataset manifest; rebuild it") from None
         have = hashlib.sha256(Path(h.tokenizer_path).read_bytes()).hexdigest()
         if want and want != have:
             raise ValueError(
@@ -611,12 +593,32 @@ def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
             f"VOCAB_SIZE={h.vocab_size} but the tokenizer {h.tokenizer_path} has "
             f"{sp.get_piece_size()} pieces; set VOCAB_SIZE={sp.get_piece_size()}"
         )
+    if h.check_tokenizer and not want and val_tokens is not None:
+        check_round_trip(sp, val_tokens, h)
     return sp
 
 
-# -----------------------------------------------------------------------------
-# Model
-# -----------------------------------------------------------------------------
+ROUND_TRIP_DOCS = 64  # validation documents the tokenizer check decodes and encodes again
+
+
+def check_round_trip(sp: spm.SentencePieceProcessor, tokens: Tensor, h: Hyperparameters) -> None:
+    """The tokenizer that made the shards encodes a document's decoded text back to the same ids
+    (control ids aside); another one gives other ids for almost every document. Fewer than 90 %
+    of the first ROUND_TRIP_DOCS whole documents coming back is a wrong tokenizer."""
+    ids = tokens[: 1 << 20].tolist()
+    starts = [i for i, t in enumerate(ids) if t == sp.bos_id()]
+    docs = [ids[a + 1 : b] for a, b in zip(starts, starts[1:], strict=False)][:ROUND_TRIP_DOCS]
+    docs = [[t for t in doc if not sp.is_control(t)] for doc in docs]
+    back = sum(sp.encode(sp.decode(doc)) == doc for doc in docs)
+    if docs and back < 0.9 * len(docs):
+        raise ValueError(
+            f"TOKENIZER_PATH={h.tokenizer_path} gives back the ids of {back} of {len(docs)} "
+            f"validation documents: it is not the tokenizer the shards in DATA_PATH={h.data_path} "
+            "were made with; point TOKENIZER_PATH at that one, or set CHECK_TOKENIZER=0"
+        )
+
+
+# ===== Model ======================================================================================
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -739,9 +741,7 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x))
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
 
-    def parallel(
-        self, lanes: list[Tensor], x0: Tensor, resid: Tensor, post: Tensor
-    ) -> list[Tensor]:
+    def parallel(self, lanes: list, x0: Tensor, resid: Tensor, post: Tensor) -> list[Tensor]:
         """Two lanes: attention reads lane 0 (blended with x0), the MLP lane 1, side by side; lane
         k keeps resid[k] of itself and gets post[0, k] of the attention output and post[1, k] of
         the MLP's."""
@@ -878,9 +878,7 @@ class GPT(nn.Module):
                 x = self.blocks[i](x, x0)
         return rms_norm(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
 
-    def forward(
-        self, input_ids: Tensor, target_ids=None, *, score_last=0, reduction="mean"
-    ) -> Tensor:
+    def forward(self, input_ids: Tensor, target_ids=None, *, score_last=0, reduction="mean"):
         """input_ids (B, T). No targets: logits (B, T, V). With targets: cross-entropy, mean or
         per token. score_last=k sends only the last k positions through the head; target_ids is
         then (B, k)."""
@@ -944,22 +942,18 @@ def tensor_role(name: str, tensor: Tensor) -> str:
     return "control"
 
 
-# -----------------------------------------------------------------------------
-# Optimizers and schedules
-# -----------------------------------------------------------------------------
+# ===== Optimizers and schedules ===================================================================
 
 NEWTON_SCHULZ = {
     "quintic": ((3.4445, -4.7750, 2.0315),),  # one tuple for every iteration (Muon's original)
     # Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932): one minimax-optimal
     # tuple per iteration, as the challenge's records use (PR #1344); later ones repeat the last.
-    "polar": (
-        (8.156554524902461, -22.48329292557795, 15.878769915207462),
-        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-    ),
-}
+    "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+}  # fmt: skip
 
 
 def zeropower_via_newtonschulz5(
@@ -1043,20 +1037,16 @@ def build_optimizers(h: Hyperparameters, model: GPT, zeropower, fused: bool) -> 
     for name, p in model.named_parameters():
         groups[optimizer_group(name, p)].append(p)
 
-    def adam(params: list, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    def adam(params: list, lr: float, wd: float) -> torch.optim.AdamW:
         # AdamW: decoupled weight decay; base_lr is what the schedule scales
         group = {"params": params, "lr": lr, "base_lr": lr}
         betas = (h.beta1, h.beta2)
-        return torch.optim.AdamW(
-            [group], betas=betas, eps=h.adam_eps, fused=fused, weight_decay=weight_decay
-        )
+        return torch.optim.AdamW([group], betas=betas, eps=h.adam_eps, fused=fused, weight_decay=wd)
 
     embed_lr = h.tied_embed_lr if h.tie_embeddings else h.embed_lr
-    muon_steps = dict(lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps)
+    steps = dict(lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps)
     matrices = [{"params": groups["matrix"], "base_lr": h.matrix_lr}]
-    muon = Muon(
-        matrices, zeropower, h.muon_row_norm, h.muon_ns, weight_decay=h.muon_wd, **muon_steps
-    )
+    muon = Muon(matrices, zeropower, h.muon_row_norm, h.muon_ns, weight_decay=h.muon_wd, **steps)
     optimizers = [
         adam(groups["embed"], embed_lr, h.embed_wd),
         muon,
@@ -1125,11 +1115,12 @@ def muon_momentum_at(step: int, *, start: float, end: float, warmup_steps: int) 
     return (1.0 - frac) * start + frac * end
 
 
-# -----------------------------------------------------------------------------
-# Quantization and the artifact: one grid for the training forward (QAT) and the export
-# -----------------------------------------------------------------------------
+# ===== Quantization and the artifact: one grid for the training forward (QAT) and the export ======
 
 FP16_MAX = 65504.0
+DIVERGED = "training diverged: lower the learning rates or set GRAD_CLIP_NORM"
+KEPT = "the raw weights are kept"
+WEIGHT_RMS_LIMIT = 100.0  # trained weights of these models have RMS below about 2: a diverged run
 MIN_SCALE = 2.0**-24  # smallest fp16 subnormal: keeps the scale representable, swallows nothing
 SEARCH_CLIP_FRACTIONS = tuple(1.0 - 0.05 * i for i in range(11))  # CLIP=search tries these
 
@@ -1192,9 +1183,7 @@ def dequantize_per_row(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def fake_quantize(
-    w: Tensor, max_level: int, clip_param: float, method="percentile", on=1.0
-) -> Tensor:
+def fake_quantize(w: Tensor, max_level: int, clip_param: float, method="percentile", on=1.0):
     """Forward: the exported (dequantized) weight where on = 1, w itself where on = 0.
     Backward: identity (STE)."""
     q, scale = quantize_per_row(w.detach(), max_level, clip_param, method)
@@ -1336,9 +1325,7 @@ def quantize_tensor(name: str, t: Tensor, kind: str, h: Hyperparameters, hessian
     return {"kind": kind, "q": q.cpu(), "scale": scale.cpu()}
 
 
-def quantize_state_dict(
-    state: dict[str, Tensor], h: Hyperparameters, hessians: dict | None = None
-) -> dict:
+def quantize_state_dict(state: dict, h: Hyperparameters, hessians: dict | None = None) -> dict:
     """The artifact's payload: every tensor in its export kind; GPTQ for the matrices that have a
     Hessian; LQER corrections when LQER_RANK is on."""
     hessians = hessians or {}
@@ -1406,21 +1393,24 @@ def dequantize_state_dict(payload: dict) -> dict[str, Tensor]:
 
 
 def check_exportable(state: dict[str, Tensor], h: Hyperparameters) -> None:
-    """A broken model is never shipped: every weight finite and within the range its export
-    format holds."""
+    """A broken model is never shipped: every weight finite, within the range its export format
+    holds, and of an RMS no trained model reaches (a diverged run whose loss stayed finite)."""
     for name, t in state.items():
         kind = export_kind(name, t, h)
         limit = FP16_MAX * (level_of(kind) if kind.startswith("int") else 1)
         limit = math.inf if kind == "float" else limit
+        rms = t.float().square().mean().sqrt().item()
         if not torch.isfinite(t).all():
-            raise BrokenModel(
-                f"weight {name} has non-finite values: training diverged (lower the learning "
-                "rates or set GRAD_CLIP_NORM); the raw weights are kept"
-            )
+            raise BrokenModel(f"weight {name} has non-finite values: {DIVERGED}; {KEPT}")
         if t.abs().max() > limit:
             raise BrokenModel(
                 f"weight {name} reaches {t.abs().max().item():.4g}, beyond what its {kind} export "
-                f"holds (fp16 max {FP16_MAX:.0f}); the raw weights are kept"
+                f"holds (fp16 max {FP16_MAX:.0f}); {KEPT}"
+            )
+        if rms > WEIGHT_RMS_LIMIT:
+            raise BrokenModel(
+                f"weight {name} has RMS {rms:.4g}, beyond any trained model's "
+                f"({WEIGHT_RMS_LIMIT:g}): {DIVERGED}; {KEPT}"
             )
 
 
@@ -1613,9 +1603,8 @@ def read_streams(body: bytes) -> list[bytes]:
 def packed_from_streams(header: dict, streams: list[bytes]) -> dict:
     """pack_payload's dict back from the header and the runs' raw streams."""
     manifest = header.pop("streams")
-    if len(manifest) != len(streams) or any(
-        len(s) != n for (_, n), s in zip(manifest, streams, strict=True)
-    ):
+    sizes = [n for _, n in manifest]
+    if sizes != [len(s) for s in streams]:
         raise ValueError("the streams do not match the manifest")
     runs = {run: bytearray() for run in RUN_DTYPES if run in ("q", "scale", "float", "fp16_planes")}
     for (run, _), data in zip(manifest, streams, strict=True):
@@ -1641,9 +1630,7 @@ def read_artifact(path: Path) -> dict:
     try:
         payload = torch.load(io.BytesIO(streams[0]), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise ArtifactError(
-            f"{path}: unreadable artifact payload ({type(e).__name__}: {e})"
-        ) from None
+        raise ArtifactError(f"{path}: unreadable payload ({type(e).__name__}: {e})") from None
     if not isinstance(payload, dict) or payload.get("format") != "pgolf-int6":
         raise ArtifactError(f"{path}: payload is not a pgolf-int6 artifact")
     if payload.get("version") != ARTIFACT_FORMAT_VERSION:
@@ -1673,12 +1660,6 @@ def quantization_error(w: Tensor, entry: dict, hessian: Tensor | None) -> float:
     return float((weighted * d).sum())
 
 
-def cost_per_byte(more_bytes: float, more_error: float) -> float:
-    """Error added per byte saved (a lower width), or error saved per byte added, negated (a
-    higher one): the smaller, the better the move."""
-    return more_error / max(abs(more_bytes), 1.0)
-
-
 def entropy_bytes(entries: list[dict]) -> float:
     """The levels' order-0 entropy in bytes: how BITS=auto scales a stream's compressed size."""
     q = torch.cat([e["q"].flatten() for e in entries]).long() + 128
@@ -1705,9 +1686,8 @@ def fit_bits(
 
     def at(g: str, bits: int) -> tuple:
         if (g, bits) not in tried:
-            entries = {
-                n: quantize_tensor(n, state[n], f"int{bits}", h, hessians.get(n)) for n in groups[g]
-            }
+            kind = f"int{bits}"
+            entries = {n: quantize_tensor(n, state[n], kind, h, hessians.get(n)) for n in groups[g]}
             error = sum(quantization_error(state[n], entries[n], hessians.get(n)) for n in entries)
             if not any(n in hessians for n in entries):  # no calibration: relative to the weights
                 error /= sum(float(state[n].float().square().sum()) for n in entries) or 1.0
@@ -1715,11 +1695,8 @@ def fit_bits(
         return tried[g, bits]
 
     grouped = {n for names in groups.values() for n in names}
-    entries = {
-        n: quantize_tensor(n, t, kinds[n], h, hessians.get(n))
-        for n, t in state.items()
-        if n not in grouped
-    }
+    ungrouped = [(n, t) for n, t in state.items() if n not in grouped]
+    entries = {n: quantize_tensor(n, t, kinds[n], h, hessians.get(n)) for n, t in ungrouped}
     last: dict = {}  # the last artifact compressed: its length, and (bits, bytes) of each group
 
     def size(g: str, bits: int) -> float:  # levels all zero (a zero-initialized group) stay so
@@ -1732,13 +1709,14 @@ def fit_bits(
     def total() -> float:
         return last["length"] + sum(size(g, widths[g]) - last["groups"][g][1] for g in groups)
 
-    def step(g: str, bits: int) -> None:
-        more_bytes, more_error = change(g, bits)
-        log(
-            f"bits_auto group:{g} bits:{widths[g]}->{bits} bytes:{more_bytes:+.0f} "
-            f"error:{more_error:+.4g}"
-        )
-        widths[g] = bits
+    def step(options: list[str], by: int) -> None:
+        """Move the best group of `options` by one bit: the least error added per byte saved,
+        or the most saved per byte added."""
+        rate = {g: change(g, widths[g] + by) for g in options}
+        g = min(options, key=lambda g: rate[g][1] / max(abs(rate[g][0]), 1.0))
+        log(f"bits_auto group:{g} bits:{widths[g]}->{widths[g] + by} "
+            f"bytes:{rate[g][0]:+.0f} error:{rate[g][1]:+.4g}")  # fmt: skip
+        widths[g] += by
 
     cache, compress_s, first = {}, 0.0, True
     while True:  # after the first artifact, each one over the budget lowers a width: it ends
@@ -1751,31 +1729,23 @@ def fit_bits(
             break
         levels = list(level_groups(payload["tensors"]))  # their streams follow the header
         sizes = [n for _, n in stream_table(blob[len(ARTIFACT_MAGIC) :])[1 : 1 + len(levels)]]
-        last["length"] = len(blob)
-        last["groups"] = {
-            g: (widths[g], n) for g, n in zip(levels, sizes, strict=True) if g in groups
-        }
-        moved = False
+        pairs = zip(levels, sizes, strict=True)
+        last.update(length=len(blob), groups={g: (widths[g], n) for g, n in pairs if g in groups})
+        before = dict(widths)
         while total() > budget:
-            lower = [g for g in groups if widths[g] > AUTO_BITS[0]]
-            if not lower:
+            if not (lower := [g for g in groups if widths[g] > AUTO_BITS[0]]):
                 raise BrokenModel(
                     f"BITS=auto: the artifact is {total() - budget:.0f} bytes over the budget even "
                     f"with every group at {AUTO_BITS[0]} bits; shrink the model (NUM_LAYERS, "
                     "MODEL_DIM, MLP_MULT, VOCAB_SIZE)"
                 )
-            g = min(lower, key=lambda g: cost_per_byte(*change(g, widths[g] - 1)))
-            step(g, widths[g] - 1)
-            moved = True
+            step(lower, -1)
         while first:
             up = [g for g in groups if widths[g] < AUTO_BITS[-1]]
-            up = [g for g in up if total() + change(g, widths[g] + 1)[0] <= budget]
-            if not up:
+            if not (up := [g for g in up if total() + change(g, widths[g] + 1)[0] <= budget]):
                 break
-            g = min(up, key=lambda g: cost_per_byte(*change(g, widths[g] + 1)))
-            step(g, widths[g] + 1)
-            moved = True
-        if not moved:
+            step(up, +1)
+        if widths == before:
             break
         first = False
     chosen = " ".join(f"{g}:{bits}" for g, bits in widths.items())
@@ -1783,25 +1753,13 @@ def fit_bits(
     return payload, blob, compress_s
 
 
-# -----------------------------------------------------------------------------
-# Evaluation: every validation target scored exactly once
-# -----------------------------------------------------------------------------
+# ===== Evaluation: every validation target scored exactly once ====================================
 
 
 def window_stride(stride: int, window: int) -> int:
     """How far each evaluation window ends after the previous one: EVAL_STRIDE, or the whole
     window (non-overlapping, plain evaluation) when it is 0 or at least the window."""
     return stride if 0 < stride < window else window
-
-
-def windows_per_batch(
-    h: Hyperparameters, world_size: int, grad_accum_steps: int, seq_len: int
-) -> int:
-    """Evaluation windows per batch and rank: EVAL_BATCH_SEQS, or VAL_BATCH_SIZE split like a
-    training batch."""
-    return h.eval_batch_seqs or max(
-        1, h.val_batch_size // (world_size * grad_accum_steps * seq_len)
-    )
 
 
 def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
@@ -1862,9 +1820,7 @@ class EvalClock:
         return EvalResult(val_loss=val_loss, val_bpb=val_bpb, **scored, **cost)
 
 
-def window_batch(
-    tokens: Tensor, batch: list, batch_seqs: int, w: int, n: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def window_batch(tokens: Tensor, batch: list, batch_seqs: int, w: int, n: int) -> tuple:
     """Exactly batch_seqs windows (start, scored), a short batch padded with windows that score
     nothing: inputs (B, w), the targets of the last n positions (B, n), and the mask of those each
     window scores."""
@@ -2002,9 +1958,7 @@ def projected_fineweb_eval_seconds(scored_tokens_per_s: float, world_size: int) 
     return FINEWEB_VAL_TOKENS / (scored_tokens_per_s / world_size * 8)
 
 
-def log_eval_projection(
-    log: Logger, rate: float, world_size: int, what="", remedy="raise EVAL_STRIDE"
-):
+def log_eval_projection(log, rate: float, world_size: int, what="", remedy="raise EVAL_STRIDE"):
     """The evaluation's time on the published split on 8 such devices, warned over the budget."""
     projected_s = projected_fineweb_eval_seconds(rate, world_size)
     log(f"projected_fineweb_8gpu{what}:{projected_s:.1f}s")
@@ -2016,9 +1970,7 @@ def log_eval_projection(
         )
 
 
-# -----------------------------------------------------------------------------
-# Training
-# -----------------------------------------------------------------------------
+# ===== Training ===================================================================================
 
 
 class NonFiniteLoss(RuntimeError):
@@ -2030,7 +1982,7 @@ class BrokenModel(RuntimeError):
     hold."""
 
 
-RUN_ERRORS = (ValueError, FileNotFoundError, NonFiniteLoss, BrokenModel)  # no traceback: a cause
+RUN_ERRORS = (ValueError, OSError, NonFiniteLoss, BrokenModel)  # no traceback: the line says it
 
 
 @dataclass
@@ -2042,6 +1994,8 @@ class TrainState:
     loader_position: tuple = (0, 0)  # (shard index, token offset) of the shared stream
     val_history: list = field(default_factory=list)
     started: bool = False  # the first real step has begun (the warm-up is undone, not counted)
+    finished: bool = False  # training is over and its weights are kept
+    clock: Callable | None = None  # while training: the training time so far, in ms
 
 
 @dataclass
@@ -2075,7 +2029,8 @@ class Session:
         evaluation's windows (EVAL_SEQ_LEN, EVAL_STRIDE)."""
         h, rt = self.h, self.rt
         seq_len = h.effective_eval_seq_len if final else h.train_seq_len
-        batch_seqs = windows_per_batch(h, rt.world_size, self.grad_accum_steps, seq_len)
+        per_rank = h.val_batch_size // (rt.world_size * self.grad_accum_steps * seq_len)
+        batch_seqs = h.eval_batch_seqs or max(1, per_rank)  # VAL_BATCH_SIZE split as in training
         rt.sync()
         ranks = dict(rank=rt.rank, world_size=rt.world_size, autocast=rt.autocast)
         plan = dict(seq_len=seq_len, stride=h.final_stride if final else 0, batch_seqs=batch_seqs)
@@ -2211,7 +2166,7 @@ def train(s: Session, signals: StopSignals) -> None:
         progress = ms / cap_ms if cap_ms else state.step / max(h.iterations, 1)
         return h.num_loops > 0 and progress >= h.enable_looping_at
 
-    state.started = True
+    state.started, state.clock = True, clock_ms
     loop_now = loops_due(state.train_time_ms)  # a resumed run may be past the switch
     while True:
         step = state.step
@@ -2281,9 +2236,7 @@ def train(s: Session, signals: StopSignals) -> None:
     check_finite(first_bad_step, rt)
 
 
-# -----------------------------------------------------------------------------
-# Run management: processes and devices, logging, stop signals, files, checkpoints, preflight
-# -----------------------------------------------------------------------------
+# ===== Run management: processes, devices, logging, signals, files, checkpoints, preflight =======
 
 
 @dataclass
@@ -2363,28 +2316,27 @@ def init_runtime(h: Hyperparameters, env) -> Runtime:
     rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
     want = h.device if h.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if want == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "DEVICE=cuda but no CUDA device is available; use DEVICE=cpu or DEVICE=auto"
-        )
+        raise ValueError("DEVICE=cuda but no CUDA device is available; use DEVICE=cpu or auto")
     device = torch.device("cuda", local_rank) if want == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
-    rt = Runtime(
-        rank, local_rank, world_size, device, use_compile, None, select_attention_backend(h, device)
-    )
+    attention = select_attention_backend(h, device)
+    rt = Runtime(rank, local_rank, world_size, device, use_compile, None, attention)
     if world_size > 1:
+        timeout = datetime.timedelta(seconds=h.collective_timeout_seconds)  # a dead or frozen peer
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             device_id=device if device.type == "cuda" else None,
+            timeout=timeout,
         )
         if device.type == "cpu" and h.host_sync != "gloo":
             rt.host_group = dist.group.WORLD  # already gloo
         elif h.host_sync != "device":
             try:  # a gloo group beside NCCL keeps the per-step agreement off the device
-                rt.host_group = dist.new_group(backend="gloo")
+                rt.host_group = dist.new_group(backend="gloo", timeout=timeout)
                 dist.barrier(group=rt.host_group)
             except Exception as e:
                 rt.host_group = None
@@ -2403,7 +2355,10 @@ class Logger:
         self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.open("xb").close()
+            try:
+                path.open("xb").close()
+            except FileExistsError:
+                raise ValueError(f"{path} exists: another run has this RUN_ID") from None
 
     def __call__(self, msg: str, console: bool = True, data: bytes | None = None) -> None:
         if self.path is not None:
@@ -2442,16 +2397,18 @@ class StopRequested(Exception):
 
 
 class StopSignals:
-    """While active, SIGINT/SIGTERM only record themselves; the loop stops at the next step
-    boundary."""
+    """While active, SIGINT/SIGTERM record themselves, and training stops at the next step
+    boundary; once `raise_now` is set (training is over), they stop the run where it is."""
 
     def __enter__(self) -> StopSignals:
-        self.signum = 0
+        self.signum, self.raise_now = 0, False
         self.previous = {s: signal.signal(s, self._record) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _record(self, signum, frame) -> None:
         self.signum = self.signum or signum
+        if self.raise_now:
+            raise StopRequested(signum)
 
     def __exit__(self, *exc) -> None:
         for s, handler in self.previous.items():
@@ -2471,13 +2428,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def broadcast_run_id(h: Hyperparameters, rt: Runtime) -> str:
-    run_id = [h.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]]
-    if rt.distributed:
-        dist.broadcast_object_list(run_id, src=0, group=rt.host_group)
-    return run_id[0]
-
-
 @dataclass(frozen=True)
 class RunFiles:
     """Every file a run writes; none may exist before it starts, so nothing is overwritten."""
@@ -2488,12 +2438,23 @@ class RunFiles:
     raw: Path  # the trained weights, written before anything can fail
     artifact: Path
     checkpoint: Path  # resume checkpoints (CHECKPOINT_EVERY_SECONDS, or a stop signal)
+    claim: Path  # exists while the run lives: two runs with one RUN_ID cannot both start
 
     @classmethod
     def of(cls, h: Hyperparameters, run_id: str) -> RunFiles:
         logs, arts = Path(h.log_dir), Path(h.artifact_dir)
         names = (logs / f"{run_id}.txt", logs / f"{run_id}.json", arts / f"{run_id}_raw.pt")
-        return cls(run_id, *names, arts / f"{run_id}.int6.ptz", arts / f"{run_id}_ckpt.pt")
+        ends = (arts / f"{run_id}.int6.ptz", arts / f"{run_id}_ckpt.pt", arts / f"{run_id}.claim")
+        return cls(run_id, *names, *ends)
+
+    def claim_run_id(self) -> None:
+        """Create the claim exclusively (rank 0): of two runs started with one RUN_ID and one
+        ARTIFACT_DIR, the second stops here, before it writes anything."""
+        try:
+            self.claim.open("x").close()
+        except FileExistsError:
+            held = f"{self.claim} exists, another run holds this RUN_ID"
+            raise ValueError(f"RUN_ID={self.run_id}: {held} (a killed one: delete it)") from None
 
     def taken(self) -> Path | None:
         paths = (self.log, self.summary, self.raw, self.artifact, self.checkpoint)
@@ -2501,6 +2462,8 @@ class RunFiles:
 
 
 CHECKPOINT_FORMAT = "pgolf-checkpoint"  # resume checkpoints; raw checkpoints are a bare state dict
+RESUME_KEYS = ("model", "optimizers", "step", "train_time_ms", "loader_position", "val_history",
+               "rng", "world_size", "ema", "hyperparameters")  # fmt: skip
 
 
 def write_checkpoint(s: Session) -> None:
@@ -2532,27 +2495,44 @@ def write_checkpoint(s: Session) -> None:
 def restore_checkpoint(s: Session, ckpt: dict) -> None:
     """Continue a stopped run: weights, optimizer state, EMA, RNG, step, clock and data position."""
     s.base_model.load_state_dict(ckpt["model"], strict=True)
-    for opt, opt_state in zip(s.optimizers, ckpt["optimizers"], strict=False):
+    if len(ckpt["optimizers"]) != len(s.optimizers):
+        raise ValueError(
+            f"RESUME_FROM={s.h.resume_from} holds {len(ckpt['optimizers'])} optimizer states, "
+            f"this run has {len(s.optimizers)} optimizers (TIE_EMBEDDINGS differs?)"
+        )
+    for opt, opt_state in zip(s.optimizers, ckpt["optimizers"], strict=True):
         opt.load_state_dict(opt_state)
     if s.ema is not None:
         s.ema.load(ckpt["ema"] or ckpt["model"])
     torch.set_rng_state(ckpt["rng"])
     state = s.state
     state.step, state.train_time_ms = ckpt["step"], ckpt["train_time_ms"]
-    state.loader_position = tuple(ckpt["loader_position"])
-    state.val_history = list(ckpt["val_history"])
+    state.loader_position, state.val_history = tuple(ckpt["loader_position"]), ckpt["val_history"]
     settings = {k: str(v) for k, v in s.h.as_env().items() if k not in ("RUN_ID", "RESUME_FROM")}
     changed = [k for k, v in settings.items() if ckpt["hyperparameters"].get(k) != v]
+    if ckpt["world_size"] != s.rt.world_size:  # other batches per rank: other results
+        changed.append(f"WORLD_SIZE ({ckpt['world_size']} then, {s.rt.world_size} now)")
     warning = f" warning: settings differ from the checkpoint's: {', '.join(changed)}"
-    s.log(
-        f"resumed_from:{s.h.resume_from} step:{state.step} "
-        f"train_time:{state.train_time_ms:.0f}ms" + (warning if changed else "")
-    )
+    at = f"resumed_from:{s.h.resume_from} step:{state.step} train_time:{state.train_time_ms:.0f}ms"
+    s.log(at + (warning if changed else ""))
 
 
-def export_weights(s: Session) -> dict[str, Tensor]:
-    """The weights the artifact is made from (and a raw checkpoint keeps): the EMA's when on."""
-    return s.ema.state_dict() if s.ema is not None else s.base_model.state_dict()
+def keep_weights(s: Session) -> None:
+    """Rank 0 writes the raw weights, those the artifact is made from (the EMA's when on). Where
+    ARTIFACT_DIR cannot take them (a full disk), they go to LOG_DIR, and the run fails naming it."""
+    if s.rt.master:
+        weights = s.base_model if s.ema is None else s.ema
+        data = torch_save_bytes(weights.state_dict())
+        try:
+            atomic_write_bytes(s.files.raw, data)
+        except OSError as e:
+            fallback = Path(s.h.log_dir) / f"{s.files.run_id}_raw.{uuid.uuid4().hex[:6]}.pt"
+            atomic_write_bytes(fallback, data)  # if this fails too, its error ends the run
+            cause = f"{s.files.raw} could not be written ({e.strerror or e})"
+            raise OSError(f"{cause}; the raw weights are in {fallback}") from None
+
+
+SAME = "(other settings as this run)"  # what a re-export or a resume keeps
 
 
 def save_stopped_run(s: Session, e: BaseException) -> None:
@@ -2562,8 +2542,7 @@ def save_stopped_run(s: Session, e: BaseException) -> None:
     try:
         if isinstance(e, StopRequested):
             write_checkpoint(s)
-        if s.rt.master:
-            atomic_write_bytes(files.raw, torch_save_bytes(export_weights(s)))
+        keep_weights(s)
     except Exception as save_error:
         log(f"error: could not save the weights ({type(save_error).__name__}: {save_error})")
         return
@@ -2571,10 +2550,9 @@ def save_stopped_run(s: Session, e: BaseException) -> None:
         f"interrupted step:{s.state.step}/{s.h.iterations} "
         f"train_time:{s.state.train_time_ms:.0f}ms ({e}) raw_checkpoint:{files.raw}"
     )
-    same = "(other settings as this run)"
-    log(f"to re-export: ITERATIONS=0 INIT_CHECKPOINT={files.raw} RUN_ID=<new id> {same}")
+    log(f"to re-export: ITERATIONS=0 INIT_CHECKPOINT={files.raw} RUN_ID=<new id> {SAME}")
     if files.checkpoint.exists():
-        log(f"to resume: RESUME_FROM={files.checkpoint} RUN_ID=<new id> {same}")
+        log(f"to resume: RESUME_FROM={files.checkpoint} RUN_ID=<new id> {SAME}")
 
 
 @dataclass
@@ -2606,14 +2584,14 @@ def check_shapes(state: dict, expected: dict, where: str) -> dict:
     hint = "the settings (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE, ...) differ from its run's"
     for name, shape in expected.items():
         if name not in state:
-            raise ValueError(
-                f"{where}: no tensor {name} (shape {tuple(shape)} in this model); {hint}"
-            )
+            raise ValueError(f"{where}: no tensor {name} (shape {tuple(shape)} here); {hint}")
         if state[name].shape != shape:
             raise ValueError(
                 f"{where}: tensor {name} has shape {tuple(state[name].shape)} in the file, "
                 f"{tuple(shape)} in this model; {hint}"
             )
+        if not state[name].is_floating_point():  # loading would cast it without a word
+            raise ValueError(f"{where}: tensor {name} is {state[name].dtype}, not weights")
     extra = sorted(set(state) - set(expected))
     if extra:
         raise ValueError(f"{where}: tensor {extra[0]} is not in this model; {hint}")
@@ -2639,6 +2617,8 @@ def read_weights(path: str, setting: str, expected: dict) -> tuple[dict, str, di
             f"{where} is not a checkpoint of this script ({type(e).__name__}: {first_line})"
         ) from None
     ckpt = obj if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT else None
+    if ckpt and (missing := [k for k in RESUME_KEYS if k not in ckpt]):
+        raise ValueError(f"{where}: a resume checkpoint without {', '.join(missing)}; damaged?")
     state = ckpt["model"] if ckpt else obj
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(
@@ -2658,12 +2638,14 @@ def preflight(h: Hyperparameters, rt: Runtime, files: RunFiles) -> Inputs:
             f"RUN_ID={files.run_id}: {taken} already exists; choose another RUN_ID (nothing is "
             "overwritten)"
         )
-    grad_accum_steps, sp = resolve_grad_accum_steps(h, rt.world_size), load_tokenizer(h)
+    grad_accum_steps = resolve_grad_accum_steps(h, rt.world_size)
     min_tokens = max(h.train_seq_len, h.effective_eval_seq_len)
-    val_tokens = load_validation_tokens(val_shards(h), min_tokens, h.vocab_size)
-    inputs = Inputs(grad_accum_steps, sp, val_tokens)
-    for path in shard_files(train_shards(h)):
-        read_shard_header(path)  # token ids are checked as each shard is read (in the background)
+    val_pattern = os.path.join(h.data_path, "fineweb_val_*.bin")
+    val_tokens = load_validation_tokens(val_pattern, min_tokens, h.vocab_size)
+    inputs = Inputs(grad_accum_steps, load_tokenizer(h, val_tokens), val_tokens)
+    for path in shard_files(train_shards(h)):  # their token ids are checked as each is read
+        if read_shard_header(path) == 0:  # the stream would look for a token forever
+            raise ValueError(f"{path}: a training shard with no tokens; remove or rebuild it")
     if h.init_checkpoint or h.resume_from:
         with torch.device("meta"):
             expected = {k: v.shape for k, v in GPT(h).state_dict().items()}
@@ -2678,43 +2660,56 @@ def preflight(h: Hyperparameters, rt: Runtime, files: RunFiles) -> Inputs:
                     "data position; give a *_ckpt.pt file, or start from its weights with "
                     "INIT_CHECKPOINT"
                 )
+            if inputs.resume["loader_position"][0] >= len(shard_files(train_shards(h))):
+                raise ValueError(
+                    f"RESUME_FROM={h.resume_from} stopped in training shard "
+                    f"{inputs.resume['loader_position'][0]}, DATA_PATH={h.data_path} has fewer"
+                )
     return inputs
 
 
-# -----------------------------------------------------------------------------
-# main: the phases of a run
-# -----------------------------------------------------------------------------
+# ===== main: the phases of a run ==================================================================
 
 
 def run(h: Hyperparameters, rt: Runtime, env, code: bytes, code_name: str) -> dict | None:
-    files = RunFiles.of(h, broadcast_run_id(h, rt))
+    """The phases of a run, holding its RUN_ID; a failure logs its error line (and, once trained,
+    how to re-export), and a failure before training frees the RUN_ID."""
+    run_id = [h.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]]
+    if rt.distributed:
+        dist.broadcast_object_list(run_id, src=0, group=rt.host_group)
+    files = RunFiles.of(h, run_id[0])
     inputs = preflight(h, rt, files)
+    if rt.master:
+        files.claim_run_id()
     rt.barrier()  # every rank passed before rank 0 creates the log
-    log = Logger(files.log if rt.master else None)
-    state = TrainState()
+    state, log = TrainState(), Logger(None)
     try:
-        log.write_code(code, code_name)
-        log_start(h, rt, env, files, inputs, log)
-        s = start_session(h, rt, files, inputs, log, state)
-        train_and_keep(s)
-        if not h.final_eval:
-            log(
-                f"throughput_run_complete run_id:{files.run_id} steps:{state.step} (FINAL_EVAL=0: "
-                "no evaluation, no artifact)"
-            )
-            return None
-        prequant = score_trained(s)
-        bytes_model = export(s, len(code))
-        results = final_evaluations(s, prequant)
-        return write_summary(s, code, bytes_model, results)
+        log = Logger(files.log if rt.master else None)  # exclusive: a twin run's log is not ours
+        with StopSignals() as signals:
+            log.write_code(code, code_name)
+            log_start(h, rt, env, files, inputs, log)
+            s = start_session(h, rt, files, inputs, log, state)
+            train_and_keep(s, signals)
+            if not h.final_eval:
+                log(f"throughput_run_complete run_id:{files.run_id} steps:{state.step} no_artifact")
+                return None
+            prequant = score_trained(s)
+            bytes_model = export(s, len(code))
+            return write_summary(s, code, bytes_model, final_evaluations(s, prequant))
     except BaseException as e:
         known = isinstance(e, (ValueError, RuntimeError, StopRequested))
         log(f"error: {e}" if known else f"error: {type(e).__name__}: {e}")
-        if rt.master and not state.started:  # nothing trained: free the RUN_ID, keep the log aside
-            failed = files.log.with_name(f"{files.run_id}.failed.txt")
-            os.replace(files.log, failed)
+        if state.finished and rt.master:  # after training: where the weights are, and what to do
+            log(f"to re-export: ITERATIONS=0 INIT_CHECKPOINT={files.raw} RUN_ID=<new id> {SAME}")
+        if log.path and not state.started:  # nothing trained: free the RUN_ID, keep the log aside
+            names = (f"{files.run_id}.failed{f'-{i}' if i else ''}.txt" for i in range(10**6))
+            failed = next(p for p in map(files.log.with_name, names) if not p.exists())
+            os.replace(files.log, failed)  # an earlier failure's log stays
             print(f"the log is kept as {failed}; RUN_ID={files.run_id} stays free", file=sys.stderr)
         raise
+    finally:
+        if rt.master:
+            files.claim.unlink(missing_ok=True)
 
 
 def log_start(h: Hyperparameters, rt: Runtime, env, files: RunFiles, inputs: Inputs, log: Logger):
@@ -2747,6 +2742,9 @@ def start_session(
     if inputs.init_weights is not None:
         base_model.load_state_dict(inputs.init_weights, strict=True)
         log(f"init_checkpoint:{h.init_checkpoint} kind:{inputs.init_kind}")
+    for pattern in filter(None, (p.strip() for p in h.fp16_keep.split(","))):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in base_model.state_dict()):
+            log(f"warning: FP16_KEEP pattern {pattern!r} names no tensor of this model")
     n_params = sum(p.numel() for p in base_model.parameters())
     log(
         f"model_params:{n_params} layers:{h.num_layers} dim:{h.model_dim} "
@@ -2777,20 +2775,21 @@ def start_session(
     return s
 
 
-def train_and_keep(s: Session) -> None:
+def train_and_keep(s: Session, signals: StopSignals) -> None:
     """Train, then keep the weights the artifact is made from before anything else can fail; a
-    stopped or failed run keeps them too."""
+    stopped or failed run keeps them too. Signals only record themselves until the weights are
+    kept (a second one must not cut a write short), then stop the run where it is."""
     h, state, log = s.h, s.state, s.log
     t_train = time.perf_counter()
-    with StopSignals() as signals:  # also while saving: a second signal must not cut a write short
-        try:
-            train(s, signals)
-        except BaseException as e:
-            if state.started:
-                save_stopped_run(s, e)
-            raise
-        if s.rt.master:
-            atomic_write_bytes(s.files.raw, torch_save_bytes(export_weights(s)))
+    try:
+        train(s, signals)
+    except BaseException as e:
+        if state.started:
+            state.train_time_ms = state.clock()  # the loop's clock, wherever it stopped
+            save_stopped_run(s, e)
+        raise
+    keep_weights(s)
+    state.finished, signals.raise_now = True, True
     if signals.signum:
         raise StopRequested(signals.signum)
     train_tokens = sum(read_shard_header(p) for p in shard_files(train_shards(h)))
@@ -2810,15 +2809,28 @@ def train_and_keep(s: Session) -> None:
         log(f"peak memory rss:{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}MiB")
 
 
-def log_final(
-    log: Logger, name: str, r: EvalResult, lead: str = "", tail: str = "", timed: bool = True
-) -> None:
+def log_final(log: Logger, name: str, r: EvalResult, lead="", tail="", timed=True) -> None:
     """One final_<name>_exact line: the score at full precision, and what it cost."""
     cost = f" eval_time:{r.eval_time_ms:.0f}ms graphs:{r.graphs} compile_time:{r.compile_ms:.0f}ms"
     log(
         f"final_{name}_exact {lead}val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{tail}"
         + (cost if timed else "")
     )
+
+
+UNIFORM_MARGIN_NATS = 0.05  # a score this far above a uniform guess is a broken model, not noise
+
+
+def check_score(r: EvalResult, what: str, h: Hyperparameters, remedy: str) -> EvalResult:
+    """A final score that cannot be a result ends the run: not finite, or above a uniform guess
+    over the vocabulary (ln VOCAB_SIZE nats) by more than UNIFORM_MARGIN_NATS."""
+    uniform = math.log(h.vocab_size)
+    if not r.val_loss <= uniform + UNIFORM_MARGIN_NATS:  # NaN too
+        raise BrokenModel(
+            f"{what} scores val_loss {r.val_loss:.4f}, worse than a uniform guess (ln "
+            f"{h.vocab_size} = {uniform:.4f}): {remedy or DIVERGED}; {KEPT}"
+        )
+    return r
 
 
 def score_trained(s: Session) -> EvalResult:
@@ -2829,13 +2841,8 @@ def score_trained(s: Session) -> EvalResult:
         log_final(s.log, "prequant_raw", s.score(s.compiled), timed=False)
         s.base_model.load_state_dict(s.ema.state_dict())
     prequant = s.score(s.compiled)
-    if not math.isfinite(prequant.val_loss):
-        raise BrokenModel(
-            f"the final validation loss is {prequant.val_loss}: training diverged (lower the "
-            f"learning rates or set GRAD_CLIP_NORM); the raw weights are kept in {s.files.raw}"
-        )
-    s.record_validation(s.state.step, prequant)
-    check_exportable(s.base_model.state_dict(), s.h)
+    check_exportable(s.base_model.state_dict(), s.h)  # names the weight, so first
+    s.record_validation(s.state.step, check_score(prequant, "the trained model", s.h, DIVERGED))
     return prequant
 
 
@@ -2887,9 +2894,8 @@ def export(s: Session, bytes_code: int) -> int:
     log(f"fits_16mb:{str(fits).lower()} margin:{margin}")
     if not fits:
         log(
-            f"WARNING: the submission is {bytes_total - SIZE_LIMIT_BYTES} bytes OVER the "
-            f"{SIZE_LIMIT_BYTES}-byte limit; shrink the model or change the quantization "
-            "settings"
+            f"WARNING: the submission is {-margin} bytes OVER the {SIZE_LIMIT_BYTES}-byte limit; "
+            "shrink the model or change the quantization settings (BITS=auto fits it)"
         )
     return bytes_model
 
@@ -2906,14 +2912,10 @@ def final_evaluations(s: Session, prequant: EvalResult) -> dict[str, EvalResult 
     log_final(log, "prequant", prequant, timed=False)
     penalty = roundtrip.val_bpb - prequant.val_bpb
     log_final(log, "int6_roundtrip", roundtrip, tail=f" quant_penalty_bpb:{penalty:+.5f}")
-    if not math.isfinite(roundtrip.val_loss):
-        raise BrokenModel(
-            f"the artifact scores val_loss {roundtrip.val_loss}; the raw weights are kept in "
-            f"{s.files.raw}"
-        )
+    check_score(roundtrip, "the artifact", h, "change the quantization settings")
     sliding = ttt = None
     if h.sliding:
-        sliding = s.score(shipped, final=True)
+        sliding = check_score(s.score(shipped, final=True), "the sliding evaluation", h, "")
         rate = sliding.scored_tokens / max(sliding.eval_time_ms / 1000.0, 1e-9)
         log(f"sliding_rate scored_tok_s:{rate:.0f} per_rank:{rate / rt.world_size:.0f}")
         lead = f"stride:{h.final_stride} seq_len:{h.effective_eval_seq_len} "
@@ -2923,13 +2925,10 @@ def final_evaluations(s: Session, prequant: EvalResult) -> dict[str, EvalResult 
     if h.ttt_enabled:  # last: it trains the artifact's model, and nothing may score it afterwards
         ttt = s.score(shipped, final=True, method=functools.partial(evaluate_ttt, h=h))
         log_final(log, "ttt", ttt, tail=f" scored_tokens:{ttt.scored_tokens}")
-        if not math.isfinite(ttt.val_loss):
-            raise BrokenModel(f"TTT diverged (val_loss {ttt.val_loss}); lower TTT_LR")
+        check_score(ttt, "test-time training", h, "it diverged: lower TTT_LR")
         if rt.device.type == "cuda":
             rate = ttt.scored_tokens / max(ttt.eval_time_ms / 1000.0, 1e-9)
-            log_eval_projection(
-                log, rate, rt.world_size, "_ttt", "lower TTT_EPOCHS or raise EVAL_STRIDE"
-            )
+            log_eval_projection(log, rate, rt.world_size, "_ttt", "lower TTT_EPOCHS")
     return {"prequant": prequant, "roundtrip": roundtrip, "sliding": sliding, "ttt": ttt}
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 
 import train_gpt as tg
@@ -221,12 +222,28 @@ def test_an_exception_on_one_rank_stops_both_promptly_and_keeps_the_weights(tiny
     assert proc.returncode != 0 and elapsed < 40, (elapsed, proc.stderr[-2000:])
     assert "injected fault on rank 1" in proc.stderr
     lines = log_lines(env)
-    assert any(line.startswith("interrupted step:3/") for line in lines)
+    assert any(re.match(r"interrupted step:3/\d+ train_time:[1-9]\d*ms", line) for line in lines)
     assert lines[-1].startswith("error: ")
     assert not (Path(env["ARTIFACT_DIR"]) / "rank1_ckpt.pt").exists()  # a dead peer: weights only
     assert set(torch.load(Path(env["ARTIFACT_DIR"]) / "rank1_raw.pt", weights_only=True)) == set(
         tg.build_model(tg.Hyperparameters.from_env(env), CPU).state_dict()
     )
+
+
+def test_a_frozen_rank_fails_the_run_after_the_collective_timeout_and_the_weights_stay(
+    tiny_data, tmp_path
+):
+    env = long_env(
+        tiny_data, tmp_path, RUN_ID="frozen", FAULT="freeze_on_rank:1:4", WARMUP_STEPS=0,
+        COLLECTIVE_TIMEOUT_SECONDS=5,
+    )  # fmt: skip
+    t0 = time.time()
+    proc = run_script(env, nproc=2, check=False, timeout=120, script=FAULT_RUNNER)
+    assert proc.returncode != 0 and time.time() - t0 < 60, proc.stderr[-2000:]
+    lines = log_lines(env)
+    assert any(re.match(r"interrupted step:3/\d+ train_time:[1-9]\d*ms", line) for line in lines)
+    assert lines[-1].startswith("error: ")
+    assert (Path(env["ARTIFACT_DIR"]) / "frozen_raw.pt").is_file()
 
 
 def test_a_damaged_later_shard_fails_the_run_but_keeps_the_weights(tiny_data, tmp_path):
@@ -277,6 +294,27 @@ def test_a_validation_token_id_beyond_the_vocabulary_fails_before_step_0(tiny_da
     env = tiny_env(tiny_data, tmp_path, DATA_PATH=str(data))
     refused(env, "fineweb_val_000000.bin: token id 384 at position 77 is >= VOCAB_SIZE=384")
     assert files_of(env) == []
+
+
+def test_an_empty_training_shard_or_a_folder_among_the_shards_is_refused_before_step_0(
+    tiny_data, tmp_path
+):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data["data_path"], data)
+    write_shard(data / "fineweb_train_000001.bin", np.zeros(0, dtype=np.uint16))
+    env = tiny_env(tiny_data, tmp_path, DATA_PATH=str(data), RUN_ID="empty")
+    refused(env, "fineweb_train_000001.bin: a training shard with no tokens; remove or rebuild it")
+    (data / "fineweb_train_000001.bin").unlink()
+    (data / "fineweb_train_000001.bin").mkdir()
+    refused(env, "fineweb_train_000001.bin: matches the shard pattern but is not a file")
+    assert files_of(env) == []
+
+
+def test_a_run_id_too_long_for_a_file_name_is_refused(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="x" * 300)
+    refused(
+        env, "RUN_ID='xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...' must be a plain name of at most"
+    )
 
 
 def test_a_run_id_taken_in_the_artifact_folder_only_is_refused(tiny_data, tmp_path):
@@ -333,6 +371,32 @@ def test_a_tokenizer_other_than_the_manifests_is_refused_unless_overridden(tiny_
         )
     )
     run_script(dict(env, RUN_ID="matching"))
+
+
+def test_without_a_manifest_a_tokenizer_that_does_not_give_back_the_data_is_refused(
+    tiny_data, tmp_path
+):
+    """Another tokenizer of the same size, trained the same way on a part of the same text: its ids
+    are valid, and it decodes the validation documents into other text, which it encodes into ids
+    the data does not have."""
+    corpus = (Path(tiny_data["tokenizer_path"]).parent / "corpus.txt").read_text(encoding="utf-8")
+    (tmp_path / "part.txt").write_text("\n".join(corpus.splitlines()[:300]), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "part.txt"), model_prefix=str(tmp_path / "other"), model_type="bpe",
+        vocab_size=tiny_data["vocab_size"], byte_fallback=True, split_digits=True,
+        normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2,
+        unk_id=3, character_coverage=0.99, num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    assert not (Path(tiny_data["data_path"]) / "manifest.json").exists()
+    env = tiny_env(tiny_data, tmp_path, TOKENIZER_PATH=str(tmp_path / "other.model"), ITERATIONS=1)
+    refused(
+        env,
+        "gives back the ids of",
+        "validation documents: it is not the tokenizer",
+        "CHECK_TOKENIZER=0",
+    )
+    run_script(dict(env, CHECK_TOKENIZER="0"))  # the override scores anyway
+    run_script(dict(env, RUN_ID="own", TOKENIZER_PATH=tiny_data["tokenizer_path"]))
 
 
 def test_a_file_that_is_not_a_sentencepiece_model_is_refused(tiny_data, tmp_path):
@@ -406,6 +470,9 @@ def test_a_failure_before_training_writes_the_error_and_frees_the_run_id(tiny_da
     failed = Path(env["LOG_DIR"]) / "early.failed.txt"
     assert failed.read_text().splitlines()[-1] == "error: injected failure before training"
     assert files_of(env) == ["early.failed.txt"]
+    again = run_script(env, check=False, script=FAULT_RUNNER)  # fails the same way once more
+    assert again.returncode == 1 and (Path(env["LOG_DIR"]) / "early.failed-1.txt").is_file()
+    assert failed.read_text().splitlines()[-1] == "error: injected failure before training"
     run_script(dict(env, ITERATIONS="1"))  # the RUN_ID is free
     assert (Path(env["LOG_DIR"]) / "early.json").exists()
 
@@ -447,10 +514,34 @@ def test_exploding_learning_rates_fail_the_run(tiny_data, tmp_path):
     proc = run_script(env, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert re.search(
-        r"error: (non-finite training loss|weight \S+ (has non-finite values|reaches))", proc.stderr
+        r"error: (non-finite training loss|weight \S+ (has non-finite values|has RMS|reaches))",
+        proc.stderr,
     ), proc.stderr
     assert not (Path(env["LOG_DIR"]) / "exploded.json").exists()
     assert not any(line.startswith("run_complete") for line in log_lines(env))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [  # finite losses all through: the soft-cap keeps them so
+        (
+            dict(MATRIX_LR=10, TIED_EMBED_LR=10, SCALAR_LR=10, ITERATIONS=30),
+            r"error: the trained model scores val_loss \d+\.\d+, worse than a uniform guess "
+            r"\(ln 384 = 5\.9506\): training diverged",
+        ),
+        (
+            dict(MATRIX_LR=1e4, GRAD_CLIP_NORM=0, ITERATIONS=30),
+            r"error: weight \S+ has RMS \d+(\.\d+)?(e\+\d+)?, beyond any trained model's \(100\)",
+        ),
+    ],
+)
+def test_a_diverged_run_with_finite_losses_is_a_failed_run(tiny_data, tmp_path, settings, message):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="diverged", **settings)
+    proc = run_script(env, check=False)
+    assert proc.returncode == 1 and re.search(message, proc.stderr), proc.stderr[-3000:]
+    assert not (Path(env["LOG_DIR"]) / "diverged.json").exists()
+    assert not any(line.startswith("run_complete") for line in log_lines(env))
+    assert (Path(env["ARTIFACT_DIR"]) / "diverged_raw.pt").is_file()  # the weights are kept
 
 
 # -----------------------------------------------------------------------------
@@ -567,3 +658,158 @@ def test_the_records_tools_refuse_a_failed_run(tiny_data, tmp_path):
         and "never ranked, compared or submitted" in submit.stderr
     )
     assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# One RUN_ID, one run; weights that cannot be written where asked go elsewhere
+# -----------------------------------------------------------------------------
+
+
+def test_two_runs_started_together_with_one_run_id_do_not_share_its_files(tiny_data, tmp_path):
+    envs = [
+        tiny_env(tiny_data, tmp_path, RUN_ID="twin", LOG_DIR=str(tmp_path / f"logs{i}"))
+        for i in range(2)
+    ]  # one ARTIFACT_DIR
+    procs = [start(env) for env in envs]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    codes = [proc.returncode for proc in procs]
+    assert sorted(codes) == [0, 1], outs
+    loser = outs[codes.index(1)][1]
+    assert re.search(
+        r"^error: RUN_ID=twin: \S+ (exists, another run holds|already exists)", loser, re.M
+    )
+    winner = envs[codes.index(0)]
+    summary = json.loads((Path(winner["LOG_DIR"]) / "twin.json").read_text())
+    assert summary["bytes_model"] == os.path.getsize(summary["artifact_path"])
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == [
+        "twin.int6.ptz",
+        "twin_raw.pt",
+    ]
+
+
+def test_a_claim_left_by_a_killed_run_is_named(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="held")
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "held.claim").touch()
+    refused(env, "RUN_ID=held:", "held.claim exists, another run holds this RUN_ID", "delete it")
+
+
+def test_weights_that_cannot_be_written_to_artifact_dir_go_to_log_dir(
+    tiny_data, tmp_path, monkeypatch
+):
+    real_write = tg.atomic_write_bytes
+
+    def disk_full(path, data):
+        if Path(path).parent == tmp_path / "artifacts":
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(tg, "atomic_write_bytes", disk_full)
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="full")
+    with pytest.raises(
+        OSError,
+        match=r"full_raw.pt could not be written \(No space left on device\); "
+        r"the raw weights are in (\S+)",
+    ) as caught:
+        tg.main(env)
+    kept = Path(re.search(r"the raw weights are in (\S+)", str(caught.value)).group(1))
+    assert kept.parent == tmp_path / "logs" and set(torch.load(kept, weights_only=True)) == set(
+        tg.build_model(tg.Hyperparameters.from_env(env), CPU).state_dict()
+    )
+    lines = log_lines(env)
+    assert lines[-1].startswith("error: ") and str(kept) in lines[-1]
+
+
+def test_a_stop_signal_after_training_ends_with_an_error_line_and_the_way_to_re_export(
+    tiny_data, tmp_path
+):
+    env = tiny_env(
+        tiny_data, tmp_path, RUN_ID="late", TTT_ENABLED=1, TTT_EPOCHS=400, TTT_CHUNK_TOKENS=8192
+    )
+    proc = start(env)
+    wait_for_line(env, "final_int6_roundtrip_exact", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    lines = log_lines(env)
+    assert "error: stopped by SIGTERM" in lines[-2], lines[-3:]
+    raw = tmp_path / "artifacts" / "late_raw.pt"
+    assert lines[-1].startswith(f"to re-export: ITERATIONS=0 INIT_CHECKPOINT={raw} RUN_ID=")
+    assert not (tmp_path / "logs" / "late.json").exists()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints that do not fit the run, and settings that do nothing, are named
+# -----------------------------------------------------------------------------
+
+
+def test_resume_checkpoints_that_do_not_fit_are_refused_and_a_changed_world_size_is_named(
+    tiny_data, tmp_path
+):
+    env = tiny_env(
+        tiny_data, tmp_path, RUN_ID="src", ITERATIONS=3, CHECKPOINT_EVERY_SECONDS=0.001,
+        FINAL_EVAL=0,
+    )  # fmt: skip
+    run_script(env)
+    ckpt = torch.load(tmp_path / "artifacts" / "src_ckpt.pt", weights_only=True)
+
+    def variant(name: str, drop: str = "", **changes) -> dict:
+        path = tmp_path / f"{name}_ckpt.pt"
+        torch.save({k: v for k, v in {**ckpt, **changes}.items() if k != drop}, path)
+        return dict(
+            env, RUN_ID=name, RESUME_FROM=str(path), ITERATIONS="4", CHECKPOINT_EVERY_SECONDS="0"
+        )
+
+    refused(variant("no_rng", drop="rng"), "a resume checkpoint without rng")
+    one_shard = tmp_path / "one_shard"
+    one_shard.mkdir()
+    for name in ("fineweb_val_000000.bin", "fineweb_train_000000.bin"):
+        shutil.copy(Path(tiny_data["data_path"]) / name, one_shard)
+    later = dict(variant("later", loader_position=[1, 0]), DATA_PATH=str(one_shard))
+    refused(later, "stopped in training shard 1", "has fewer")
+    partial = run_script(variant("partial", optimizers=ckpt["optimizers"][:1]), check=False)
+    assert partial.returncode == 1
+    assert "holds 1 optimizer states, this run has 3" in log_lines(env, "partial.failed")[-1]
+    run_script(variant("moved", world_size=2))
+    resumed = next(line for line in log_lines(env, "moved") if line.startswith("resumed_from:"))
+    assert "warning: settings differ from the checkpoint's:" in resumed
+    assert "WORLD_SIZE (2 then, 1 now)" in resumed
+
+
+def test_integer_weights_are_refused_and_an_fp16_keep_that_names_nothing_is_warned(
+    tiny_data, tmp_path, trained
+):
+    state = torch.load(trained["raw"], weights_only=True)
+    state["blocks.0.attn_scale"] = state["blocks.0.attn_scale"].long()
+    ints = tmp_path / "ints_raw.pt"
+    torch.save(state, ints)
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="ints", INIT_CHECKPOINT=str(ints))
+    refused(env, f"INIT_CHECKPOINT={ints}: tensor blocks.0.attn_scale is torch.int64, not weights")
+    keep = tiny_env(
+        tiny_data, tmp_path, RUN_ID="keep", ITERATIONS=1, FP16_KEEP="tok_emb.*,blocks.99.*"
+    )
+    run_script(keep)
+    warnings = [line for line in log_lines(keep) if line.startswith("warning: FP16_KEEP")]
+    assert warnings == ["warning: FP16_KEEP pattern 'blocks.99.*' names no tensor of this model"]
+
+
+def test_a_full_log_dir_mid_run_is_one_error_naming_the_log_and_the_weights_stay(
+    tiny_data, tmp_path, monkeypatch
+):
+    real_log, full = tg.Logger.__call__, []
+
+    def log(self, msg, *args, **kwargs):
+        if full or msg.startswith("step:3/"):
+            full.append(msg)
+            raise OSError(28, "No space left on device", str(self.path))
+        real_log(self, msg, *args, **kwargs)
+
+    monkeypatch.setattr(tg.Logger, "__call__", log)
+    env = long_env(tiny_data, tmp_path, RUN_ID="nospace")
+    with pytest.raises(OSError, match=r"No space left on device: '.*nospace\.txt'"):
+        tg.main(env)
+    raw = Path(env["ARTIFACT_DIR"]) / "nospace_raw.pt"
+    assert set(torch.load(raw, weights_only=True)) == set(
+        tg.build_model(tg.Hyperparameters.from_env(env), CPU).state_dict()
+    )
+    assert not (Path(env["ARTIFACT_DIR"]) / "nospace.claim").exists()

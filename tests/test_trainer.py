@@ -349,9 +349,26 @@ def test_misspelled_and_lower_case_settings_get_a_warning_naming_the_real_one():
         "num_layers": "4",
     }
     warnings = tg.setting_warnings(env, tg.Hyperparameters())
-    assert len(warnings) == 2
+    assert len(warnings) == 3
     assert "MLP_MUL " in warnings[0] and "MLP_MULT" in warnings[0]
-    assert "num_layers is not read" in warnings[1] and "NUM_LAYERS" in warnings[1]
+    assert "mlp_mul is not a setting" in warnings[1] and "MLP_MULT" in warnings[1]
+    assert "num_layers is not read" in warnings[2] and "NUM_LAYERS" in warnings[2]
+
+
+def test_short_forms_and_lower_case_misspellings_get_a_warning_and_the_environment_none():
+    env = {"num_layer": "3", "VOCAB": "2048", "ITERS": "5", "LAYERS": "3"}
+    env |= {k: "x" for k in ("HOSTNAME", "SHELL", "TERM", "LANG", "PYTHONPATH", "VIRTUAL_ENV")}
+    env |= {k: "0" for k in ("CUDA_VISIBLE_DEVICES", "WORLD_SIZE", "RANK", "TORCHELASTIC_RUN_ID")}
+    meant = {w.split()[1]: w.split()[-1] for w in tg.setting_warnings(env, tg.Hyperparameters())}
+    assert meant == {
+        "ITERS": "ITERATIONS?",
+        "LAYERS": "NUM_LAYERS?",
+        "VOCAB": "VOCAB_SIZE?",
+        "num_layer": "NUM_LAYERS?",
+    }
+    (untrained,) = tg.setting_warnings({}, tg.Hyperparameters(iterations=0))
+    assert "ITERATIONS=0 and no INIT_CHECKPOINT: it scores an untrained model" in untrained
+    assert tg.setting_warnings({}, tg.Hyperparameters(iterations=0, init_checkpoint="w.pt")) == []
 
 
 def test_a_stride_that_turns_sliding_evaluation_off_gets_a_warning():
@@ -422,7 +439,7 @@ def test_corrupt_shards_are_refused_naming_the_file(tmp_path):
     cases["magic.bin"] = (bad_magic.tobytes() + data[1024:], "bad magic")
     bad_version = header.copy()
     bad_version[1] = 7
-    cases["version.bin"] = (bad_version.tobytes() + data[1024:], "bad magic/version")
+    cases["version.bin"] = (bad_version.tobytes() + data[1024:], "bad magic or version")
     cases["truncated.bin"] = (data[:-3], "truncated or corrupt")
     cases["trailing.bin"] = (data + b"\x00\x00", "truncated or corrupt")
     cases["header_only_part.bin"] = (data[:100], "bad magic")
