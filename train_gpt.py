@@ -2521,8 +2521,7 @@ def keep_weights(s: Session) -> None:
     """Rank 0 writes the raw weights, those the artifact is made from (the EMA's when on). Where
     ARTIFACT_DIR cannot take them (a full disk), they go to LOG_DIR, and the run fails naming it."""
     if s.rt.master:
-        weights = s.base_model if s.ema is None else s.ema
-        data = torch_save_bytes(weights.state_dict())
+        data = torch_save_bytes((s.base_model if s.ema is None else s.ema).state_dict())
         try:
             atomic_write_bytes(s.files.raw, data)
         except OSError as e:
@@ -2643,7 +2642,8 @@ def preflight(h: Hyperparameters, rt: Runtime, files: RunFiles) -> Inputs:
     val_pattern = os.path.join(h.data_path, "fineweb_val_*.bin")
     val_tokens = load_validation_tokens(val_pattern, min_tokens, h.vocab_size)
     inputs = Inputs(grad_accum_steps, load_tokenizer(h, val_tokens), val_tokens)
-    for path in shard_files(train_shards(h)):  # their token ids are checked as each is read
+    train_files = shard_files(train_shards(h))
+    for path in train_files:  # their token ids are checked as each is read
         if read_shard_header(path) == 0:  # the stream would look for a token forever
             raise ValueError(f"{path}: a training shard with no tokens; remove or rebuild it")
     if h.init_checkpoint or h.resume_from:
@@ -2660,7 +2660,7 @@ def preflight(h: Hyperparameters, rt: Runtime, files: RunFiles) -> Inputs:
                     "data position; give a *_ckpt.pt file, or start from its weights with "
                     "INIT_CHECKPOINT"
                 )
-            if inputs.resume["loader_position"][0] >= len(shard_files(train_shards(h))):
+            if inputs.resume["loader_position"][0] >= len(train_files):
                 raise ValueError(
                     f"RESUME_FROM={h.resume_from} stopped in training shard "
                     f"{inputs.resume['loader_position'][0]}, DATA_PATH={h.data_path} has fewer"
