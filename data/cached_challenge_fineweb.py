@@ -9,11 +9,14 @@ challenge's repo, sp4096 and sp8192 from the repo the SP4096/SP8192 records used
 shards a variant has and which tokenizer files belong to it; a variant that the manifest does
 not list (or a repo without one) is found from the repo's file listing instead. Files land in
     datasets/fineweb10B_<variant>/fineweb_{val,train}_NNNNNN.bin
+    datasets/fineweb10B_<variant>/manifest.json      (the source and the tokenizer's sha256)
     datasets/manifests/<repo>/<root>/manifest.json   (the export's manifest, if it has one)
     tokenizers/<the variant's tokenizer files>
 under --out-root (default: this folder). Runs resume: complete files are kept, and a
 shard whose header or size is wrong (a partial or damaged file) is fetched again. Files
-appear under their final names only once complete and checked.
+appear under their final names only once complete and checked. The dataset folder's
+manifest.json is written last, in the fields data/build_dataset.py uses: train_gpt.py
+refuses a TOKENIZER_PATH that is not the tokenizer it names.
 
 --mirror DIR reads a local copy of the hub (DIR/<owner>/<name>/, same layout as each repo)
 instead of Hugging Face.
@@ -22,6 +25,7 @@ instead of Hugging Face.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -34,7 +38,18 @@ from typing import Protocol
 import sentencepiece as spm
 from tqdm import tqdm
 
-from shard_format import ShardError, display_path, read_header, shard_name, temp_file_beside
+from shard_format import (
+    HEADER_INT32,
+    SHARD_MAGIC,
+    SHARD_VERSION,
+    TOKEN_DTYPE,
+    ShardError,
+    display_path,
+    read_header,
+    shard_name,
+    temp_file_beside,
+    write_text_atomic,
+)
 
 DATA_DIR = Path(__file__).resolve().parent
 REPO_ENV = "MATCHED_FINEWEB_REPO_ID"
@@ -46,6 +61,9 @@ DATASET_PREFIX = "fineweb10B_"  # the export names a variant's folder fineweb10B
 DOCS_FILES = ("docs_selected.jsonl", "docs_selected.source_manifest.json")
 STAGING_DIR_NAME = ".download"  # partial downloads, kept between runs so they can resume
 MANIFESTS_DIR_NAME = "manifests"  # one cached manifest per repo and root
+# Beside the shards, as build_dataset.py writes it: train_gpt.py checks the tokenizer against it.
+DATASET_MANIFEST = "manifest.json"
+DOWNLOADED = "download"  # its source.kind; build_dataset.py's are pydocs, jsonl and dir
 # train_gpt.py counts bytes from SentencePiece pieces, which is right for these exports only.
 SCOREABLE_VARIANT = re.compile(r"sp\d+")
 REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -380,12 +398,6 @@ def plan_downloads(
             f"{config.train_shards}"
         )
     dataset_dir = out_root / "datasets" / found.dataset_name
-    if (dataset_dir / "manifest.json").is_file():
-        raise DownloadError(
-            f"{display_path(dataset_dir)} holds a dataset built by build_dataset.py (it has a "
-            "manifest.json); downloading into it would mix the shards of two tokenizers: build "
-            "under another --name, or download with another --out-root"
-        )
     remote_dataset = remote_join(remote_root, "datasets", found.dataset_name)
     planned: list[PlannedFile] = []
     if config.with_docs:
@@ -499,6 +511,84 @@ def load_manifest(fetcher: Fetcher, cache: Path, remote_root: str, variant: str)
 
 
 # -----------------------------------------------------------------------------
+# The dataset folder's manifest.json
+
+
+def source_text(source: dict) -> str:
+    root = source.get("remote_root")
+    return f"{source.get('repo_id')}" + (f" folder {root}/" if root else "")
+
+
+def check_dataset_dir(dataset_dir: Path, source: dict) -> None:
+    """Refuse a dataset folder whose manifest.json something else wrote (a build of
+    build_dataset.py, or a download from another repo or root): the shards of two tokenizers
+    would mix. A download of the same source resumes."""
+    path = dataset_dir / DATASET_MANIFEST
+    if not path.is_file():
+        return
+    try:
+        existing = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        existing = None
+    theirs = existing.get("source") if isinstance(existing, dict) else None
+    if not (isinstance(theirs, dict) and theirs.get("kind") == DOWNLOADED):
+        raise DownloadError(
+            f"{display_path(dataset_dir)} holds a dataset built by build_dataset.py (it has a "
+            "manifest.json); downloading into it would mix the shards of two tokenizers: build "
+            "under another --name, or download with another --out-root"
+        )
+    if theirs != source:
+        raise DownloadError(
+            f"{display_path(dataset_dir)} holds shards downloaded from {source_text(theirs)} (its "
+            f"{DATASET_MANIFEST} says so); downloading {source_text(source)} into it would mix "
+            "two exports: download with another --out-root"
+        )
+
+
+def dataset_manifest(dataset_dir: Path, tokenizer_path: Path, out_root: Path, source: dict) -> dict:
+    """The manifest.json of a downloaded dataset, in build_dataset.py's fields for what a download
+    knows. It names the source and the tokenizer, not the shards, so that a later run with more
+    --train-shards leaves it as it is."""
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    return {
+        "name": dataset_dir.name,
+        "format": {
+            "header_int32": HEADER_INT32,
+            "magic": SHARD_MAGIC,
+            "version": SHARD_VERSION,
+            "token_dtype": TOKEN_DTYPE.str,
+        },
+        "bos_id": sp.bos_id(),
+        "vocab_size": sp.vocab_size(),
+        "source": source,
+        "tokenizer": {
+            "path": tokenizer_path.relative_to(out_root).as_posix(),
+            "sha256": hashlib.sha256(tokenizer_path.read_bytes()).hexdigest(),
+            "trained_here": False,
+        },
+    }
+
+
+def write_dataset_manifest(dataset_dir: Path, manifest: dict, tokenizer_path: Path) -> Path:
+    """Write manifest.json beside the shards, atomically. One that says something else is kept,
+    and the download refused: the shards beside it were fetched for what it says."""
+    path = dataset_dir / DATASET_MANIFEST
+    if not path.is_file():
+        write_text_atomic(path, json.dumps(manifest, indent=2) + "\n")
+        return path
+    existing = json.loads(path.read_text(encoding="utf-8"))
+    if existing == manifest:
+        return path
+    changed = [k for k in sorted(existing | manifest) if existing.get(k) != manifest.get(k)]
+    raise DownloadError(
+        f"{display_path(path)} disagrees with this download in {', '.join(changed)}, so it is "
+        f"kept: if {display_path(tokenizer_path)} was replaced since the "
+        "shards were downloaded, delete it and run this again to fetch it; else download with "
+        "another --out-root"
+    )
+
+
+# -----------------------------------------------------------------------------
 # Download
 
 
@@ -522,6 +612,7 @@ class DownloadResult:
     dataset_dir: Path
     tokenizer_path: Path
     vocab_size: int
+    manifest_path: Path  # the dataset folder's manifest.json
     fetched: list[Path]
     already_complete: list[Path]
 
@@ -575,6 +666,8 @@ def download(config: DownloadConfig) -> DownloadResult:
 
     found = find_variant(fetcher, config, repo_id, remote_root)
     planned, dataset_dir, tokenizer_path = plan_downloads(found, config, remote_root)
+    source = {"kind": DOWNLOADED, "repo_id": repo_id, "remote_root": remote_root}
+    check_dataset_dir(dataset_dir, source)
     fetched: list[Path] = []
     complete: list[Path] = []
     for item in tqdm(
@@ -586,6 +679,8 @@ def download(config: DownloadConfig) -> DownloadResult:
         item.local_path.unlink(missing_ok=True)  # partial or damaged
         fetch_checked(fetcher, item)
         fetched.append(item.local_path)
+    manifest = dataset_manifest(dataset_dir, tokenizer_path, Path(config.out_root), source)
+    manifest_path = write_dataset_manifest(dataset_dir, manifest, tokenizer_path)
     shutil.rmtree(staging_dir, ignore_errors=True)
     return DownloadResult(
         repo_id=repo_id,
@@ -593,7 +688,8 @@ def download(config: DownloadConfig) -> DownloadResult:
         found_in=found.found_in,
         dataset_dir=dataset_dir,
         tokenizer_path=tokenizer_path,
-        vocab_size=spm.SentencePieceProcessor(model_file=str(tokenizer_path)).vocab_size(),
+        vocab_size=manifest["vocab_size"],
+        manifest_path=manifest_path,
         fetched=fetched,
         already_complete=complete,
     )

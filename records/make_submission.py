@@ -92,8 +92,7 @@ def reference_comparison(
 
 def cmd_submit(args: argparse.Namespace) -> None:
     runs = [rt.load_run(p) for p in args.runs]
-    scores = [rt.Score(r.run_id, r.summary["val_loss"], r.summary["val_bpb"]) for r in runs]
-    comparison = reference_comparison(args, scores, [])
+    comparison = reference_comparison(args, [rt.run_score(r) for r in runs], [])
     folder = rt.make_submission(
         runs,
         name=args.name,

@@ -5,7 +5,8 @@ each run -- `logs/{RUN_ID}.txt` (the source that ran, then grep-able `key:value`
 `logs/{RUN_ID}.json` (the summary, written last) -- and provides:
 
 - `load_run` / `check_submittable` / `make_submission`: a verified submission folder;
-- `load_scores` / `compare`: Welch's one-sided t-test "improves by at least D";
+- `load_scores` / `compare`: Welch's one-sided t-test "improves by at least D" on the
+  final scores of finished runs;
 - `sweep_table`: every run under a folder, sorted by score, with the settings that differ;
 - `plot_runs`: val_bpb against training time and step (needs matplotlib, imported lazily);
 - `pack_code` / `unpack_code`: train_gpt.py as an lzma-compressed, self-extracting file.
@@ -79,6 +80,13 @@ TOTAL_SIZE_LINE = re.compile(r"Total submission size [^:]*: (\d+) bytes")
 FITS_LINE = re.compile(r"fits_16mb:(true|false)\b")
 # Any final score line: this trainer's run_complete, or e.g. final_int8_zlib_roundtrip_exact.
 FINAL_SCORE_LINE = re.compile(r"(run_complete|final_\S+_exact)\s.*val_loss:[0-9]")
+# The evaluations a run's score can come from, in train_gpt.py's order (its score is TTT's when
+# on, else the sliding window's when on, else the round trip's): summary key, log line.
+FINAL_EVALUATIONS = (
+    ("ttt", "final_ttt_exact"),
+    ("sliding", "final_sliding_window_exact"),
+    ("roundtrip", "final_int6_roundtrip_exact"),
+)
 
 
 class RecordError(Exception):
@@ -293,11 +301,43 @@ def _check_log_matches_summary(
             )
 
 
+def failed_logs(path: str | os.PathLike) -> list[Path]:
+    """The logs train_gpt.py set aside for runs of this name that failed before training
+    (`{stem}.failed.txt`, then `{stem}.failed-1.txt`, ...), oldest first."""
+    log_path = run_paths(path)[0]
+    name = re.compile(re.escape(log_path.name.removesuffix(".txt")) + r"\.failed(?:-(\d+))?\.txt")
+    if not log_path.parent.is_dir():
+        return []
+    found = [
+        (int(m[1] or 0), p)
+        for p in log_path.parent.iterdir()
+        if (m := name.fullmatch(p.name)) and p.is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def failed_run_error(path: str | os.PathLike) -> RecordError | None:
+    """The refusal of a run known only by the log train_gpt.py set aside when it failed before
+    training; None when there is no such log."""
+    logs = failed_logs(path)
+    if not logs:
+        return None
+    try:
+        error = failure_line(split_log(logs[-1])[1])
+    except RecordError:
+        error = None
+    earlier = f", beside {len(logs) - 1} earlier failed log(s)" if len(logs) > 1 else ""
+    return RecordError(
+        f"{path}: the run failed before training ({(error or 'no error line')[:200]}); its log is "
+        f"{logs[-1]}{earlier}; {FAILED}"
+    )
+
+
 def load_run(path: str | os.PathLike) -> Run:
     """Read a finished run from its log and summary, checking that they agree."""
     log_path, summary_path = run_paths(path)
     if not log_path.is_file():
-        raise RecordError(f"{log_path}: no such train log")
+        raise failed_run_error(path) or RecordError(f"{log_path}: no such train log")
     source, lines = split_log(log_path)
     complete_line = _check_finished(log_path, lines)
     if not summary_path.is_file():
@@ -479,6 +519,8 @@ def _per_run_entry(run: Run) -> dict:
         "roundtrip_val_bpb",
         "sliding_val_loss",
         "sliding_val_bpb",
+        "ttt_val_loss",
+        "ttt_val_bpb",
         "bytes_model",
         "bytes_total",
         "steps",
@@ -745,11 +787,14 @@ def track_warnings(runs: Sequence[Run]) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Score:
-    """One run's final score."""
+    """One run's final score, where it was read and which evaluation gave it (a final_*_exact
+    line's name; None when the file does not say)."""
 
     label: str
     val_loss: float
     val_bpb: float
+    where: str = dataclasses.field(default="", compare=False)
+    evaluation: str | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -761,24 +806,61 @@ class SummaryStats:
     n: int
 
 
-def _log_score(path: Path) -> Score | None:
-    """The final score in a train log: run_complete, else the last final_*_exact line."""
-    head = path.read_bytes()[:11]
-    lines = (
-        split_log(path)[1]
-        if head == b"code_begin "
-        else path.read_text(encoding="utf-8", errors="replace").splitlines()
+# Added to a refusal of a run named for a comparison: what to do about it.
+COMPARE_ONLY_FINISHED = "only finished runs are compared; leave it out"
+
+
+def final_evaluation(summary: dict) -> str | None:
+    """The evaluation a run summary's score comes from (train_gpt.py's rule, FINAL_EVALUATIONS);
+    None when none of them holds its val_bpb (a summary of another kind)."""
+    return next(
+        (
+            line
+            for key, line in FINAL_EVALUATIONS
+            if summary.get(f"{key}_val_bpb") is not None
+            and summary[f"{key}_val_bpb"] == summary.get("val_bpb")
+        ),
+        None,
     )
-    failed = failure_line(lines)
-    if failed:
-        raise RecordError(f"{path}: the run failed ({failed[:200]}); {FAILED}")
+
+
+def run_score(run: Run) -> Score:
+    """A finished run's score (see load_run): its summary's, which its run_complete line holds."""
+    s = run.summary
+    where, evaluation = str(run.summary_path), final_evaluation(s)
+    return Score(run.run_id, float(s["val_loss"]), float(s["val_bpb"]), where, evaluation)
+
+
+def _log_score(path: Path) -> Score | None:
+    """The final score of a train log read without a summary: its run_complete line, else (a log
+    of another trainer) its last final_*_exact line; None when it has neither. A log written by
+    train_gpt.py (it starts with code_begin) counts only when it finished."""
+    if path.read_bytes()[:11] == b"code_begin ":
+        lines = split_log(path)[1]
+        _check_finished(path, lines)
+    else:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        failed = failure_line(lines)
+        if failed:
+            raise RecordError(f"{path}: the run failed ({failed[:200]}); {FAILED}")
     finals = [line.strip() for line in lines if FINAL_SCORE_LINE.match(line.strip())]
-    complete = [line for line in finals if line.startswith("run_complete ")]
     if not finals:
         return None
+    complete = [line for line in finals if line.startswith("run_complete ")]
     f = fields((complete or finals)[-1])
+    # the evaluation: the last final_*_exact line that holds this score
+    evaluation = next(
+        (
+            line.split()[0]
+            for line in reversed(finals)
+            if not line.startswith("run_complete ")
+            and (fields(line).get("val_loss"), fields(line).get("val_bpb"))
+            == (f["val_loss"], f.get("val_bpb"))
+        ),
+        None,
+    )
     return Score(
-        label=f.get("run_id", path.stem), val_loss=float(f["val_loss"]), val_bpb=float(f["val_bpb"])
+        f.get("run_id", path.stem), float(f["val_loss"]), float(f["val_bpb"]), str(path), evaluation
     )
 
 
@@ -790,12 +872,16 @@ def _json_scores(path: Path) -> list[Score]:
                 str(r.get("run_id", f"{path.parent.name}#{i}")),
                 float(r["val_loss"]),
                 float(r["val_bpb"]),
+                f"{path} ({r.get('run_id', i)})",
+                final_evaluation(r),
             )
             for i, r in enumerate(check_score(r, path) for r in data["runs"])
         ]
     if "run_id" in data and "val_loss" in data and "val_bpb" in data:
         check_score(data, path)
-        return [Score(str(data["run_id"]), float(data["val_loss"]), float(data["val_bpb"]))]
+        return [
+            Score(str(data["run_id"]), float(data["val_loss"]), float(data["val_bpb"]), str(path))
+        ]
     if "val_loss" in data:
         raise RecordError(
             f"{path}: holds only the mean over its runs; give the record's train logs "
@@ -804,58 +890,84 @@ def _json_scores(path: Path) -> list[Score]:
     raise RecordError(f"{path}: neither a run summary nor a submission.json")
 
 
+def _path_scores(path: Path) -> list[Score]:
+    """The scores of a path that is not a folder: a run of train_gpt.py (its log, summary or
+    stem; only a finished run, as load_run reads it), a submission.json, or another trainer's
+    log. A run refused says what to do."""
+    if path.is_file() and path.suffix == ".json" and not is_run_summary(_read_json(path)):
+        return _json_scores(path)  # a submission.json, or a summary of another kind
+    if not (path.is_file() or any(p.is_file() for p in run_paths(path)) or failed_logs(path)):
+        raise RecordError(f"{path}: no such file or folder")
+    # a run of train_gpt.py, read with load_run: named by its stem, its summary or its log
+    own_run = (
+        not path.is_file()
+        or path.suffix == ".json"
+        or (path.suffix == ".txt" and path.read_bytes()[:11] == b"code_begin ")
+    )
+    try:
+        score = run_score(load_run(path)) if own_run else _log_score(path)
+        if score is None:
+            raise RecordError(
+                f"{path}: no final score line (run_complete or final_*_exact); did the run finish?"
+            )
+    except RecordError as err:
+        raise RecordError(f"{err}; {COMPARE_ONLY_FINISHED}") from None
+    return [score]
+
+
 def load_scores(paths: Sequence[str | os.PathLike]) -> tuple[list[Score], list[str]]:
     """Final scores from run summaries, train logs, submission.json files or folders.
 
-    A folder gives its submission.json's per-run values if it has them, else every run
-    summary under it, else every train log under it with a final score line. Returns the
-    scores and notes on what was skipped.
+    A run of train_gpt.py counts only when it finished (load_run's checks: run_complete last,
+    no error line, its summary beside it) and scores what its summary and run_complete line
+    hold; a named run that did not is refused. A folder gives its submission.json's per-run
+    values if it has them, else every finished run's summary under it, else every train log
+    under it with a final score line; what it leaves out is noted. Returns the scores and the
+    notes.
     """
     scores: list[Score] = []
     notes: list[str] = []
     for path in map(Path, paths):
-        if path.is_dir():
-            submission = path / "submission.json"
-            if submission.is_file() and isinstance(_read_json(submission).get("runs"), list):
-                scores += _json_scores(submission)
-                continue
-            summaries, _, failed = find_summaries(path)
-            notes += [f"{p}: skipped, {why}" for p, why in failed]
-            if summaries:
-                scores += [
-                    Score(str(s["run_id"]), float(s["val_loss"]), float(s["val_bpb"]))
-                    for _, s in summaries
-                ]
-                continue
+        if not path.is_dir():
+            scores += _path_scores(path)
+            continue
+        submission = path / "submission.json"
+        if submission.is_file() and isinstance(_read_json(submission).get("runs"), list):
+            scores += _json_scores(submission)
+            continue
+        summaries, unfinished, failed = find_summaries(path)
+        notes += [f"{p}: skipped, {why}" for p, why in failed]
+        notes += [f"{p}: skipped, the run did not finish (no summary)" for p in unfinished]
+        if summaries:
+            files = [p for p, _ in summaries]
+        else:
+            left_out = {run_paths(p)[0] for p, _ in failed} | set(unfinished)
             logs = files_under(path, "*.txt") + files_under(path, "*.log")
-            for p in logs:
-                try:
-                    score = _log_score(p)
-                except RecordError as err:
-                    notes.append(f"skipped: {err}")
-                    continue
-                if score is None:
-                    notes.append(f"{p}: skipped, no final score line")
-                else:
-                    scores.append(score)
             if not logs:
                 raise RecordError(f"{path}: no run summaries or train logs in this folder")
-        elif path.is_file() or run_paths(path)[1].is_file():
-            if not path.is_file():  # a run named by its stem: its summary
-                path = run_paths(path)[1]
-            if path.suffix == ".json":
-                scores += _json_scores(path)
-            else:
-                score = _log_score(path)
-                if score is None:
-                    raise RecordError(
-                        f"{path}: no final score line (run_complete or "
-                        "final_*_exact); did the run finish?"
-                    )
-                scores.append(score)
-        else:
-            raise RecordError(f"{path}: no such file or folder")
+            files = [p for p in logs if p not in left_out]
+        for p in files:
+            try:
+                scores += _path_scores(p)
+            except RecordError as err:
+                notes.append(f"skipped: {err}")
     return scores, notes
+
+
+def one_evaluation(scores: Sequence[Score], side: str) -> str | None:
+    """The evaluation that every score of one side comes from (None if no file says); runs scored
+    by different evaluations are no sample of one quantity, so they are refused."""
+    by_evaluation: dict[str, list[str]] = {}
+    for s in scores:
+        if s.evaluation is not None:
+            by_evaluation.setdefault(s.evaluation, []).append(s.where or s.label)
+    if len(by_evaluation) > 1:
+        mix = "; ".join(f"{e}: {', '.join(where)}" for e, where in by_evaluation.items())
+        raise RecordError(
+            f"the {side} runs are not scored by one evaluation ({mix}); compare runs whose "
+            "final score comes from the same evaluation"
+        )
+    return next(iter(by_evaluation), None)
 
 
 def welch_df(var1: float, n1: int, var2: float, n2: int) -> float:
@@ -973,13 +1085,18 @@ def compare(
     notes: Sequence[str] = (),
 ) -> Comparison:
     """Test whether `new` improves on `ref` by at least `min_improvement` (in the metric's
-    unit). A SummaryStats reference is in the metric's unit."""
+    unit). A SummaryStats reference is in the metric's unit. The runs of each side must be
+    scored by one evaluation (`one_evaluation`); the two sides may differ, which is noted."""
     if metric not in METRIC_UNITS:
         raise RecordError(f"metric {metric!r} is not one of {', '.join(METRIC_UNITS)}")
+    skipped = f" ({len(notes)} left out: {'; '.join(notes)})" if notes else ""
     notes = list(notes)
     new_values = [getattr(s, metric) for s in new]
     if len(new_values) < 2:
-        raise RecordError(f"Welch's t-test needs at least 2 new runs, got {len(new_values)}")
+        raise RecordError(
+            f"Welch's t-test needs at least 2 new runs, got {len(new_values)}{skipped}"
+        )
+    new_evaluation = one_evaluation(new, "new")
     # val_bpb = val_loss / ln 2 * tokens/bytes: the same factor for every run on one val set.
     bpb_per_nat = statistics.fmean(s.val_bpb / s.val_loss for s in new)
     if isinstance(ref, SummaryStats):
@@ -993,7 +1110,12 @@ def compare(
         ref_values = [getattr(s, metric) for s in ref]
         if len(ref_values) < 2:
             raise RecordError(
-                f"Welch's t-test needs at least 2 reference runs, got {len(ref_values)}"
+                f"Welch's t-test needs at least 2 reference runs, got {len(ref_values)}{skipped}"
+            )
+        ref_evaluation = one_evaluation(ref, "reference")
+        if new_evaluation and ref_evaluation and new_evaluation != ref_evaluation:
+            notes.append(
+                f"the new runs are scored by {new_evaluation}, the reference by {ref_evaluation}"
             )
         ref_stats = SummaryStats(*_mean_std(ref_values), len(ref_values))
         ref_bpb_mean = statistics.fmean(s.val_bpb for s in ref)
@@ -1087,7 +1209,7 @@ def sweep_table(root: str | os.PathLike, markdown: bool = False) -> str:
     """Every run under `root` sorted by final val_bpb, with the settings that differ."""
     root = Path(root)
     if not root.is_dir():
-        raise RecordError(f"{root}: no such folder")
+        raise failed_run_error(root) or RecordError(f"{root}: no such folder")
     summaries, unfinished, failed = find_summaries(root)
     if not summaries:
         raise RecordError(
@@ -1180,7 +1302,9 @@ def load_curves(paths: Sequence[str | os.PathLike]) -> list[Curve]:
         elif log_path.is_file():
             curves.append(_curve_from_log(log_path))
         else:
-            raise RecordError(f"{path}: no such run (neither {log_path} nor {summary_path})")
+            raise failed_run_error(path) or RecordError(
+                f"{path}: no such run (neither {log_path} nor {summary_path})"
+            )
     return curves
 
 

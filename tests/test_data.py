@@ -862,8 +862,27 @@ def test_download_fresh(hub, tmp_path):
         f"tokenizers/fineweb_{VOCAB}_bpe.model": export / f"tokenizers/fineweb_{VOCAB}_bpe.model",
         f"tokenizers/fineweb_{VOCAB}_bpe.vocab": export / f"tokenizers/fineweb_{VOCAB}_bpe.vocab",
     }
+    manifest = f"datasets/{shards}/manifest.json"  # written here, not fetched
     # and nothing else
-    assert local_files(out) == {rel: path.read_bytes() for rel, path in expected.items()}
+    assert local_files(out) == {
+        **{rel: path.read_bytes() for rel, path in expected.items()},
+        manifest: result.manifest_path.read_bytes(),
+    }
+    assert result.manifest_path == out / manifest
+    tokenizer = (export / f"tokenizers/fineweb_{VOCAB}_bpe.model").read_bytes()
+    assert json.loads(result.manifest_path.read_text()) == {
+        "name": shards,
+        "format": {"header_int32": 256, "magic": SHARD_MAGIC, "version": 1, "token_dtype": "<u2"},
+        "bos_id": 1,
+        "vocab_size": VOCAB,
+        "source": {"kind": "download", "repo_id": CHALLENGE_REPO, "remote_root": "datasets"},
+        "tokenizer": {
+            "path": f"tokenizers/fineweb_{VOCAB}_bpe.model",
+            "sha256": hashlib.sha256(tokenizer).hexdigest(),
+            "trained_here": False,
+        },
+    }
+    assert no_temp_leftovers(out)
     assert (result.repo_id, result.remote_root, result.found_in) == (
         CHALLENGE_REPO,
         "datasets",
@@ -1021,9 +1040,11 @@ def test_download_reads_each_variant_from_the_repo_that_publishes_it(
         "fineweb_train_000001.bin",
         "fineweb_train_000002.bin",
         "fineweb_val_000000.bin",
+        "manifest.json",
     ]
-    for path in dataset.iterdir():
+    for path in dataset.glob("*.bin"):
         assert path.read_bytes() == (remote / "datasets" / dataset.name / path.name).read_bytes()
+    assert json.loads(result.manifest_path.read_text())["source"]["repo_id"] == repo
     vocab = variant.removeprefix("sp")
     assert result.tokenizer_path == tmp_path / "data" / "tokenizers" / f"fineweb_{vocab}_bpe.model"
     assert (
@@ -1070,7 +1091,7 @@ def test_download_repo_and_root_overrides(two_repos, tmp_path, monkeypatch, caps
     printed = capsys.readouterr().out
     assert "source: someone/export folder v2/ (files from its manifest)" in printed
     assert (out / "datasets/manifests/someone/export/v2/manifest.json").is_file()
-    # The flags win over the environment.
+    # The flags win over the environment (into another folder: two exports never mix in one).
     assert (
         downloader.main(
             [
@@ -1080,7 +1101,7 @@ def test_download_repo_and_root_overrides(two_repos, tmp_path, monkeypatch, caps
                 "--mirror",
                 str(two_repos),
                 "--out-root",
-                str(out),
+                str(tmp_path / "records_data"),
                 "--repo-id",
                 RECORDS_REPO,
                 "--remote-root",
@@ -1149,6 +1170,77 @@ def test_download_leaves_a_built_dataset_alone(two_repos, tmp_path):
     with pytest.raises(DownloadError, match="holds a dataset built by build_dataset.py"):
         download(hub_config(two_repos, out, variant="sp8192"))
     assert [p.name for p in built.iterdir()] == ["manifest.json"]
+
+
+def test_download_keeps_a_dataset_manifest_that_says_otherwise(two_repos, tmp_path, tiny_data):
+    out = tmp_path / "data"
+    first = download(hub_config(two_repos, out, variant="sp8192", train_shards=1))
+    manifest = first.manifest_path.read_bytes()
+    # More shards of the same source: the manifest stays as it is.
+    assert (
+        download(hub_config(two_repos, out, variant="sp8192")).manifest_path == first.manifest_path
+    )
+    assert first.manifest_path.read_bytes() == manifest
+    # Another export of sp8192 into the same folder: refused before a shard is fetched (only its
+    # repo's manifest is, to find the variant).
+    write_export(
+        two_repos / "someone/export",
+        Path(tiny_data["tokenizer_path"]),
+        listed=("sp8192",),
+        root="v2",
+    )
+    before = local_files(out / "datasets" / "fineweb10B_sp8192") | local_files(out / "tokenizers")
+    with pytest.raises(
+        DownloadError,
+        match=f"fineweb10B_sp8192 holds shards downloaded from {RECORDS_REPO} folder datasets/ "
+        r"\(its manifest.json says so\); downloading someone/export folder v2/ into it would mix",
+    ):
+        download(
+            hub_config(two_repos, out, variant="sp8192", repo_id="someone/export", remote_root="v2")
+        )
+    assert (
+        local_files(out / "datasets/fineweb10B_sp8192") | local_files(out / "tokenizers") == before
+    )
+    # The tokenizer replaced by another of the same size: the manifest is kept, and the run says so.
+    first.tokenizer_path.write_bytes(Path(tiny_data["tokenizer_path"]).read_bytes())
+    with pytest.raises(
+        DownloadError,
+        match=r"manifest.json disagrees with this download in tokenizer, so it is kept: if "
+        r".*fineweb_8192_bpe.model was replaced since",
+    ):
+        download(hub_config(two_repos, out, variant="sp8192"))
+    assert first.manifest_path.read_bytes() == manifest
+    first.tokenizer_path.unlink()  # as the message says: fetched again, and the manifest agrees
+    download(hub_config(two_repos, out, variant="sp8192"))
+    assert first.manifest_path.read_bytes() == manifest
+
+
+def test_the_trainer_checks_the_tokenizer_of_a_download_against_its_manifest(
+    hub, tmp_path, tiny_data
+):
+    """train_gpt.py's load_tokenizer on a downloaded folder: the tokenizer the manifest names is
+    taken (the fake export's shards hold random ids, which the check without a manifest, a round
+    trip of the validation documents, refuses for any tokenizer), another one of the same size
+    is refused."""
+    import train_gpt as tg
+
+    result = download(hub_config(hub, tmp_path / "data"))
+    env = {
+        "DATA_PATH": str(result.dataset_dir),
+        "TOKENIZER_PATH": str(result.tokenizer_path),
+        "VOCAB_SIZE": str(VOCAB),
+    }
+    val = tg.load_validation_tokens(str(result.dataset_dir / "fineweb_val_*.bin"), 64, VOCAB)
+    sp = tg.load_tokenizer(tg.Hyperparameters.from_env(env), val)
+    assert sp.get_piece_size() == VOCAB
+    other = tiny_data["tokenizer_path"]
+    assert spm.SentencePieceProcessor(model_file=other).get_piece_size() == VOCAB
+    want = json.loads(result.manifest_path.read_text())["tokenizer"]["sha256"]
+    with pytest.raises(ValueError) as err:
+        tg.load_tokenizer(tg.Hyperparameters.from_env({**env, "TOKENIZER_PATH": other}), val)
+    message = str(err.value)
+    assert f"TOKENIZER_PATH={other} " in message and f"DATA_PATH={result.dataset_dir}" in message
+    assert "is not the tokenizer the shards" in message and f"sha256 {want[:12]}" in message
 
 
 def test_download_cli_with_mirror(hub, tmp_path, capsys):

@@ -483,6 +483,192 @@ def test_reference_scores_from_folders_and_other_logs(tiny, tmp_path):
         rt.load_scores([other.parent / "submission.json"])
 
 
+def refused_comparison(new: list[Path], ref: list[Path], capsys) -> str:
+    """`make_submission.py compare` of `new` against `ref`, which must fail with one error line;
+    returns that line."""
+    argv = ["compare", *map(str, new), "--reference", *map(str, ref)]
+    assert make_submission.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    return captured.err
+
+
+def append_lines(log: Path, *lines: str) -> Path:
+    with log.open("a") as f:
+        f.write("".join(line + "\n" for line in lines))
+    return log
+
+
+@pytest.mark.parametrize(
+    "how, expected",
+    [
+        (
+            "killed during the sliding evaluation",
+            "seed3.txt: the run did not finish: its last line is 'final_int6_roundtrip_exact ",
+        ),
+        ("stopped with an error line", "seed3.txt: the run failed (error: stopped by SIGTERM)"),
+        ("summary missing", "seed3.json: missing; train_gpt.py writes the summary last"),
+        ("summary with a nan score", "seed3.json: val_bpb is nan: the run failed"),
+    ],
+)
+def test_compare_refuses_a_run_that_did_not_finish(tiny, tmp_path, capsys, how, expected):
+    """A run killed or failed during its final evaluations has a round-trip score line; it is
+    refused, named, like submit refuses it, instead of being scored by that line while its
+    peers are scored by their sliding score."""
+    dest = tmp_path / "broken"
+    if how == "killed during the sliding evaluation":
+        log = forge_run(tiny.run("seed3"), dest, cut_at="sliding_rate", write_summary=False)
+    elif how == "stopped with an error line":
+        log = forge_run(tiny.run("seed3"), dest, cut_at="sliding_rate", write_summary=False)
+        append_lines(log, "error: stopped by SIGTERM")
+    elif how == "summary missing":
+        log = forge_run(tiny.run("seed3"), dest, write_summary=False)
+    else:
+        nan = {"val_bpb": float("nan"), "val_loss": float("nan")}
+        log = forge_run(tiny.run("seed3"), dest, summary_edits=nan)
+    assert any(line.startswith("final_int6_roundtrip_exact") for line in rt.split_log(log)[1])
+    finished = [tiny.logs / "seed1.json", tiny.logs / "seed2.json"]
+    for named in (log, log.with_suffix(""), log.with_suffix(".json")):
+        with pytest.raises(rt.RecordError) as err:
+            rt.load_scores([*finished, named])
+        message = str(err.value)
+        assert expected in message and str(dest) in message, message
+        assert message.endswith("only finished runs are compared; leave it out")
+    line = refused_comparison([*finished, log], [tiny.run("short1"), tiny.run("short2")], capsys)
+    assert line.startswith("error: ") and expected in line
+    # As a reference too, and the same run is refused by submit.
+    line = refused_comparison(finished, [tiny.run("short1"), log], capsys)
+    assert expected in line
+    with pytest.raises(rt.RecordError, match="did not finish|failed|missing"):
+        rt.load_run(log)
+
+
+def test_a_folder_leaves_out_the_runs_that_did_not_finish(tiny, tmp_path):
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    for s in (1, 2):
+        for suffix in (".txt", ".json"):
+            shutil.copyfile(tiny.logs / f"seed{s}{suffix}", folder / f"seed{s}{suffix}")
+    killed = forge_run(tiny.run("seed3"), folder, cut_at="sliding_rate", write_summary=False)
+    scores, notes = rt.load_scores([folder])
+    assert [s.label for s in scores] == ["seed1", "seed2"]
+    assert notes == [f"{killed}: skipped, the run did not finish (no summary)"]
+    # Logs of train_gpt.py without their summaries: none finished, none is scored.
+    only_logs = tmp_path / "only_logs"
+    for s in (1, 2):
+        forge_run(tiny.run(f"seed{s}"), only_logs, cut_at="sliding_rate", write_summary=False)
+    scores, notes = rt.load_scores([only_logs])
+    assert scores == [] and len(notes) == 2
+    with pytest.raises(rt.RecordError, match=r"at least 2 new runs, got 0 \(2 left out: .*seed1"):
+        rt.compare(scores, [rt.Score("r1", 2.0, 1.0), rt.Score("r2", 2.1, 1.1)], notes=notes)
+
+
+def forge_roundtrip_final(real: Path, dest: Path) -> Path:
+    """A copy of a real run as if its sliding evaluation had been off: the round trip's score is
+    its final one, in the summary and in the run_complete line (as write_summary writes them)."""
+    s = rt.load_run(real).summary
+    roundtrip = {"val_loss": s["roundtrip_val_loss"], "val_bpb": s["roundtrip_val_bpb"]}
+    log = forge_run(
+        real,
+        dest,
+        remove="final_sliding_window_exact",
+        summary_edits={**roundtrip, "sliding_val_loss": None, "sliding_val_bpb": None},
+    )
+    data = log.read_bytes()
+    complete = (
+        f"run_complete run_id:{s['run_id']} val_loss:{roundtrip['val_loss']:.8f} "
+        f"val_bpb:{roundtrip['val_bpb']:.8f}\n"
+    )
+    log.write_bytes(data[: data.rindex(b"run_complete ")] + complete.encode())
+    assert rt.load_run(log).summary["val_bpb"] == s["roundtrip_val_bpb"]
+    return log
+
+
+def test_compare_refuses_runs_scored_by_different_evaluations(tiny, tmp_path, capsys):
+    plain = [forge_roundtrip_final(tiny.run(f"seed{s}"), tmp_path / "plain") for s in (2, 3)]
+    sliding = [tiny.logs / "seed1.json", tiny.logs / "seed2.json"]
+    shorts = [tiny.run("short1"), tiny.run("short2")]
+    line = refused_comparison([*sliding, plain[1]], shorts, capsys)
+    assert "the new runs are not scored by one evaluation (" in line
+    assert f"final_sliding_window_exact: {sliding[0]}, {sliding[1]}" in line
+    assert f"final_int6_roundtrip_exact: {plain[1].with_suffix('.json')})" in line
+    line = refused_comparison(sliding, [shorts[0], plain[1]], capsys)
+    assert "the reference runs are not scored by one evaluation" in line
+    # Logs of another trainer: the last final_*_exact line of each.
+    other = tmp_path / "other"
+    other.mkdir()
+    roundtrip = "final_int8_zlib_roundtrip_exact val_loss:2.06 val_bpb:1.22"
+    (other / "seed1.log").write_text(
+        f"{roundtrip}\nfinal_sliding_window_exact val_loss:2.01 val_bpb:1.19\n"
+    )
+    (other / "seed2.log").write_text(f"{roundtrip}\n")  # its sliding evaluation never ended
+    scores, _ = rt.load_scores([other])
+    assert [s.evaluation for s in scores] == [
+        "final_sliding_window_exact",
+        "final_int8_zlib_roundtrip_exact",
+    ]
+    with pytest.raises(rt.RecordError, match="reference runs are not scored by one evaluation"):
+        rt.compare(rt.load_scores(sliding)[0], scores)
+    # Each side scored by one evaluation, the sides by two: compared, and said.
+    argv = ["compare", *map(str, plain), "--reference", *map(str, shorts)]
+    assert make_submission.main(argv) == 0
+    assert (
+        "note: the new runs are scored by final_int6_roundtrip_exact, the reference by "
+        "final_sliding_window_exact" in capsys.readouterr().out
+    )
+
+
+def forge_failed_before_training(real: Path, logs: Path, name: str) -> Path:
+    """The log train_gpt.py sets aside when a run fails after its log exists and before its first
+    step (run(): `{RUN_ID}.failed.txt`, then `.failed-1.txt`, ...): the start of a real log and
+    the error line."""
+    log = forge_run(real, logs / ".forge", cut_at="step:0/", write_summary=False)
+    append_lines(log, "error: injected failure before training")
+    return log.rename(logs / name)
+
+
+def test_a_failed_runs_name_says_that_it_failed(tiny, tmp_path, capsys):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    forge_failed_before_training(tiny.run("seed1"), logs, "early.failed.txt")
+    latest = forge_failed_before_training(tiny.run("seed1"), logs, "early.failed-1.txt")
+    expected = (
+        "the run failed before training (error: injected failure before training); its log is "
+        f"{latest}, beside 1 earlier failed log(s); a failed run is never ranked, compared or "
+        "submitted"
+    )
+    for named in (logs / "early", logs / "early.txt", logs / "early.json"):
+        with pytest.raises(rt.RecordError) as err:
+            rt.load_scores([named, tiny.run("seed2")])
+        assert str(err.value).startswith(f"{named}: {expected}")
+        with pytest.raises(rt.RecordError) as err:
+            rt.load_run(named)
+        assert str(err.value) == f"{named}: {expected}"
+    line = refused_comparison([logs / "early", tiny.run("seed2")], [tiny.run("short1")], capsys)
+    assert expected in line and "no such file" not in line
+    for argv in (
+        [
+            "submit",
+            str(logs / "early"),
+            str(tiny.run("seed2")),
+            *SUBMIT_ARGS,
+            "--track-dir",
+            str(tmp_path / "track"),
+        ],
+        ["sweep", str(logs / "early")],
+        ["plot", str(logs / "early"), "-o", str(tmp_path / "plot.png")],
+    ):
+        assert make_submission.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, argv
+    # The failed logs are listed by sweep as failed, never ranked.
+    shutil.copyfile(tiny.logs / "seed2.txt", logs / "seed2.txt")
+    shutil.copyfile(tiny.logs / "seed2.json", logs / "seed2.json")
+    table = rt.sweep_table(logs)
+    failed = table.split("failed (not ranked):")[1]
+    assert f"{latest}: error: injected failure before training" in failed
+
+
 # ---------------------------------------------------------------------------------------
 # Sweeps and plots
 # ---------------------------------------------------------------------------------------
