@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import datetime
 import difflib
@@ -29,6 +30,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import signal
 import struct
 import sys
@@ -48,6 +50,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ===== Configuration ==============================================================================
@@ -67,7 +70,7 @@ PRESETS = {
     "": {},
     "pr65": {**_SEED_RUN, "QAT": "1", "EMBED_QUANT": "int8", "SMEAR_GATE": "0",
              "GRAD_CLIP_NORM": "0.0"},
-    "pr102": {**_SEED_RUN, "QAT": "0", "EMBED_QUANT": "fp16", "SMEAR_GATE": "1",
+    "pr102": {**_SEED_RUN, "QAT": "0", "EMBED_QUANT": "fp16", "SMEAR_GATE": "blend",
               "GRAD_CLIP_NORM": "1.0"},
     "pr114": {**_SEED_RUN, "QAT": "0", "EMBED_QUANT": "fp16", "SMEAR_GATE": "0",
               "GRAD_CLIP_NORM": "0.3", "TRAIN_SEQ_LEN": "2048", "TRAIN_BATCH_TOKENS": "786432",
@@ -75,12 +78,14 @@ PRESETS = {
               "FP16_KEEP": "blocks.7.attn.c_k.weight,blocks.8.attn.c_k.weight"},
     "frontier": dict(  # the 1.0611 record's values, for every technique that exists here
         NUM_LAYERS="11", XSA_LAST_N="11", ROPE_DIMS="16", LN_SCALE="1", MLP_ACT="leaky_relu2",
-        QK_GAIN_INIT="5.0", SKIP_GATES="1", ATTN_GATE="1", SMEAR_GATE="1", TRAIN_SEQ_LEN="2048",
-        TRAIN_BATCH_TOKENS="786432", MATRIX_LR="0.026", EVAL_STRIDE="64", MUON_MOMENTUM="0.97",
+        QK_GAIN_INIT="5.0", SKIP_GATES="1", ATTN_GATE="sparse", SMEAR_GATE="gated",
+        TRAIN_SEQ_LEN="2048", TRAIN_BATCH_TOKENS="786432", MATRIX_LR="0.026", EVAL_STRIDE="64",
+        MUON_MOMENTUM="0.97",
         BETA2="0.99", GRAD_CLIP_NORM="0.3", MUON_WD="0.095", EMBED_WD="0.085", ADAM_WD="0.02",
         EMA_DECAY="0.9965", WARMDOWN_FRAC="0.85", MIN_LR="0.1", MUON_ROW_NORM="1",
         MUON_NS="polar", NUM_LOOPS="2", LOOP_START="3", LOOP_END="5", ENABLE_LOOPING_AT="0.35",
-        PARALLEL_RESIDUAL_START="8", VOCAB_SIZE="8192",
+        PARALLEL_RESIDUAL_START="8", LANE_RESID_INIT="1.1", ORTHO_INIT="zero_out",
+        WARMDOWN_SHAPE="clamped", DOC_ATTENTION="1", VOCAB_SIZE="8192",
         DATA_PATH="./data/datasets/fineweb10B_sp8192",
         TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model", MLP_MULT="4", QAT="0",
         QUANT_METHOD="gptq", CLIP="sdclip", EMBED_QUANT="int7", SDCLIP_K_EMBED="14",
@@ -120,10 +125,8 @@ def rule_error(name: str, value, rule: str) -> str | None:
         if value not in (".", "..") and not {"/", "\\"} & set(value) and len(value) <= 200:
             return None
         shown = value if len(value) <= 40 else value[:40] + "..."
-        return (
-            f"{name}={shown!r} must be a plain name of at most 200 characters: it names files in "
-            "LOG_DIR and ARTIFACT_DIR"
-        )
+        why = "it names files in LOG_DIR and ARTIFACT_DIR"
+        return f"{name}={shown!r} must be a plain name of at most 200 characters: {why}"
     if "|" in rule:
         choices = rule.split("|")
         return None if value in choices else f"{name}={value!r} must be one of {', '.join(choices)}"
@@ -185,22 +188,24 @@ class Hyperparameters:
     logit_softcap: float = _knob(30.0, ">0", "logits = c * tanh(logits / c)")
     qk_gain_init: float = _knob(1.5, "", "initial per-head gain on normalized queries")
     tied_embed_init_std: float = _knob(0.005, ">=0", "init std of the tied embedding")
-    smear_gate: bool = _knob(True, "", "blend each token's embedding with the previous one's")
+    smear_gate: str = _knob("blend", "0|blend|gated", "mix each token's embedding with the last's")
     xsa_last_n: int = _knob(0, ">=0", "exclusive self-attention on the last N layers")
     rope_dims: int = _knob(0, ">=0", "rotate the first N dims of each head (0 = all)")
     ln_scale: bool = _knob(False, "", "scale the norm outputs of layer i by 1/sqrt(i+1)")
     mlp_act: str = _knob("relu2", "relu2|leaky_relu2", "MLP activation")
     leaky_slope: float = _knob(0.5, "", "negative slope of leaky_relu2")
     skip_gates: bool = _knob(False, "", "sigmoid gates on the U-Net skips")
-    attn_gate: bool = _knob(False, "", "per-head sigmoid gate on the attention output")
+    attn_gate: str = _knob("0", "0|dense|sparse", "per-head sigmoid gate on the attention output")
+    doc_attention: bool = _knob(False, "", "attention stays inside each document (BOS to BOS)")
     bigram_buckets: int = _knob(0, "0 or >=2", "BigramHash: buckets of token pairs (0 = off)")
     bigram_dim: int = _knob(128, ">0", "BigramHash: width of its table")
-    ortho_init: bool = _knob(False, "", "orthogonal block matrices; out-projections / sqrt(2L)")
+    ortho_init: str = _knob("0", "0|scaled|zero_out", "orthogonal block matrices; see README")
     num_loops: int = _knob(0, ">=0", "extra runs of layers LOOP_START..LOOP_END (0 = off)")
     loop_start: int = _knob(0, ">=0", "first layer of the repeated range")
     loop_end: int = _knob(0, ">=0", "last layer of the repeated range (inclusive)")
     enable_looping_at: float = _knob(0.0, "[0, 1]", "loops start at this fraction of the run")
     parallel_residual_start: int = _knob(0, ">=0", "attention and MLP on two lanes from here")
+    lane_resid_init: float = _knob(1.0, "", "initial weight of each lane's own residual")
     # Optimizers
     embed_lr: float = _knob(0.6, ">=0", "Adam LR of an untied embedding")
     head_lr: float = _knob(0.008, ">=0", "Adam LR of an untied output head")
@@ -223,6 +228,7 @@ class Hyperparameters:
     ema_decay: float = _knob(0.0, "[0, 1)", "EMA of the weights, evaluated and exported (0 = off)")
     min_lr: float = _knob(0.0, "[0, 1]", "the warmdown ends at MIN_LR x the base LR")
     warmdown_frac: float = _knob(0.0, "[0, 1]", "warmdown over this fraction of the run (0: ITERS)")
+    warmdown_shape: str = _knob("linear", "linear|clamped", "linear to MIN_LR, or to 0 floored")
     # Quantization and the artifact
     qat: bool = _knob(True, "", "fake-quantize the block matrices in training (STE)")
     late_qat_threshold: float = _knob(0.0, "[0, 1]", "QAT from when the LR scale drops below this")
@@ -258,8 +264,7 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, env) -> Hyperparameters:
-        """Settings from environment variables; PRESET supplies defaults that an explicit variable
-        overrides."""
+        """Settings from environment variables; an explicit variable overrides PRESET's default."""
         preset = env.get("PRESET", "").strip()
         if preset not in PRESETS:
             raise ValueError(f"PRESET={preset!r} is not one of: {', '.join(filter(None, PRESETS))}")
@@ -289,6 +294,9 @@ class Hyperparameters:
                 f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}"
             )
         layers, rope = self.num_layers, self.rope_dims
+        windowed = self.attn_gate == "sparse" or self.smear_gate == "gated"
+        if windowed and self.model_dim < GATE_WINDOW:
+            raise ValueError(f"ATTN_GATE=sparse/SMEAR_GATE=gated need MODEL_DIM >= {GATE_WINDOW}")
         if self.xsa_last_n > layers:
             raise ValueError(f"XSA_LAST_N={self.xsa_last_n} must be in 0..NUM_LAYERS={layers}")
         if rope % 2 or rope > head_dim:
@@ -335,27 +343,21 @@ def _parse_value(name: str, raw: str, kind: type):
         if raw not in ("0", "1"):
             raise ValueError(f"{name}={raw!r} must be 0 or 1")
         return raw == "1"
-    if kind is int:
+    if kind in (int, float):
         try:
-            return int(raw)
+            value = kind(raw)
         except ValueError:
-            raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if kind is float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"{name}={raw!r} is not a number") from None
-        if not math.isfinite(value):
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"{name}={raw!r} is not {what}") from None
+        if kind is float and not math.isfinite(value):
             raise ValueError(f"{name}={raw!r} must be finite")
         return value
     return raw
 
 
 def setting_warnings(env, h: Hyperparameters) -> list[str]:
-    """Variables that look like one of ours but are not (MLP_MUL, num_layers), and settings that
-    turn a part off."""
-    known = Hyperparameters.env_names()
-    warnings = []
+    """Warnings: look-alike variables (MLP_MUL, num_layers) and settings that turn a part off."""
+    known, warnings = Hyperparameters.env_names(), []
     for key in sorted(env):
         up = key.upper()
         if key in known or not (key.isupper() or key.islower()):
@@ -385,12 +387,9 @@ def near_setting(name: str, known: list[str]) -> str | None:
 
 
 def resolve_grad_accum_steps(h: Hyperparameters, world_size: int) -> int:
-    if h.grad_accum_steps:
-        steps = h.grad_accum_steps
-    elif 8 % world_size == 0:
-        steps = 8 // world_size
-    else:
+    if not h.grad_accum_steps and 8 % world_size:
         raise ValueError(f"WORLD_SIZE={world_size} does not divide 8; set GRAD_ACCUM_STEPS")
+    steps = h.grad_accum_steps or 8 // world_size
     per_micro = world_size * steps * h.train_seq_len
     if h.train_batch_tokens % per_micro:
         raise ValueError(
@@ -433,8 +432,7 @@ def read_shard_header(path: Path) -> int:
 
 
 def load_data_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
-    """The shard's tokens as uint16 (converted to int64 per batch, not per shard); ids checked
-    < vocab_size."""
+    """The shard's tokens as uint16 (int64 per batch, not per shard), ids checked < vocab_size."""
     offset = SHARD_HEADER_INTS * 4
     tokens = np.fromfile(path, dtype="<u2", count=read_shard_header(path), offset=offset)
     if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
@@ -458,9 +456,8 @@ def train_shards(h: Hyperparameters) -> str:
 
 
 class TokenStream:
-    """Reads shards in order, forever, wrapping around at the end; the position is
-    (file_idx, pos). The next shard is read and checked in a background thread, so the timed loop
-    never waits on the disk."""
+    """Reads shards in order, forever, wrapping around at the end; the position is (file_idx,
+    pos). A background thread reads and checks the next shard: the timed loop never waits on it."""
 
     def __init__(self, pattern: str, vocab_size: int | None = None, file_idx=0, pos=0):
         self.files, self.vocab_size = shard_files(pattern), vocab_size
@@ -487,8 +484,7 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each call takes one contiguous span per rank from a single shared stream: deterministic and
-    disjoint."""
+    """Each call takes one contiguous span per rank of a shared stream: deterministic, disjoint."""
 
     def __init__(self, pattern, rank, world_size, device, vocab_size=None, position=(0, 0)):
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -522,8 +518,7 @@ def load_validation_tokens(pattern: str, min_tokens: int, vocab_size: int | None
 
 @dataclass
 class ByteLuts:
-    """Per token id: UTF-8 bytes of the piece, whether it starts with "▁", whether it is a
-    boundary token."""
+    """Per token id: UTF-8 bytes of the piece; does it start with "▁"; is it a boundary token."""
 
     base_bytes: Tensor
     has_leading_space: Tensor
@@ -534,8 +529,7 @@ class ByteLuts:
         return ByteLuts(*(t.to(device) for t in tables))
 
     def count(self, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
-        """Bytes of each target token; the leading space counts unless the previous token is a
-        boundary."""
+        """Each target's bytes: its leading space counts unless the previous token is a boundary."""
         space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
         return self.base_bytes[target_ids] + space.to(self.base_bytes.dtype)
 
@@ -585,8 +579,7 @@ def load_tokenizer(h: Hyperparameters, val_tokens: Tensor | None = None):
             raise ValueError(
                 f"TOKENIZER_PATH={h.tokenizer_path} (sha256 {have[:12]}) is not the tokenizer the "
                 f"shards in DATA_PATH={h.data_path} were made with ({manifest.name}: sha256 "
-                f"{want[:12]}); point TOKENIZER_PATH at that tokenizer, or set CHECK_TOKENIZER=0 "
-                "to score anyway"
+                f"{want[:12]}); point TOKENIZER_PATH at that one, or set CHECK_TOKENIZER=0"
             )
     if sp.get_piece_size() != h.vocab_size:
         raise ValueError(
@@ -667,9 +660,37 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((*rotated, x[..., 2 * half :]), dim=-1)
 
 
+GATE_WINDOW = 12  # the sparse attention gate and the gated SmearGate read x[:12]
+
+
+def document_mask(ids: Tensor, bos_id: int, packed: bool, flex: bool = False):
+    """DOC_ATTENTION's mask (B, 1, T, K): a query sees the causal keys of its own document. Rows
+    apart (evaluation windows): K = T, a document starts at each BOS. Packed (training: the B rows
+    are one stream): K = 2T, the previous row's keys, then the row's own; a document longer than T
+    is cut every T tokens from its start, as the record's varlen packing cuts it, so no piece needs
+    keys from further back. Before a row's first BOS the row's tokens are one piece."""
+    B, T = ids.shape
+    flat = ids.reshape(1, -1) if packed else ids
+    pos = torch.arange(flat.size(1), device=ids.device).expand_as(flat)
+    start = torch.where(flat == bos_id, pos, 0).cummax(dim=1).values  # its document's first token
+    start = (start + (pos - start) // T * T if packed else start).reshape(B, T)  # its piece's
+    before = torch.cat((torch.full_like(start[:1], -1), start[:-1]))  # row 0's: -1, no one's start
+    keys = torch.cat((before, start), dim=1) if packed else start
+    if flex:  # the same mask as flex_attention's BlockMask: blocks no query sees are skipped
+
+        def same_piece(b, h, q, k):
+            return (start[b, q] == keys[b, k]) & (k <= q + keys.size(1) - T)
+
+        return create_block_mask(same_piece, B, None, T, keys.size(1), device=ids.device)
+    key_pos, query_pos = (torch.arange(n, device=ids.device) for n in (keys.size(1), T))
+    causal = key_pos <= query_pos[:, None] + keys.size(1) - T  # query t is key t + K - T
+    return ((start[:, :, None] == keys[:, None, :]) & causal)[:, None]
+
+
 class CausalSelfAttention(nn.Module):
-    """GQA attention with RoPE (partial with ROPE_DIMS), XSA on the last XSA_LAST_N layers, an
-    optional per-head output gate."""
+    """GQA attention with RoPE (partial with ROPE_DIMS), XSA on the last XSA_LAST_N layers, the
+    DOC_ATTENTION mask when given one, and an optional per-head output gate: ATTN_GATE=dense is
+    2 sigmoid(W x) (1 at init), sparse the record's sigmoid(W x[:12] / 2) (1/2 at init)."""
 
     def __init__(self, h: Hyperparameters, layer_idx: int):
         super().__init__()
@@ -683,28 +704,40 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
         self.rotary = Rotary(h.rope_dims or self.head_dim, h.rope_base)
         self.xsa = layer_idx >= h.num_layers - h.xsa_last_n
-        gate = nn.Parameter(torch.zeros(h.num_heads, h.model_dim)) if h.attn_gate else None
-        self.attn_gate = gate
+        gate_in = {"0": 0, "dense": h.model_dim, "sparse": GATE_WINDOW}[h.attn_gate]
+        self.attn_gate = nn.Parameter(torch.zeros(h.num_heads, gate_in)) if gate_in else None
+        self.dense_gate = h.attn_gate == "dense"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, docs: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.c_q(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.c_k(x).view(B, T, KVH, D).transpose(1, 2)  # (B, KVH, T, D)
         v = self.c_v(x).view(B, T, KVH, D).transpose(1, 2)
-        cos, sin = self.rotary(T, x.device)
+        keys = k, v
+        if (
+            docs is not None and docs.shape[-1] > T
+        ):  # packed: the previous row's (0 for row 0) first
+            keys = tuple(torch.cat((torch.cat((t[:1] * 0, t[:-1])), t), dim=2) for t in keys)
+        K = keys[0].size(2)
+        cos, sin = self.rotary(K, x.device)  # the queries are the last T of the K positions
         # Norm, rotation and gain in fp32, then back to the compute dtype for attention.
-        q = apply_rotary(rms_norm(q.float()), cos, sin) * self.q_gain[None, :, None, None]
-        q = q.to(v.dtype)
-        k = apply_rotary(rms_norm(k.float()), cos, sin).to(v.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KVH != H)
+        q = apply_rotary(rms_norm(q.float()), cos[:, :, K - T :], sin[:, :, K - T :])
+        q = (q * self.q_gain[None, :, None, None]).to(v.dtype)
+        k = apply_rotary(rms_norm(keys[0].float()), cos, sin).to(v.dtype)
+        causal, gqa = dict(is_causal=True) if docs is None else dict(attn_mask=docs), KVH != H
+        if not isinstance(docs, BlockMask):
+            y = F.scaled_dot_product_attention(q, k, keys[1], **causal, enable_gqa=gqa)
+        else:  # a BlockMask (CUDA)
+            y = flex_attention(q, k, keys[1], block_mask=docs, enable_gqa=gqa)
         if self.xsa:  # remove from each head's output its component along the token's own value
             yg = y.view(B, KVH, H // KVH, T, D)
             vn = F.normalize(v, dim=-1)[:, :, None]  # (B, KVH, 1, T, D): shared by the group
             y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, H, T, D)
-        if self.attn_gate is not None:  # 2 sigmoid(0) = 1: transparent at init
-            gate = torch.sigmoid(F.linear(x, self.attn_gate.to(x.dtype)))  # (B, T, H)
-            y = y * 2 * gate.transpose(1, 2)[..., None]
+        if self.attn_gate is not None:
+            g = F.linear(x[..., : self.attn_gate.size(1)], self.attn_gate.to(x.dtype))  # (B, T, H)
+            gate = 2 * torch.sigmoid(g) if self.dense_gate else torch.sigmoid(0.5 * g)
+            y = y * gate.transpose(1, 2)[..., None]
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -735,44 +768,48 @@ class Block(nn.Module):
     def norm(self, x: Tensor) -> Tensor:
         return rms_norm(x) if self.ln_scale is None else rms_norm(x) * self.ln_scale
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, docs: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0  # blend the residual stream with the embedding stream
-        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), docs)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
 
-    def parallel(self, lanes: list, x0: Tensor, resid: Tensor, post: Tensor) -> list[Tensor]:
-        """Two lanes: attention reads lane 0 (blended with x0), the MLP lane 1, side by side; lane
-        k keeps resid[k] of itself and gets post[0, k] of the attention output and post[1, k] of
-        the MLP's."""
+    def parallel(self, lanes: list, x0: Tensor, resid: Tensor, post: Tensor, docs=None) -> list:
+        """Attention reads lane 0 (blended with x0) and the MLP lane 1, side by side; lane k keeps
+        resid[k] of itself, plus post[0, k] of the attention output and post[1, k] of the MLP's."""
         mix = self.resid_mix.to(x0.dtype)
-        a = self.attn_scale.to(x0.dtype) * self.attn(self.norm(mix[0] * lanes[0] + mix[1] * x0))
+        a = self.attn(self.norm(mix[0] * lanes[0] + mix[1] * x0), docs)
+        a = self.attn_scale.to(x0.dtype) * a
         m = self.mlp_scale.to(x0.dtype) * self.mlp(self.norm(lanes[1]))
         resid, post = resid.to(x0.dtype), post.to(x0.dtype)
         return [resid[k] * lanes[k] + post[0, k] * a + post[1, k] * m for k in range(2)]
 
 
 class SmearGate(nn.Module):
-    """x[t] <- (1-g) x[t] + g x[t-1] per channel, g = sigmoid(gate); no blend at a BOS or at
-    position 0."""
+    """SMEAR_GATE=blend: x[t] <- (1-g) x[t] + g x[t-1] per channel, g = sigmoid(gate), 50/50 at
+    init. gated (the record's): x[t] <- x[t] + lam sigmoid(W x[t][:12]) x[t-1], lam = W = 0 at
+    init, the identity. Neither mixes at a BOS or at position 0."""
 
-    def __init__(self, dim: int, bos_id: int = BOS_ID):
+    def __init__(self, dim: int, bos_id: int = BOS_ID, kind: str = "blend"):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))
+        self.gate = nn.Parameter(torch.zeros(dim if kind == "blend" else (1, GATE_WINDOW)))
+        self.lam = nn.Parameter(torch.zeros(1)) if kind == "gated" else None
         self.bos_id = bos_id
 
     def forward(self, x: Tensor, input_ids: Tensor) -> Tensor:
-        g = torch.sigmoid(self.gate.to(x.dtype))
         x_prev = F.pad(x[:, :-1], (0, 0, 1, 0))  # (B, T, C), shifted right by one token
         blend = input_ids != self.bos_id
         blend[:, 0] = False  # the previous token is unknown here
+        if self.lam is not None:
+            g = torch.sigmoid(F.linear(x[..., :GATE_WINDOW], self.gate.to(x.dtype)))  # (B, T, 1)
+            return x + blend[..., None].to(x.dtype) * self.lam.to(x.dtype) * g * x_prev
+        g = torch.sigmoid(self.gate.to(x.dtype))
         return x + blend[..., None].to(x.dtype) * g * (x_prev - x)
 
 
 class BigramHash(nn.Module):
     """An embedding of hash(previous, current token), projected to the model width, added to the
-    token's. Position 0 and every BOS take the last bucket, a bucket of their own: no pair spans
-    two documents."""
+    token's. Position 0 and every BOS take the last bucket, their own: no pair spans documents."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
         super().__init__()
@@ -809,7 +846,8 @@ class GPT(nn.Module):
         self.logit_softcap = h.logit_softcap
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
-        self.smear = SmearGate(h.model_dim, bos_id) if h.smear_gate else None
+        self.smear = SmearGate(h.model_dim, bos_id, h.smear_gate) if h.smear_gate != "0" else None
+        self.doc_attention, self.bos_id = h.doc_attention, bos_id  # True, or "flex" on CUDA
         self.num_encoder_layers = h.num_layers // 2
         self.layer_order = {looping: virtual_layers(h, looping) for looping in (False, True)}
         # Run the repeated layers: a Python flag, each value has its own compiled graph. Training
@@ -819,7 +857,7 @@ class GPT(nn.Module):
         self.parallel_start = h.parallel_residual_start
         if self.parallel_start:
             lanes = h.num_layers - self.parallel_start
-            self.lane_resid = nn.Parameter(torch.ones(lanes, 2))
+            self.lane_resid = nn.Parameter(torch.full((lanes, 2), h.lane_resid_init))
             self.lane_post = nn.Parameter(torch.ones(lanes, 2, 2))
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, h.model_dim))
         gates = nn.Parameter(torch.zeros(self.num_skips, h.model_dim)) if h.skip_gates else None
@@ -831,12 +869,14 @@ class GPT(nn.Module):
         self.bigram = None
         if h.bigram_buckets:
             self.bigram = BigramHash(h.bigram_buckets, h.bigram_dim, h.model_dim, bos_id)
-        if h.ortho_init:
-            for name, module in self.blocks.named_modules():
-                if isinstance(module, CastedLinear):
+        # ORTHO_INIT: orthogonal matrices; the out-projections (.proj) orthogonal / sqrt(2L), a
+        # steady residual sum with depth (scaled), or left at zero (zero_out, the record's).
+        for name, module in self.blocks.named_modules() if h.ortho_init != "0" else ():
+            if isinstance(module, CastedLinear):
+                if h.ortho_init == "scaled" or not name.endswith(".proj"):
                     nn.init.orthogonal_(module.weight)
-                    if name.endswith(".proj"):  # residual branches: a steady sum with depth
-                        module.weight.data.mul_(1.0 / math.sqrt(2 * h.num_layers))
+                if h.ortho_init == "scaled" and name.endswith(".proj"):
+                    module.weight.data.mul_(1.0 / math.sqrt(2 * h.num_layers))
 
     def set_qat_active(self, active: bool) -> None:
         for module in self.modules():
@@ -850,17 +890,22 @@ class GPT(nn.Module):
             return x + skip
         return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
 
-    def hidden(self, input_ids: Tensor) -> Tensor:
-        x = self.tok_emb(input_ids)
+    def hidden(self, input_ids: Tensor, packed: bool = False) -> Tensor:
+        """The final hidden states (B, T, C). packed, under DOC_ATTENTION: the rows are one stream
+        (document_mask), and BigramHash and SmearGate read the previous row's last token too."""
+        flex = self.doc_attention == "flex"
+        docs = document_mask(input_ids, self.bos_id, packed, flex) if self.doc_attention else None
+        ids = input_ids.reshape(1, -1) if packed and self.doc_attention else input_ids
+        x = self.tok_emb(ids)
         if self.bigram is not None:
-            x = x + self.bigram(input_ids)
+            x = x + self.bigram(ids)
         if self.smear is not None:
-            x = self.smear(x, input_ids)
-        x = x0 = rms_norm(x)
+            x = self.smear(x, ids)
+        x = x0 = rms_norm(x).view(*input_ids.shape, -1)
         encoder, decoder = self.layer_order[self.looping]  # physical layer of each virtual layer
         skips = []
         for i in encoder:
-            x = self.blocks[i](x, x0)
+            x = self.blocks[i](x, x0, docs)
             skips.append(x)
         lanes = None  # from PARALLEL_RESIDUAL_START on: [attention lane, MLP lane]
         for j, i in enumerate(decoder):
@@ -873,16 +918,17 @@ class GPT(nn.Module):
                 lanes[0] = self.add_skip(j, lanes[0], skips.pop())
             if parallel:
                 k = i - self.parallel_start
-                lanes = self.blocks[i].parallel(lanes, x0, self.lane_resid[k], self.lane_post[k])
+                resid, post = self.lane_resid[k], self.lane_post[k]
+                lanes = self.blocks[i].parallel(lanes, x0, resid, post, docs)
             else:
-                x = self.blocks[i](x, x0)
+                x = self.blocks[i](x, x0, docs)
         return rms_norm(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
 
-    def forward(self, input_ids: Tensor, target_ids=None, *, score_last=0, reduction="mean"):
+    def forward(self, input_ids, target_ids=None, *, score_last=0, reduction="mean", packed=False):
         """input_ids (B, T). No targets: logits (B, T, V). With targets: cross-entropy, mean or
         per token. score_last=k sends only the last k positions through the head; target_ids is
-        then (B, k)."""
-        x = self.hidden(input_ids)  # (B, T, C)
+        then (B, k). packed: the rows are one stream, as training reads them."""
+        x = self.hidden(input_ids, packed)  # (B, T, C)
         if score_last:
             x = x[:, -score_last:]
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
@@ -896,7 +942,10 @@ class GPT(nn.Module):
 
 
 def build_model(h: Hyperparameters, device: torch.device, bos_id: int = BOS_ID) -> GPT:
+    """The model on the device, QAT configured; under DOC_ATTENTION, CUDA runs flex_attention."""
     model = GPT(h, bos_id).to(device)
+    if h.doc_attention and device.type == "cuda":
+        model.doc_attention = "flex"
     configure_qat(model, h)
     return model
 
@@ -959,8 +1008,7 @@ NEWTON_SCHULZ = {
 def zeropower_via_newtonschulz5(
     g: Tensor, steps: int, eps: float = 1e-7, coefficients: tuple = NEWTON_SCHULZ["quintic"]
 ) -> Tensor:
-    """Approximately orthogonalize g (singular values pushed into a band around 1) with a quintic
-    iteration."""
+    """Approximately orthogonalize g (singular values into a band around 1): quintic iterations."""
     x = g.bfloat16()
     x = x / (x.norm() + eps)
     transposed = g.size(0) > g.size(1)
@@ -974,12 +1022,10 @@ def zeropower_via_newtonschulz5(
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum + Newton-Schulz orthogonalized updates for 2-D matrices.
-
-    Rank r orthogonalizes parameters r, r+W, r+2W, ...; the flat updates are summed across ranks
-    so every rank applies the same update. Gradients must already be averaged across ranks (DDP
-    does it). `row_norm` is MuonEq-R; `ns` names the Newton-Schulz coefficients.
-    """
+    """Momentum + Newton-Schulz orthogonalized updates for 2-D matrices. Rank r orthogonalizes
+    parameters r, r+W, r+2W, ...; the flat updates are summed across ranks so every rank applies the
+    same update. Gradients must already be averaged across ranks (DDP does it). `row_norm` is
+    MuonEq-R; `ns` names the Newton-Schulz coefficients."""
 
     def __init__(self, params, zeropower=None, row_norm=False, ns="quintic", **defaults):
         """defaults: lr, momentum, backend_steps; nesterov (True) and weight_decay (0) optional."""
@@ -1003,8 +1049,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
-        world_size = dist.get_world_size() if distributed else 1
-        rank = dist.get_rank() if distributed else 0
+        world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         for group in self.param_groups:
             params = group["params"]
             total = sum(p.numel() for p in params)
@@ -1026,8 +1071,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def optimizer_group(name: str, p: Tensor) -> str:
-    """embed (token and bigram tables), head (an untied output head), matrix (Muon), or scalar
-    (Adam): the tensor's role decides."""
+    """By role: embed (token, bigram tables), head (untied), matrix (Muon) or scalar (Adam)."""
     return ROLE_RULES[tensor_role(name, p)].optimizer
 
 
@@ -1037,9 +1081,9 @@ def build_optimizers(h: Hyperparameters, model: GPT, zeropower, fused: bool) -> 
     for name, p in model.named_parameters():
         groups[optimizer_group(name, p)].append(p)
 
-    def adam(params: list, lr: float, wd: float) -> torch.optim.AdamW:
+    def adam(name: str, lr: float, wd: float) -> torch.optim.AdamW:
         # AdamW: decoupled weight decay; base_lr is what the schedule scales
-        group = {"params": params, "lr": lr, "base_lr": lr}
+        group = {"params": groups[name], "lr": lr, "base_lr": lr}
         betas = (h.beta1, h.beta2)
         return torch.optim.AdamW([group], betas=betas, eps=h.adam_eps, fused=fused, weight_decay=wd)
 
@@ -1047,19 +1091,14 @@ def build_optimizers(h: Hyperparameters, model: GPT, zeropower, fused: bool) -> 
     steps = dict(lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps)
     matrices = [{"params": groups["matrix"], "base_lr": h.matrix_lr}]
     muon = Muon(matrices, zeropower, h.muon_row_norm, h.muon_ns, weight_decay=h.muon_wd, **steps)
-    optimizers = [
-        adam(groups["embed"], embed_lr, h.embed_wd),
-        muon,
-        adam(groups["scalar"], h.scalar_lr, h.adam_wd),
-    ]
+    optimizers = [adam("embed", embed_lr, h.embed_wd), muon, adam("scalar", h.scalar_lr, h.adam_wd)]
     if groups["head"]:
-        optimizers.append(adam(groups["head"], h.head_lr, h.adam_wd))
+        optimizers.append(adam("head", h.head_lr, h.adam_wd))
     return optimizers
 
 
 class EMA:
-    """An fp32 exponential moving average of every parameter, updated on the device each step
-    (no host sync)."""
+    """An fp32 EMA of every parameter, updated on the device each step (no host sync)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.names = decay, [n for n, _ in model.named_parameters()]
@@ -1083,18 +1122,13 @@ class EMA:
 def lr_multiplier(
     step, elapsed_ms, *, iterations, warmdown_iters, max_wallclock_ms, warmdown_frac=0.0, min_lr=0.0
 ) -> float:
-    """LR scale: 1, then a linear warmdown to MIN_LR over the end of training.
-
-    WARMDOWN_FRAC > 0: the warmdown spans that fraction of the wall-clock cap (of ITERATIONS
-    without one). Else it spans the last WARMDOWN_ITERS steps; under a wall-clock cap it starts
-    when the remaining time equals WARMDOWN_ITERS steps at the average step time so far, so the
-    LR reaches MIN_LR when the cap does.
-    """
+    """LR scale: 1, then a linear warmdown to MIN_LR over the end of training. WARMDOWN_FRAC > 0:
+    the warmdown spans that fraction of the wall-clock cap (of ITERATIONS without one). Else it
+    spans the last WARMDOWN_ITERS steps; under a wall-clock cap it starts when the time left equals
+    WARMDOWN_ITERS steps at the mean step time so far: the LR reaches MIN_LR when the cap does."""
     if warmdown_frac > 0:
-        if max_wallclock_ms is None:
-            total, done = iterations, step
-        else:
-            total, done = max_wallclock_ms, elapsed_ms
+        by_time = max_wallclock_ms is not None
+        total, done = (max_wallclock_ms, elapsed_ms) if by_time else (iterations, step)
         remaining, span = max(total - done, 0.0), warmdown_frac * total
         frac = remaining / span if remaining < span else 1.0
     elif warmdown_iters <= 0:
@@ -1126,11 +1160,9 @@ SEARCH_CLIP_FRACTIONS = tuple(1.0 - 0.05 * i for i in range(11))  # CLIP=search 
 
 
 def round_to_fp16_grid(x: Tensor) -> Tensor:
-    """x (positive fp32) rounded to the nearest fp16 value, kept in fp32.
-
-    Written as arithmetic because torch.compile drops an fp32->fp16->fp32 cast pair, which would
-    let the compiled training forward quantize with a different scale than the export.
-    """
+    """x (positive fp32) rounded to the nearest fp16 value, kept in fp32. Written as arithmetic
+    because torch.compile drops an fp32->fp16->fp32 cast pair, which would let the compiled training
+    forward quantize with a different scale than the export."""
     _, exponent = torch.frexp(x)
     # fp16: 11 significant bits, subnormal step 2^-24
     ulp = torch.exp2((exponent - 11).clamp_min(-24).float())
@@ -1145,12 +1177,9 @@ def level_of(kind: str) -> int:
 def row_scales(w: Tensor, max_level: int, clip_param: float, method: str = "percentile") -> Tensor:
     """Per-row scales (fp32 values on the fp16 grid) of a 2-D fp32 tensor, from each row's clip:
     the nearest-rank percentile clip_param of |w| (at 100 and for short rows: the row max);
-    clip_param standard deviations (sdclip); or the fraction of the row max whose rounding error
-    is smallest (search)."""
-    absw = w.abs()
-    n = w.shape[1]
-    # round: 99.9/100*1000 is 999.0000000000001 in floats
-    k = math.ceil(round(clip_param * n / 100.0, 9))
+    clip_param standard deviations (sdclip); or the row max's fraction that rounds best (search)."""
+    absw, n = w.abs(), w.shape[1]
+    k = math.ceil(round(clip_param * n / 100.0, 9))  # 99.9/100*1000 is 999.0000000000001 in floats
     if method == "sdclip":
         clip = clip_param * w.std(dim=1)
     elif method == "search" or k >= n:
@@ -1184,8 +1213,7 @@ def dequantize_per_row(q: Tensor, scale: Tensor) -> Tensor:
 
 
 def fake_quantize(w: Tensor, max_level: int, clip_param: float, method="percentile", on=1.0):
-    """Forward: the exported (dequantized) weight where on = 1, w itself where on = 0.
-    Backward: identity (STE)."""
+    """Forward: the dequantized export if on = 1, w if on = 0; backward: the identity (STE)."""
     q, scale = quantize_per_row(w.detach(), max_level, clip_param, method)
     return w + on * (dequantize_per_row(q, scale).to(w.dtype) - w).detach()
 
@@ -1209,8 +1237,7 @@ def clip_rule(name: str, tensor: Tensor, h: Hyperparameters) -> tuple[float, str
 
 
 def quantized_matrix(name: str, tensor: Tensor, h: Hyperparameters) -> bool:
-    """A Muon matrix the artifact stores as integers: fake-quantized in training (QAT) and
-    calibrated by GPTQ on its inputs."""
+    """A Muon matrix stored as integers: QAT fake-quantizes it; GPTQ calibrates on its inputs."""
     matrix = ROLE_RULES[tensor_role(name, tensor)].optimizer == "matrix"
     return matrix and export_kind(name, tensor, h).startswith("int")
 
@@ -1253,7 +1280,7 @@ def collect_hessians(model: GPT, h: Hyperparameters, rt: Runtime, grad_accum_ste
     try:
         with torch.no_grad(), rt.autocast():
             for _ in range(batches):
-                hidden = model.hidden(loader.next_batch(local_tokens, h.train_seq_len)[0])
+                hidden = model.hidden(loader.next_batch(local_tokens, h.train_seq_len)[0], True)
                 if tied:
                     add("tok_emb.weight", hidden)
     finally:
@@ -1270,10 +1297,9 @@ def gptq_quantize(
     w: Tensor, hessian: Tensor, max_level: int, scale: Tensor, block: int = 128, damp: float = 0.01
 ) -> Tensor:
     """GPTQ (Frantar et al. 2022, arXiv:2210.17323): the levels of w (out, in) on the rows' grids,
-    chosen column by column in decreasing order of the Hessian's diagonal (act order), each
-    column's rounding error fed forward to the later columns through the upper Cholesky factor of
-    the damped inverse Hessian, in blocks. H = I gives round-to-nearest exactly. Computed in
-    fp32, or in fp64 for an fp64 w."""
+    chosen column by column by decreasing Hessian diagonal (act order), each column's rounding
+    error fed forward to the later columns through the upper Cholesky factor of the damped inverse
+    Hessian, in blocks. H = I gives round-to-nearest exactly. In fp32 (fp64 for an fp64 w)."""
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     w, s = w.to(dtype).clone(), scale.to(w.device, dtype)
     hessian = hessian.to(w.device, dtype).clone()
@@ -1297,6 +1323,7 @@ def gptq_quantize(
 
 ARTIFACT_MAGIC = b"PGOLF-Q\x00"  # 8 bytes before the stream table
 ARTIFACT_FORMAT_VERSION = 3  # 3: the packed runs in separately compressed streams
+REEXPORT = "re-export it from the raw checkpoint"  # how a damaged or outdated artifact is replaced
 ARTIFACT_KINDS = ("int5", "int6", "int7", "int8", "fp16", "float")
 STREAMS_MAGIC = b"PGS3"  # the stream table: count, then (codec, length) per stream
 STREAM_ENTRY = struct.Struct("<BQ")
@@ -1328,11 +1355,8 @@ def quantize_tensor(name: str, t: Tensor, kind: str, h: Hyperparameters, hessian
 def quantize_state_dict(state: dict, h: Hyperparameters, hessians: dict | None = None) -> dict:
     """The artifact's payload: every tensor in its export kind; GPTQ for the matrices that have a
     Hessian; LQER corrections when LQER_RANK is on."""
-    hessians = hessians or {}
-    entries = {
-        name: quantize_tensor(name, t, export_kind(name, t, h), h, hessians.get(name))
-        for name, t in state.items()
-    }
+    hessians, kinds = hessians or {}, {n: export_kind(n, t, h) for n, t in state.items()}
+    entries = {n: quantize_tensor(n, t, kinds[n], h, hessians.get(n)) for n, t in state.items()}
     return make_payload(entries, state, h)
 
 
@@ -1421,9 +1445,8 @@ def torch_save_bytes(obj) -> bytes:
 
 
 def stream_group(name: str, tensor: Tensor) -> str:
-    """Which stream a tensor's levels go to: one per matrix type (the token table, each attention
-    and MLP matrix across the layers, ...). Levels of one type compress better apart from the
-    others (README, "Measured")."""
+    """The stream of a tensor's levels, one per matrix type (the token table, each attention and MLP
+    matrix across the layers, ...): levels of a type compress better apart (README, "Measured")."""
     role = tensor_role(name, tensor)
     return f"{role}.{name.split('.')[-2]}" if role in ("attention", "mlp") else role
 
@@ -1445,12 +1468,10 @@ def pack_payload(payload: dict) -> dict:
         parts = [tensors[n][key].flatten() for n in names if tensors[n]["kind"] in kinds]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
 
-    def shape(n: str) -> list[int]:
-        return list(tensors[n]["q" if "q" in tensors[n] else "data"].shape)
-
-    def index(n: str) -> list:  # with LQER: the correction's rank
-        entry = [n, tensors[n]["kind"], shape(n)]
-        return entry + [tensors[n]["lqer_a"].shape[1]] if "lqer_a" in tensors[n] else entry
+    def index(n: str) -> list:  # [name, kind, shape], with LQER plus the correction's rank
+        e = tensors[n]
+        entry = [n, e["kind"], list(e["q" if "q" in e else "data"].shape)]
+        return entry + [e["lqer_a"].shape[1]] if "lqer_a" in e else entry
 
     ints = tuple(k for k in ARTIFACT_KINDS if k.startswith("int"))
     fp16 = run("data", ("fp16",), torch.float16)
@@ -1603,8 +1624,7 @@ def read_streams(body: bytes) -> list[bytes]:
 def packed_from_streams(header: dict, streams: list[bytes]) -> dict:
     """pack_payload's dict back from the header and the runs' raw streams."""
     manifest = header.pop("streams")
-    sizes = [n for _, n in manifest]
-    if sizes != [len(s) for s in streams]:
+    if [n for _, n in manifest] != [len(s) for s in streams]:
         raise ValueError("the streams do not match the manifest")
     runs = {run: bytearray() for run in RUN_DTYPES if run in ("q", "scale", "float", "fp16_planes")}
     for (run, _), data in zip(manifest, streams, strict=True):
@@ -1624,8 +1644,7 @@ def read_artifact(path: Path) -> dict:
         streams = read_streams(blob[len(ARTIFACT_MAGIC) :])
     except (*damage, brotli.error) as e:
         raise ArtifactError(
-            f"{path}: truncated or corrupt artifact ({str(e) or type(e).__name__}); "
-            "re-export it from the raw checkpoint"
+            f"{path}: truncated or corrupt artifact ({str(e) or type(e).__name__}); {REEXPORT}"
         ) from None
     try:
         payload = torch.load(io.BytesIO(streams[0]), map_location="cpu", weights_only=True)
@@ -1636,14 +1655,13 @@ def read_artifact(path: Path) -> dict:
     if payload.get("version") != ARTIFACT_FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: artifact format version {payload.get('version')}, this script reads "
-            f"version {ARTIFACT_FORMAT_VERSION}; re-export it from the raw checkpoint"
+            f"version {ARTIFACT_FORMAT_VERSION}; {REEXPORT}"
         )
     try:
         payload["tensors"] = unpack_payload(packed_from_streams(payload, streams[1:]))
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise ArtifactError(
-            f"{path}: malformed artifact payload ({type(e).__name__}: {e}); re-export it from the "
-            "raw checkpoint"
+            f"{path}: malformed artifact payload ({type(e).__name__}: {e}); {REEXPORT}"
         ) from None
     return payload
 
@@ -1653,8 +1671,7 @@ AUTO_SETTINGS = ("embed_quant", "mlp_bits", "attn_bits")  # it sets the groups o
 
 
 def quantization_error(w: Tensor, entry: dict, hessian: Tensor | None) -> float:
-    """GPTQ's objective, sum of d H d^T over the rows d of w - dequantized(w) (H = I without a
-    Hessian)."""
+    """GPTQ's objective: sum of d H d^T over the rows d of w - dequantized(w); no Hessian: H = I."""
     d = w.detach().cpu().float() - dequantize_entry(entry)
     weighted = d if hessian is None else d @ hessian.cpu().float()
     return float((weighted * d).sum())
@@ -1670,13 +1687,12 @@ def entropy_bytes(entries: list[dict]) -> float:
 def fit_bits(
     state: dict[str, Tensor], h: Hyperparameters, hessians: dict, budget: int, log: Logger
 ) -> tuple[dict, bytes, float]:
-    """BITS=auto: the payload, the artifact and the seconds spent compressing, with one bit width
-    per stream group of the matrices and the embedding, that fit `budget` bytes. From the
-    settings' widths: while over, the group whose error (quantization_error; relative to its
-    squared weights without Hessians) grows least per byte saved loses a bit; then, while one
-    still fits, the group whose error falls most per byte added gains one. A group's size at
-    another width: its stream in the last artifact, scaled by the levels' entropy; the chosen
-    widths are compressed for real, and lowered again if over."""
+    """BITS=auto: the payload, the artifact and the compression seconds, with a bit width per stream
+    group of the matrices and the embedding, fitting `budget` bytes. From the settings' widths:
+    while over, the group whose error (quantization_error; relative to its squared weights without
+    Hessians) grows least per byte saved loses a bit; then, while one fits, the group whose error
+    falls most per byte added gains one. A group's size at another width: its last stream's, scaled
+    by the levels' entropy; the chosen widths are compressed for real (lowered again if over)."""
     kinds, groups = {n: export_kind(n, t, h) for n, t in state.items()}, {}
     for n, t in state.items():
         if kinds[n].startswith("int") and ROLE_RULES[tensor_role(n, t)].export in AUTO_SETTINGS:
@@ -1710,8 +1726,7 @@ def fit_bits(
         return last["length"] + sum(size(g, widths[g]) - last["groups"][g][1] for g in groups)
 
     def step(options: list[str], by: int) -> None:
-        """Move the best group of `options` by one bit: the least error added per byte saved,
-        or the most saved per byte added."""
+        """Move the best group of `options` by `by` (one bit), as fit_bits' docstring says."""
         rate = {g: change(g, widths[g] + by) for g in options}
         g = min(options, key=lambda g: rate[g][1] / max(abs(rate[g][0]), 1.0))
         log(f"bits_auto group:{g} bits:{widths[g]}->{widths[g] + by} "
@@ -1763,20 +1778,15 @@ def window_stride(stride: int, window: int) -> int:
 
 
 def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
-    """Windows as (start, scored): targets [start, start+w) go in, the last `scored` of them are
-    scored.
-
-    w = min(seq_len, num_targets). The first window scores all its targets; each later window ends
-    `window_stride(stride, w)` further (the last one ends at the end of the split) and scores only
-    the targets no earlier window scored, so each target is scored once, after at least
-    min(position, w - stride) tokens of context.
-    """
+    """Windows (start, scored): targets [start, start+w) go in, the last `scored` are scored; w =
+    min(seq_len, num_targets). The first window scores all its targets; each later one ends
+    `window_stride(stride, w)` further (the last at the end), scoring only targets no earlier one
+    scored: each is scored once, after at least min(position, w - stride) tokens of context."""
     if num_targets <= 0:
         return []
     w = min(seq_len, num_targets)
     stride = window_stride(stride, w)
-    windows = [(0, w)]
-    scored_end = w
+    windows, scored_end = [(0, w)], w
     while scored_end < num_targets:
         end = min(scored_end + stride, num_targets)
         windows.append((end - w, end - scored_end))
@@ -1821,9 +1831,8 @@ class EvalClock:
 
 
 def window_batch(tokens: Tensor, batch: list, batch_seqs: int, w: int, n: int) -> tuple:
-    """Exactly batch_seqs windows (start, scored), a short batch padded with windows that score
-    nothing: inputs (B, w), the targets of the last n positions (B, n), and the mask of those each
-    window scores."""
+    """Exactly batch_seqs windows (start, scored), a short batch padded with windows scoring
+    nothing: inputs (B, w), the targets of the last n positions (B, n), the mask of those scored."""
     batch = batch + [(0, 0)] * (batch_seqs - len(batch))
     starts = torch.tensor([start for start, _ in batch], device=tokens.device)
     scored = torch.tensor([k for _, k in batch], device=tokens.device)
@@ -1851,18 +1860,14 @@ def evaluate(
     autocast=None,
     windows: list[tuple[int, int]] | None = None,
 ) -> EvalResult:
-    """Mean cross-entropy (nats) and bits per byte over all targets of `tokens` (a 1-D tensor on
-    the device), or over those of `windows`, a part of plan_windows(tokens.numel() - 1, seq_len,
-    stride).
-
-    Always in eval mode (no fake-quant, whatever mode the model was in; the mode is restored). The
-    windows are split into contiguous ranges per rank and run in batches of exactly `batch_seqs`
-    windows, each scoring the last `s` positions (s = the stride; the split's first window alone
-    scores all w): a short batch is padded with windows that score nothing, and positions a window
-    does not score (padding, and the last window's overlap with the one before) are masked out of
-    the sums. So an evaluation calls the model with at most two shapes, and a compiled model
-    builds at most two graphs.
-    """
+    """Mean cross-entropy (nats) and bits per byte over all targets of `tokens` (1-D, on the
+    device), or over those of `windows`, a part of plan_windows(tokens.numel() - 1, seq_len,
+    stride). Always in eval mode (no fake-quant; the model's mode is restored). The windows are
+    split into contiguous ranges per rank and run in batches of exactly `batch_seqs` windows, each
+    scoring the last `s` positions (s = the stride; the split's first window alone scores all w): a
+    short batch is padded (window_batch), and positions a window does not score (padding, the last
+    window's overlap with the one before) are masked out of the sums. So the model sees at most two
+    shapes, and a compiled one builds at most two graphs."""
     clock, autocast = EvalClock(), autocast or contextlib.nullcontext
     windows = plan_windows(tokens.numel() - 1, seq_len, stride) if windows is None else windows
     mine = rank_share(windows, rank, world_size)
@@ -1891,18 +1896,15 @@ def evaluate(
 def evaluate_ttt(
     model, tokens, luts, h, *, seq_len, stride, batch_seqs, rank=0, world_size=1, autocast=None
 ) -> EvalResult:
-    """Score-first test-time training over evaluate()'s windows, taken in chunks of about
-    TTT_CHUNK_TOKENS targets: each chunk is scored, then the model takes TTT_EPOCHS SGD steps on
-    exactly the targets it has just scored; the last chunk is only scored. So every target is
-    scored once, by a model trained only on targets scored before it.
-
-    A window belongs to the chunk of its last target. The chunk's targets [lo, hi) are cut into
-    windows of w targets (the last one a full window ending at hi, its earlier targets masked),
-    split across ranks and run in padded micro-batches of one shape. Each step's gradient is the
-    mean over the whole chunk (each rank's loss sum over the chunk's target count, summed across
-    ranks): every rank applies the same update, whatever the number of ranks. The model stays in
-    eval mode (the artifact's weights, no fake-quant). Arguments as evaluate()'s, and the settings.
-    """
+    """Score-first test-time training over evaluate()'s windows, in chunks of about TTT_CHUNK_TOKENS
+    targets: each chunk is scored, then TTT_EPOCHS SGD steps train the model on exactly the targets
+    just scored; the last chunk is only scored. So every target is scored once, by a model trained
+    only on targets scored before it. A window belongs to the chunk of its last target. The chunk's
+    targets [lo, hi) are cut into windows of w targets (the last one a full window ending at hi, its
+    earlier targets masked), split across ranks and run in padded micro-batches of one shape. Each
+    step's gradient is the mean over the whole chunk (each rank's loss sum over the chunk's target
+    count, summed across ranks): the same update on every rank, for any number of ranks. The model
+    stays in eval mode (no fake-quant). Arguments: evaluate()'s and the settings."""
     clock, autocast = EvalClock(), autocast or contextlib.nullcontext
     w = min(seq_len, tokens.numel() - 1)
     by_chunk: dict[int, list] = {}
@@ -1978,8 +1980,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 class BrokenModel(RuntimeError):
-    """The trained model cannot be a result: a non-finite score or weight, or a value fp16 cannot
-    hold."""
+    """The model cannot be a result: a non-finite score or weight, or a value fp16 cannot hold."""
 
 
 RUN_ERRORS = (ValueError, OSError, NonFiniteLoss, BrokenModel)  # no traceback: the line says it
@@ -2062,12 +2063,14 @@ def schedule(h: Hyperparameters, step: int, elapsed_ms: float) -> tuple[float, f
     warmdown = dict(warmdown_iters=h.warmdown_iters, warmdown_frac=h.warmdown_frac, min_lr=h.min_lr)
     warmup = dict(start=h.muon_momentum_warmup_start, warmup_steps=h.muon_momentum_warmup_steps)
     lr_scale = lr_multiplier(step, elapsed_ms, **length, **warmdown)
+    if h.warmdown_shape == "clamped":  # the record's: the line toward 0, floored at MIN_LR
+        line = lr_multiplier(step, elapsed_ms, **length, **warmdown | {"min_lr": 0.0})
+        lr_scale = max(line, h.min_lr)
     return lr_scale, muon_momentum_at(step, end=h.muon_momentum, **warmup)
 
 
 def check_finite(first_bad_step: Tensor, rt: Runtime) -> None:
-    """Raise on every rank if any rank saw a non-finite loss (first_bad_step >= 0); syncs the
-    host."""
+    """Raise on every rank if any saw a non-finite loss (first_bad_step >= 0); syncs the host."""
     bad = torch.where(first_bad_step < 0, torch.iinfo(torch.int64).max, first_bad_step)
     if rt.distributed:
         dist.all_reduce(bad, op=dist.ReduceOp.MIN)
@@ -2089,27 +2092,24 @@ def train_step(s: Session, loader, lr_scale: float, momentum: float) -> Tensor:
         if isinstance(model, DDP):
             model.require_backward_grad_sync = micro == grad_accum_steps - 1
         with rt.autocast():
-            loss = model(x, y)
+            loss = model(x, y, packed=True)
         (loss / grad_accum_steps).backward()
         total += loss.detach()
-    for opt in s.optimizers:
+    if h.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
+    for opt in s.optimizers:  # each reads only its own parameters' gradients
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_scale
         if isinstance(opt, Muon):
             opt.param_groups[0]["momentum"] = momentum
-    if h.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
-    for opt in s.optimizers:
         opt.step()
-    for opt in s.optimizers:
         opt.zero_grad(set_to_none=True)
     return total / grad_accum_steps
 
 
 def warm_up(s: Session) -> None:
-    """Prime compilation and the allocator on real steps (both layer orders when there are
-    loops), then undo every effect: weights, optimizer state and the data position are restored,
-    so training starts exactly as with no warm-up."""
+    """Prime compilation and the allocator on real steps (both layer orders with loops), then
+    restore weights, optimizer state and data position: training starts exactly as without them."""
     h, base_model = s.h, s.base_model
     model_state = copy.deepcopy(base_model.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in s.optimizers]
@@ -2145,8 +2145,7 @@ def log_train_loss(s: Session, loss: Tensor, approx_ms: float, flops_per_step: f
 
 
 def train(s: Session, signals: StopSignals) -> None:
-    """Train from s.state until ITERATIONS or the wall-clock cap; s.state always says how far it
-    got."""
+    """Train from s.state to ITERATIONS or the wall-clock cap, keeping s.state up to date."""
     h, rt, state, base_model, log = s.h, s.rt, s.state, s.base_model, s.log
     if h.warmup_steps > 0 and h.iterations > state.step:
         warm_up(s)
@@ -2212,8 +2211,7 @@ def train(s: Session, signals: StopSignals) -> None:
         if state.step <= 5 or log_every or state.step == h.iterations:
             check_finite(first_bad_step, rt)
             log_train_loss(s, loss, approx_ms, flops_per_step)
-        # One host-side agreement per step: the cap, a stop signal on any rank, a checkpoint due,
-        # the loops.
+        # One host-side agreement per step: the cap, a stop signal on any rank, a checkpoint, loops.
         since_checkpoint = time.perf_counter() - last_checkpoint
         checkpoint_due = 0 < h.checkpoint_every_seconds <= since_checkpoint
         at_cap = cap_ms is not None and approx_ms >= cap_ms
@@ -2272,8 +2270,7 @@ class Runtime:
             torch.cuda.synchronize()
 
     def agree(self, *flags: int) -> list[int]:
-        """Element-wise max of small integers over all ranks: host-only through gloo, else a
-        device round trip."""
+        """Element-wise max of small ints over all ranks: host-only via gloo, else a device trip."""
         if not self.distributed:
             return list(flags)
         device = "cpu" if self.host_group is not None else self.device
@@ -2287,8 +2284,7 @@ class Runtime:
 
 
 def select_attention_backend(h: Hyperparameters, device: torch.device) -> str:
-    """Enable exactly one SDPA backend on CUDA, checked on this model's head shape with GQA; CPU
-    uses math."""
+    """Enable exactly one SDPA backend on CUDA, tried on this model's GQA head shape; CPU: math."""
     if device.type != "cuda":
         return "math"
     head_dim = h.model_dim // h.num_heads
@@ -2314,24 +2310,22 @@ def select_attention_backend(h: Hyperparameters, device: torch.device) -> str:
 def init_runtime(h: Hyperparameters, env) -> Runtime:
     world_size = int(env.get("WORLD_SIZE", "1"))
     rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
+    if "LOCAL_RANK" in env and sys.platform == "linux":  # a killed launcher SIGTERMs its ranks
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     want = h.device if h.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if want == "cuda" and not torch.cuda.is_available():
         raise ValueError("DEVICE=cuda but no CUDA device is available; use DEVICE=cpu or auto")
     device = torch.device("cuda", local_rank) if want == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
     attention = select_attention_backend(h, device)
     rt = Runtime(rank, local_rank, world_size, device, use_compile, None, attention)
     if world_size > 1:
         timeout = datetime.timedelta(seconds=h.collective_timeout_seconds)  # a dead or frozen peer
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
-            device_id=device if device.type == "cuda" else None,
-            timeout=timeout,
-        )
+        backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
+        dist.init_process_group(backend=backend, device_id=device_id, timeout=timeout)
         if device.type == "cpu" and h.host_sync != "gloo":
             rt.host_group = dist.group.WORLD  # already gloo
         elif h.host_sync != "device":
@@ -2348,8 +2342,7 @@ def init_runtime(h: Hyperparameters, env) -> Runtime:
 
 
 class Logger:
-    """Rank 0 writes; each line is appended and closed at once, so the log survives a crash as it
-    stands."""
+    """Rank 0 writes, each line appended and closed at once: a crash leaves the log as it stands."""
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -2467,8 +2460,7 @@ RESUME_KEYS = ("model", "optimizers", "step", "train_time_ms", "loader_position"
 
 
 def write_checkpoint(s: Session) -> None:
-    """A resume checkpoint (every rank calls this): weights, all optimizer state, position, clock
-    and RNG."""
+    """A resume checkpoint (collective): weights, all optimizer state, position, clock and RNG."""
     rt, state = s.rt, s.state
     opt_states = [opt.state_dict() for opt in s.optimizers]
     if rt.distributed:  # Muon keeps each matrix's momentum only on the rank that orthogonalizes it
@@ -2591,16 +2583,14 @@ def check_shapes(state: dict, expected: dict, where: str) -> dict:
             )
         if not state[name].is_floating_point():  # loading would cast it without a word
             raise ValueError(f"{where}: tensor {name} is {state[name].dtype}, not weights")
-    extra = sorted(set(state) - set(expected))
-    if extra:
+    if extra := sorted(set(state) - set(expected)):
         raise ValueError(f"{where}: tensor {extra[0]} is not in this model; {hint}")
     return state
 
 
 def read_weights(path: str, setting: str, expected: dict) -> tuple[dict, str, dict | None]:
     """(state dict, what the file is, the resume checkpoint or None) from a raw checkpoint, a
-    resume checkpoint or an artifact (its dequantized weights), shape-checked. Never runs code
-    from the file."""
+    resume checkpoint or an artifact (dequantized), shape-checked. Never runs code from the file."""
     where = f"{setting}={path}"
     if not Path(path).is_file():
         raise FileNotFoundError(f"{where} does not exist")
@@ -2634,10 +2624,20 @@ def preflight(h: Hyperparameters, rt: Runtime, files: RunFiles) -> Inputs:
     check_writable(h.artifact_dir, "ARTIFACT_DIR")
     if taken := files.taken():
         raise ValueError(
-            f"RUN_ID={files.run_id}: {taken} already exists; choose another RUN_ID (nothing is "
-            "overwritten)"
+            f"RUN_ID={files.run_id}: {taken} already exists; pick another (nothing is overwritten)"
         )
     grad_accum_steps = resolve_grad_accum_steps(h, rt.world_size)
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in GPT(h).state_dict().items()}
+    # what ARTIFACT_DIR receives, in fp32 bytes: the raw weights, the artifact (smaller), and a
+    # resume checkpoint (weights and optimizer state, at most 4x) when checkpoints are on
+    copies = 6 if h.checkpoint_every_seconds else 2
+    need = 4 * sum(math.prod(v) for v in expected.values()) * copies
+    if (free := shutil.disk_usage(h.artifact_dir).free) < need:
+        raise ValueError(
+            f"ARTIFACT_DIR={h.artifact_dir} has {free / 2**20:.1f} MiB free, the run writes up to "
+            f"{need / 2**20:.1f} MiB there; free some space or choose another ARTIFACT_DIR"
+        )
     min_tokens = max(h.train_seq_len, h.effective_eval_seq_len)
     val_pattern = os.path.join(h.data_path, "fineweb_val_*.bin")
     val_tokens = load_validation_tokens(val_pattern, min_tokens, h.vocab_size)
@@ -2646,25 +2646,21 @@ def preflight(h: Hyperparameters, rt: Runtime, files: RunFiles) -> Inputs:
     for path in train_files:  # their token ids are checked as each is read
         if read_shard_header(path) == 0:  # the stream would look for a token forever
             raise ValueError(f"{path}: a training shard with no tokens; remove or rebuild it")
-    if h.init_checkpoint or h.resume_from:
-        with torch.device("meta"):
-            expected = {k: v.shape for k, v in GPT(h).state_dict().items()}
-        if h.init_checkpoint:
-            weights, kind, _ = read_weights(h.init_checkpoint, "INIT_CHECKPOINT", expected)
-            inputs.init_weights, inputs.init_kind = weights, kind
-        if h.resume_from:
-            _, kind, inputs.resume = read_weights(h.resume_from, "RESUME_FROM", expected)
-            if inputs.resume is None:
-                raise ValueError(
-                    f"RESUME_FROM={h.resume_from} is a {kind}: it holds no optimizer state or "
-                    "data position; give a *_ckpt.pt file, or start from its weights with "
-                    "INIT_CHECKPOINT"
-                )
-            if inputs.resume["loader_position"][0] >= len(train_files):
-                raise ValueError(
-                    f"RESUME_FROM={h.resume_from} stopped in training shard "
-                    f"{inputs.resume['loader_position'][0]}, DATA_PATH={h.data_path} has fewer"
-                )
+    if h.init_checkpoint:
+        weights, kind, _ = read_weights(h.init_checkpoint, "INIT_CHECKPOINT", expected)
+        inputs.init_weights, inputs.init_kind = weights, kind
+    if h.resume_from:
+        _, kind, inputs.resume = read_weights(h.resume_from, "RESUME_FROM", expected)
+        if inputs.resume is None:
+            raise ValueError(
+                f"RESUME_FROM={h.resume_from} is a {kind}: it holds no optimizer state or data "
+                "position; give a *_ckpt.pt file, or start from its weights with INIT_CHECKPOINT"
+            )
+        if inputs.resume["loader_position"][0] >= len(train_files):
+            raise ValueError(
+                f"RESUME_FROM={h.resume_from} stopped in training shard "
+                f"{inputs.resume['loader_position'][0]}, DATA_PATH={h.data_path} has fewer"
+            )
     return inputs
 
 
@@ -2749,7 +2745,7 @@ def start_session(
     log(
         f"model_params:{n_params} layers:{h.num_layers} dim:{h.model_dim} "
         f"heads:{h.num_heads}/{h.num_kv_heads} mlp_mult:{h.mlp_mult} "
-        f"smear_gate:{int(h.smear_gate)} qat:{int(h.qat)} "
+        f"smear_gate:{h.smear_gate} doc_attention:{int(h.doc_attention)} qat:{int(h.qat)} "
         f"flops_per_token:{model_flops_per_token(h, base_model):.0f} "
         f"peak_flops_per_device:{device_peak_flops(rt.device) or 0:.4g}"
     )
@@ -2758,8 +2754,7 @@ def start_session(
         compile_fn = functools.partial(torch.compile, dynamic=False, fullgraph=True)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         zeropower = torch.compile(zeropower_via_newtonschulz5)
-    compiled = compile_fn(base_model)
-    model = compiled
+    model = compiled = compile_fn(base_model)
     if rt.distributed:
         device_ids = [rt.local_rank] if rt.device.type == "cuda" else None
         model = DDP(compiled, device_ids=device_ids, broadcast_buffers=False)
@@ -2801,10 +2796,8 @@ def train_and_keep(s: Session, signals: StopSignals) -> None:
         f"data_epochs:{epochs:.3f}"
     )
     if s.rt.device.type == "cuda":
-        log(
-            f"peak memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
-            f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB"
-        )
+        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        log(f"peak memory allocated:{allocated // 2**20}MiB reserved:{reserved // 2**20}MiB")
     else:
         log(f"peak memory rss:{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}MiB")
 
@@ -2812,10 +2805,8 @@ def train_and_keep(s: Session, signals: StopSignals) -> None:
 def log_final(log: Logger, name: str, r: EvalResult, lead="", tail="", timed=True) -> None:
     """One final_<name>_exact line: the score at full precision, and what it cost."""
     cost = f" eval_time:{r.eval_time_ms:.0f}ms graphs:{r.graphs} compile_time:{r.compile_ms:.0f}ms"
-    log(
-        f"final_{name}_exact {lead}val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{tail}"
-        + (cost if timed else "")
-    )
+    scores = f"val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}"
+    log(f"final_{name}_exact {lead}{scores}{tail}{cost if timed else ''}")
 
 
 UNIFORM_MARGIN_NATS = 0.05  # a score this far above a uniform guess is a broken model, not noise
@@ -2977,16 +2968,14 @@ def main(env=None) -> dict | None:
 
 def cli() -> int:
     """The command: an `error:` line and a non-zero status on failure. A failing rank of a
-    distributed run exits at once, without tearing down, so that peers blocked in a collective
-    fail promptly instead of waiting."""
+    distributed run exits at once, without tearing down: peers blocked in a collective fail fast."""
     try:
         main()
         return 0
     except BaseException as e:
+        status = 130 if isinstance(e, KeyboardInterrupt) else 1
         if isinstance(e, StopRequested):
             status = 128 + e.signum
-        else:
-            status = 130 if isinstance(e, KeyboardInterrupt) else 1
         if not isinstance(e, (*RUN_ERRORS, StopRequested, KeyboardInterrupt)):
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 
     python bench/gpu_bench.py --only throughput  # the defaults at 524,288 tokens/step
     python bench/gpu_bench.py --only throughput --presets frontier,pr65 --no-default
+    python bench/gpu_bench.py --only throughput --presets frontier --doc-attention  # 0 vs 1
     python bench/gpu_bench.py --only run --minutes 3  # short real run with the final evaluation
     python bench/gpu_bench.py --only peer --peer ../peer/train_gpt.py --minutes 3
     python bench/gpu_bench.py --dry-run --peer train_gpt.py  # same harness on CPU, tiny settings
@@ -10,6 +11,7 @@ Parts and their GPU time on one H100 (estimates: nothing here has run on a GPU y
   throughput  per configuration: ~20 s start-up, ~1-2 min compile in the warm-up (WARMUP_STEPS=20),
               then 10 settling + --steps timed steps (default 60) at roughly 350 ms/step = ~25 s;
               ~2-3 min in all. Figures: ms/step, tokens/s, MFU, peak memory, warm-up (compile) time.
+              --doc-attention measures each configuration twice, DOC_ATTENTION=0 and =1.
   run         --minutes of training (default 3) + ~2-3 min for compile, export (zstd-22) and the
               three final evaluations; ~5-6 min. Figures: pre-quant, round-trip and sliding val_bpb,
               quant penalty, artifact bytes, export time, sliding scored tokens/s, projected 8-GPU
@@ -120,6 +122,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--no-default", action="store_true", help="throughput: skip the default configuration"
+    )
+    p.add_argument(
+        "--doc-attention",
+        action="store_true",
+        help="throughput: each configuration with DOC_ATTENTION=0 and with DOC_ATTENTION=1",
     )
     p.add_argument(
         "--minutes", type=float, help="training minutes of the run and peer parts (default 3)"
@@ -313,7 +320,15 @@ class Bench:
 
     def throughput_configs(self) -> list[tuple[str, dict]]:
         configs = [] if self.args.no_default else [(self.label("default"), {})]
-        return configs + [(self.label(f"PRESET={p}"), {"PRESET": p}) for p in self.args.presets]
+        configs += [(self.label(f"PRESET={p}"), {"PRESET": p}) for p in self.args.presets]
+        if not self.args.doc_attention:
+            return configs
+        flags = ("0", "1")
+        return [
+            (f"{lb} DOC_ATTENTION={f}", e | {"DOC_ATTENTION": f})
+            for lb, e in configs
+            for f in flags
+        ]
 
     def measurements(self):
         """Each part's measurement as soon as it is taken, in order."""

@@ -588,3 +588,18 @@ def test_the_log_reader_and_the_figures_on_our_cuda_lines():
     )
     assert gpu_bench.projection_cell(f, {"gpu_count": 1}) == "470.4 s"
     assert gpu_bench.runtime_cell(f) == "flash, compiled"
+
+
+def test_doc_attention_measures_each_throughput_configuration_off_and_on():
+    args = gpu_bench.parse_args(
+        ["--only", "throughput", "--presets", "frontier", "--doc-attention"]
+    )
+    configs = gpu_bench.Bench(args, {}, {}, "x").throughput_configs()
+    assert configs == [
+        ("default DOC_ATTENTION=0", {"DOC_ATTENTION": "0"}),
+        ("default DOC_ATTENTION=1", {"DOC_ATTENTION": "1"}),
+        ("PRESET=frontier DOC_ATTENTION=0", {"PRESET": "frontier", "DOC_ATTENTION": "0"}),
+        ("PRESET=frontier DOC_ATTENTION=1", {"PRESET": "frontier", "DOC_ATTENTION": "1"}),
+    ]
+    args = gpu_bench.parse_args(["--only", "throughput", "--presets", "frontier"])
+    assert len(gpu_bench.Bench(args, {}, {}, "x").throughput_configs()) == 2

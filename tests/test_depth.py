@@ -33,7 +33,7 @@ def test_virtual_layers_match_the_hand_table(layers, start, end, loops, encoder,
 
 
 def test_looped_forward_runs_the_shared_layers_again():
-    h = small_h(num_loops=1, loop_start=2, loop_end=3, smear_gate=False)
+    h = small_h(num_loops=1, loop_start=2, loop_end=3, smear_gate="0")
     model = randomized(tg.GPT(h), std=0.2)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
     # slow reference: layers 0 1 2 3 | 2 3 4 5, skips paired by order
@@ -52,7 +52,7 @@ def test_looped_forward_runs_the_shared_layers_again():
 
 
 def test_parallel_lanes_against_a_slow_reference():
-    h = small_h(parallel_residual_start=4, smear_gate=False)
+    h = small_h(parallel_residual_start=4, smear_gate="0")
     model = randomized(tg.GPT(h), std=0.2)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
     x = x0 = tg.rms_norm(model.tok_emb(ids))

@@ -429,7 +429,7 @@ def widths_of(payload: dict) -> dict:
 
 
 def test_bits_auto_lowers_an_artifact_over_budget_until_it_fits_and_is_deterministic():
-    h = tiny_h(embed_quant="int8", bits="auto", attn_gate=True)  # the gates keep their int8
+    h = tiny_h(embed_quant="int8", bits="auto", attn_gate="dense")  # the gates keep their int8
     state = noisy_state(h)
     fixed = tg.quantize_state_dict(state, h)
     size = len(tg.artifact_bytes(fixed, h.zstd_level, h.compressor))

@@ -4,6 +4,7 @@ the CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -135,6 +136,38 @@ def test_a_stop_signal_mid_training_keeps_the_weights_and_a_resume_checkpoint(
         run_script(again)
         summary = json.loads((Path(env["LOG_DIR"]) / "reexport.json").read_text())
         assert summary["steps"] == 0 and 0 < summary["val_bpb"] < 20
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid, from /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_ranks_of_a_killed_launcher_stop_as_on_sigterm_and_keep_the_weights(tiny_data, tmp_path):
+    env = long_env(tiny_data, tmp_path, RUN_ID="orphans", WARMUP_STEPS=0)
+    proc = start(env, nproc=2)
+    wait_for_line(env, "step:3/", proc)
+    ranks = children(proc.pid)
+    assert len(ranks) == 2, ranks
+    proc.kill()  # SIGKILL: the launcher cannot pass anything on
+    proc.wait(timeout=10)
+    deadline = time.time() + 60
+    while any(Path(f"/proc/{r}").exists() for r in ranks) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = [r for r in ranks if Path(f"/proc/{r}").exists()]
+    for r in alive:
+        os.kill(r, signal.SIGKILL)
+    assert not alive, "the ranks outlived their launcher"
+    lines = log_lines(env)
+    assert any("stopped by SIGTERM" in line for line in lines if line.startswith("interrupted"))
+    assert lines[-1] == "error: stopped by SIGTERM"
+    assert (Path(env["ARTIFACT_DIR"]) / "orphans_raw.pt").is_file()
 
 
 def test_resuming_from_a_stop_ends_with_the_weights_of_an_uninterrupted_run(tiny_data, tmp_path):
@@ -308,6 +341,23 @@ def test_an_empty_training_shard_or_a_folder_among_the_shards_is_refused_before_
     (data / "fineweb_train_000001.bin").mkdir()
     refused(env, "fineweb_train_000001.bin: matches the shard pattern but is not a file")
     assert files_of(env) == []
+
+
+def test_too_little_space_in_artifact_dir_is_refused_before_step_0(
+    tiny_data, tmp_path, monkeypatch
+):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="full", CHECKPOINT_EVERY_SECONDS=60)
+    h = tg.Hyperparameters.from_env(env)
+    files, rt = tg.RunFiles.of(h, "full"), tg.Runtime(0, 0, 1, CPU, False, None)
+    params = sum(p.numel() for p in tg.GPT(h).parameters())
+    need = 4 * params * 6  # raw weights, artifact, resume checkpoint (weights and optimizers)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(tg.shutil, "disk_usage", lambda _: usage._replace(free=need - 1))
+    with pytest.raises(ValueError, match=r"^ARTIFACT_DIR=.* MiB free, the run writes up to .* MiB"):
+        tg.preflight(h, rt, files)
+    monkeypatch.setattr(tg.shutil, "disk_usage", lambda _: usage._replace(free=need))
+    assert tg.preflight(h, rt, files).val_tokens.numel() == tiny_data["val_tokens"]
+    assert not any(Path(env["LOG_DIR"]).glob("full*"))  # nothing written
 
 
 def test_a_run_id_too_long_for_a_file_name_is_refused(tiny_data, tmp_path):

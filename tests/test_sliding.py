@@ -332,6 +332,37 @@ def test_sliding_matches_per_target_references(
     assert abs(plain.sum().item() - loss_sum) > 1e-3 * loss_sum
 
 
+@pytest.mark.parametrize("seq_len,stride", [(32, 5), (32, 32)])
+def test_with_documents_each_target_sees_only_its_own_document(
+    tiny_data, snippet, luts, seq_len, stride
+):
+    """DOC_ATTENTION=1: every target scored once, its bytes counted once, each by the model run
+    on the part of its sliding context that lies in its own document."""
+    h = small_hparams(num_layers=3, vocab_size=tiny_data["vocab_size"], doc_attention=True)
+    model = random_gpt(h).eval()
+    tokens = snippet[:201]
+    n = tokens.numel() - 1
+    bos = [t for t in range(n) if tokens[t] == tg.BOS_ID]
+    assert bos and bos[0] > seq_len  # a document starts inside the scored span
+    want = torch.empty(n, dtype=torch.float64)
+    with torch.no_grad():
+        for t in range(n):
+            own = t - max([b for b in bos if b <= t], default=0)  # tokens of its document before it
+            ctx = min(first_principles_context(t, n, seq_len, stride), own)
+            logits = model(tokens[t - ctx : t + 1][None].long())[0, -1]
+            want[t] = F.cross_entropy(logits, tokens[t + 1].long()).double()
+    torch.testing.assert_close(target_losses_by_plan(model, tokens, seq_len, stride), want)
+    r = tg.evaluate(model, tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=3)
+    assert r.scored_tokens == n
+    assert r.scored_bytes == int(
+        luts.count(tokens[:-1][None].long(), tokens[1:][None].long()).sum()
+    )
+    assert r.val_loss * n == pytest.approx(want.sum().item(), rel=1e-9)
+    model.doc_attention = False  # the check has teeth: across documents the losses differ
+    across = tg.evaluate(model, tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=3)
+    assert abs(across.val_loss - r.val_loss) > 1e-4
+
+
 def test_batching_does_not_change_the_sums(random_model, snippet, luts):
     results = [
         tg.evaluate(random_model, snippet, luts, seq_len=24, stride=stride, batch_seqs=batch)
@@ -482,6 +513,19 @@ def test_two_processes_score_like_one(trained, tmp_path):
         one["scored_tokens"],
     )
     check_rate_line(log, world_size=2)
+
+
+def test_with_documents_two_processes_score_like_one(trained, tmp_path):
+    scores = {}
+    for nproc in (1, 2):
+        env = rescore_env(trained, tmp_path / str(nproc), DOC_ATTENTION=1, EVAL_BATCH_SEQS=5)
+        run_script(env, nproc=nproc)
+        scores[nproc] = json.loads((tmp_path / str(nproc) / "logs" / "rescore.json").read_text())
+    one, two = scores[1], scores[2]
+    assert one["scored_tokens"] == two["scored_tokens"] == one["val_tokens"] - 1
+    assert one["sliding_val_bpb"] != trained["summary"]["sliding_val_bpb"]  # documents apart
+    for key in ("sliding_val_loss", "sliding_val_bpb", "roundtrip_val_loss", "roundtrip_val_bpb"):
+        assert two[key] == pytest.approx(one[key], rel=1e-9, abs=0), key
 
 
 @pytest.mark.parametrize(

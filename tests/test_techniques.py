@@ -20,10 +20,10 @@ ALL_ON = dict(
     ln_scale=True,
     mlp_act="leaky_relu2",
     skip_gates=True,
-    attn_gate=True,
+    attn_gate="dense",
     bigram_buckets=37,
     bigram_dim=8,
-    ortho_init=True,
+    ortho_init="scaled",
 )
 small_h = functools.partial(small_hparams, num_layers=4)
 
@@ -108,7 +108,7 @@ def test_leaky_relu_squared():
 
 
 def test_skip_gates_blend_skip_and_stream_by_a_sigmoid():
-    h = small_h(skip_gates=True, smear_gate=False)
+    h = small_h(skip_gates=True, smear_gate="0")
     model = randomized(tg.GPT(h))
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
     x = x0 = tg.rms_norm(model.tok_emb(ids))  # slow reference of the U-Net with gated skips
@@ -138,7 +138,7 @@ def test_bigram_hash_indices():
 
 
 def test_orthogonal_init():
-    h = small_h(ortho_init=True, mlp_mult=3)
+    h = small_h(ortho_init="scaled", mlp_mult=3)
     model = tg.GPT(h)
     for name, module in model.blocks.named_modules():
         if isinstance(module, tg.CastedLinear):
@@ -274,7 +274,7 @@ def test_a_run_with_a_preset_and_every_switch_logs_and_summarizes_it(tiny_data, 
         XSA_LAST_N=2,
         BIGRAM_BUCKETS=64,
         BIGRAM_DIM=16,
-        ORTHO_INIT=1,
+        ORTHO_INIT="scaled",
         ITERATIONS=3,
         EVAL_STRIDE=32,
         LOOP_START=1,

@@ -46,7 +46,7 @@ small_h = functools.partial(small_hparams, num_layers=3)
 
 
 def test_changing_later_tokens_never_changes_earlier_logits():
-    h = small_h(smear_gate=True)
+    h = small_h(smear_gate="blend")
     model = randomized(tg.GPT(h), seed=1, dtype=torch.float32).eval()
     assert model.smear.gate.abs().min() > 0
     gen = torch.Generator().manual_seed(2)
@@ -270,7 +270,7 @@ BAD_SETTINGS = [
     ({"MATRIX_LR": "nan"}, "MATRIX_LR='nan' must be finite"),
     ({"TIE_EMBEDDINGS": "yes"}, "TIE_EMBEDDINGS='yes' must be 0 or 1"),
     ({"QAT": "true"}, "QAT='true' must be 0 or 1"),
-    ({"SMEAR_GATE": "2"}, "SMEAR_GATE='2' must be 0 or 1"),
+    ({"SMEAR_GATE": "2"}, "SMEAR_GATE='2' must be one of 0, blend, gated"),
     ({"NUM_LAYERS": "-1"}, "NUM_LAYERS=-1 must be positive"),
     ({"MODEL_DIM": "0"}, "MODEL_DIM=0 must be positive"),
     ({"TRAIN_SEQ_LEN": "-64"}, "TRAIN_SEQ_LEN=-64 must be positive"),
