@@ -2966,9 +2966,17 @@ def main(env=None) -> dict | None:
     return summary
 
 
-def cli() -> int:
+def cli(argv: list[str] | None = None) -> int:
     """The command: an `error:` line and a non-zero status on failure. A failing rank of a
     distributed run exits at once, without tearing down: peers blocked in a collective fail fast."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv in (["--help"], ["-h"]):
+        for f in dataclasses.fields(Hyperparameters):
+            value = int(f.default) if isinstance(f.default, bool) else f.default
+            print(f"{f.name.upper():<27} {str(value) or '(empty)':<24} {f.metadata['doc']}")
+        return 0
+    if argv:
+        sys.exit(f"error: no arguments ({' '.join(argv)}): settings are variables, see --help")
     try:
         main()
         return 0

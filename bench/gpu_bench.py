@@ -178,7 +178,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=9.0,
         help="kill a part after this long (default 9)",
     )
-    p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, a few seconds per part")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny model: about 2 minutes in all")
     p.add_argument(
         "--render", action="store_true", help="only regenerate RESULTS.md from the result files"
     )

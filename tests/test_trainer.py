@@ -909,3 +909,17 @@ def test_reusing_a_run_id_is_refused_and_overwrites_nothing(runs):
     assert again.returncode == 1
     assert "RUN_ID=tiny" in again.stderr and str(first.log_path) in again.stderr
     assert first.log_bytes == log_before and first.raw_path.read_bytes() == raw_before
+
+
+def test_help_lists_every_setting_and_arguments_are_refused(tmp_path):
+    script = [sys.executable, str(ROOT / "train_gpt.py")]
+    proc = subprocess.run([*script, "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == ""
+    listed = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    assert list(listed) == tg.Hyperparameters.env_names()
+    assert listed["NUM_LAYERS"].split()[1] == "9" and listed["QAT"].split()[1] == "1"
+    assert "(empty)" in listed["RUN_ID"] and "name of logs/artifacts" in listed["RUN_ID"]
+    proc = subprocess.run([*script, "--iterations=5"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().startswith("error: no arguments (--iterations=5)")
+    assert "--help" in proc.stderr and list(tmp_path.iterdir()) == []  # nothing ran
