@@ -504,6 +504,8 @@ class DistributedTokenLoader:
 
 
 def load_validation_tokens(pattern: str, min_tokens: int, vocab_size: int | None = None) -> Tensor:
+    if sidecars := sorted(glob.glob(pattern.replace("fineweb_val_", "fineweb_val_bytes_"))):
+        raise ValueError(f"{sidecars[0]}: CaseOps data, not scored here; build without --caseops")
     tokens = np.concatenate([load_data_shard(p, vocab_size) for p in shard_files(pattern)])
     if tokens.size < min_tokens + 1:
         raise ValueError(
@@ -869,8 +871,7 @@ class GPT(nn.Module):
         self.bigram = None
         if h.bigram_buckets:
             self.bigram = BigramHash(h.bigram_buckets, h.bigram_dim, h.model_dim, bos_id)
-        # ORTHO_INIT: orthogonal matrices; the out-projections (.proj) orthogonal / sqrt(2L), a
-        # steady residual sum with depth (scaled), or left at zero (zero_out, the record's).
+        # ORTHO_INIT: the out-projections orthogonal / sqrt(2L) (scaled), or zero (zero_out)
         for name, module in self.blocks.named_modules() if h.ortho_init != "0" else ():
             if isinstance(module, CastedLinear):
                 if h.ortho_init == "scaled" or not name.endswith(".proj"):
@@ -2629,8 +2630,7 @@ def preflight(h: Hyperparameters, rt: Runtime, files: RunFiles) -> Inputs:
     grad_accum_steps = resolve_grad_accum_steps(h, rt.world_size)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in GPT(h).state_dict().items()}
-    # what ARTIFACT_DIR receives, in fp32 bytes: the raw weights, the artifact (smaller), and a
-    # resume checkpoint (weights and optimizer state, at most 4x) when checkpoints are on
+    # ARTIFACT_DIR gets the raw weights (fp32), the artifact, maybe a resume checkpoint (4x more)
     copies = 6 if h.checkpoint_every_seconds else 2
     need = 4 * sum(math.prod(v) for v in expected.values()) * copies
     if (free := shutil.disk_usage(h.artifact_dir).free) < need:

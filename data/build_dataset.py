@@ -5,6 +5,7 @@
     python data/build_dataset.py --docs notes/ --name notes --val-docs 20
     python data/build_dataset.py --docs data/datasets/docs_selected.jsonl --name fineweb10B_retok \
         --vocab-size 8192 --tokenizer-train-docs 5000000            # the SP8192 records' recipe
+    python data/build_dataset.py --caseops                         # the same over CaseOps text
 
 With no --docs, the documents are the docstrings and comments of the Python standard
 library and of the installed packages, plus the pydoc topics: text that every Python
@@ -17,6 +18,11 @@ Output, under --out-root (default: this folder):
     datasets/<name>_sp<V>/fineweb_train_000000.bin   the other documents, in order
     datasets/<name>_sp<V>/manifest.json              counts, sha256 of the document list
     tokenizers/<name>_<V>_bpe.model (+ .vocab)       unless --tokenizer reuses one
+With --caseops the documents are encoded with the CaseOps case transform (caseops.py) first, the
+tokenizer holds its four markers as single pieces, the names get "_caseops"
+(datasets/<name>_caseops_sp<V>/, tokenizers/<name>_caseops_<V>_bpe.model), and each validation
+shard has a byte sidecar, fineweb_val_bytes_000000.bin, ...: the original UTF-8 bytes of each
+token, so that bits per byte are still counted on the original text.
 Every document is stored as [BOS] + its tokens. The first --val-docs documents are the
 validation split (default: the challenge's 50,000 for a corpus of at least 500,000
 documents, else a tenth of it), all later ones the training split. The tokenizer is trained
@@ -49,6 +55,7 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
+import caseops
 from shard_format import (
     HEADER_INT32,
     MAX_VOCAB_SIZE,
@@ -56,6 +63,7 @@ from shard_format import (
     SHARD_VERSION,
     TOKEN_DTYPE,
     ShardWriter,
+    byte_sidecar_name,
     display_path,
     set_default_permissions,
     shard_name,
@@ -101,6 +109,11 @@ SPM_SETTINGS = {
     "unk_id": 3,
     "hard_vocab_limit": False,
 }
+# A CaseOps tokenizer also holds the transform's markers as single pieces (ids 4 to 7, as in the
+# records' tokenizer), so that a marker is always one token and never part of another.
+CASEOPS_USER_SYMBOLS = (caseops.TITLE, caseops.ALLCAPS, caseops.CAPNEXT, caseops.ESC)
+# The byte sidecar holds uint16 counts, like the token ids.
+MAX_TOKEN_BYTES = (1 << 16) - 1
 # SentencePiece skips training sentences longer than its max_sentence_length (4192 bytes),
 # so documents are fed to it in line-aligned chunks below that size.
 SPM_SENTENCE_BYTES = 4096
@@ -109,6 +122,12 @@ SPM_SENTENCE_BYTES = 4096
 SPM_TRAIN_THREADS = 4
 ENCODE_BATCH_DOCS = 512
 ENCODE_BATCH_BYTES = 8_000_000
+CASEOPS_SIDECAR_RULE = (
+    "fineweb_val_bytes_N.bin holds one count per token of fineweb_val_N.bin, in the shard "
+    "format: the UTF-8 bytes of the original (untransformed) document that the token stands "
+    "for; 0 for BOS and for the markers (a marker character that ESC escapes is text: 3); a "
+    "document's counts add up to its UTF-8 length"
+)
 DOCS_SHA256_SCHEME = (
     "sha256 over the documents in order, each as its UTF-8 length (8-byte little-endian) then its "
     "UTF-8 bytes"
@@ -511,10 +530,17 @@ def trainer_sentences(text: str) -> Iterator[str]:
         yield "\n".join(chunk)
 
 
-def train_tokenizer(sentences: Iterable[str], *, vocab_size: int, source: str) -> bytes:
+def train_tokenizer(
+    sentences: Iterable[str],
+    *,
+    vocab_size: int,
+    source: str,
+    user_defined_symbols: tuple[str, ...] = (),
+) -> bytes:
     """The serialized SentencePiece model. It is taken from memory rather than written by
     SentencePiece to a model_prefix, which the .model file would record: the bytes then
-    depend on the input alone, not on where they were built.
+    depend on the input alone, not on where they were built. `user_defined_symbols` become
+    pieces of their own (the CaseOps markers), which text is always cut at.
 
     The sentences are streamed: SentencePiece keeps its own copy, no list is held here. An
     error raised while reading them (a bad input line) is raised again after training, with
@@ -536,6 +562,9 @@ def train_tokenizer(sentences: Iterable[str], *, vocab_size: int, source: str) -
             vocab_size=vocab_size,
             num_threads=SPM_TRAIN_THREADS,
             minloglevel=2,
+            **(
+                {"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols else {}
+            ),
             **SPM_SETTINGS,
         )
     except RuntimeError as exc:
@@ -579,6 +608,18 @@ def load_tokenizer(path: Path) -> spm.SentencePieceProcessor:
     return sp
 
 
+def caseops_marker_ids(sp: spm.SentencePieceProcessor) -> dict[str, int] | None:
+    """The ids of the CaseOps markers when the tokenizer holds each as a piece of its own that
+    text containing it is cut at (a CaseOps tokenizer), else None."""
+    ids = {}
+    for name, marker in caseops.MARKERS.items():
+        piece = sp.piece_to_id(marker)
+        if piece == sp.unk_id() or sp.encode(f"a{marker}a")[1:2] != [piece]:
+            return None
+        ids[name] = piece
+    return ids
+
+
 # -----------------------------------------------------------------------------
 # Build
 
@@ -602,6 +643,7 @@ class BuildConfig:
     workers: int | None = None  # default: the CPUs this process may use
     force: bool = False  # replace an existing dataset (and tokenizer)
     show_progress: bool = True
+    caseops: bool = False  # encode the CaseOps transform of the text, with a byte sidecar
 
 
 @dataclass
@@ -610,6 +652,10 @@ class SplitStats:
     tokens: int = 0
     text_bytes: int = 0
     files: list[dict] = field(default_factory=list)
+    # with a byte sidecar: its files, the sum of its counts, the documents that have no token
+    sidecar_files: list[dict] = field(default_factory=list)
+    sidecar_bytes: int = 0
+    docs_without_tokens: int = 0
 
 
 @dataclass
@@ -621,25 +667,39 @@ class BuildResult:
 
 
 class SplitWriter:
-    """Appends documents to fineweb_<split>_NNNNNN.bin shards of shard_tokens tokens."""
+    """Appends documents to fineweb_<split>_NNNNNN.bin shards of shard_tokens tokens; with
+    byte_sidecar, each token's original byte count to fineweb_val_bytes_NNNNNN.bin beside them,
+    cut at the same places (one count per token of the shard of the same number)."""
 
-    def __init__(self, dataset_dir: Path, split: str, shard_tokens: int):
+    def __init__(self, dataset_dir: Path, split: str, shard_tokens: int, byte_sidecar: bool):
         self.dataset_dir = dataset_dir
         self.split = split
         self.shard_tokens = shard_tokens
+        self.byte_sidecar = byte_sidecar
         self.stats = SplitStats()
         self._writer: ShardWriter | None = None
+        self._sidecar: ShardWriter | None = None
+        self._sidecar_bytes = 0  # of the open sidecar file
 
-    def append_document(self, tokens: np.ndarray, text_bytes: int) -> None:
+    def append_document(
+        self, tokens: np.ndarray, text_bytes: int, byte_counts: np.ndarray | None = None
+    ) -> None:
+        """`byte_counts`: with a byte sidecar, one uint16 count per token (BOS included)."""
         self.stats.docs += 1
         self.stats.text_bytes += text_bytes
         position = 0
         while position < tokens.size:  # a document may continue in the next shard
             if self._writer is None:
-                name = shard_name(self.split, len(self.stats.files))
-                self._writer = ShardWriter(self.dataset_dir / name)
+                index = len(self.stats.files)
+                self._writer = ShardWriter(self.dataset_dir / shard_name(self.split, index))
+                if self.byte_sidecar:
+                    self._sidecar = ShardWriter(self.dataset_dir / byte_sidecar_name(index))
             take = min(self.shard_tokens - self._writer.num_tokens, tokens.size - position)
             self._writer.append(tokens[position : position + take])
+            if self._sidecar is not None:
+                counts = byte_counts[position : position + take]
+                self._sidecar.append(counts)
+                self._sidecar_bytes += int(counts.sum())
             position += take
             if self._writer.num_tokens == self.shard_tokens:
                 self._close_shard()
@@ -649,6 +709,17 @@ class SplitWriter:
         self._writer.close()
         self.stats.files.append({"name": self._writer.path.name, "tokens": self._writer.num_tokens})
         self._writer = None
+        if self._sidecar is not None:
+            self._sidecar.close()
+            self.stats.sidecar_files.append(
+                {
+                    "name": self._sidecar.path.name,
+                    "tokens": self._sidecar.num_tokens,
+                    "bytes": self._sidecar_bytes,
+                }
+            )
+            self.stats.sidecar_bytes += self._sidecar_bytes
+            self._sidecar, self._sidecar_bytes = None, 0
 
     def finish(self) -> SplitStats:
         if self._writer is not None:
@@ -656,8 +727,9 @@ class SplitWriter:
         return self.stats
 
     def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
+        for writer in (self._writer, self._sidecar):
+            if writer is not None:
+                writer.abort()
 
 
 def default_workers() -> int:
@@ -711,20 +783,36 @@ def build(config: BuildConfig) -> BuildResult:
                 f"--vocab-size {config.vocab_size} does not match --tokenizer {config.tokenizer} "
                 f"({vocab_size} pieces)"
             )
+        is_caseops_tokenizer = caseops_marker_ids(sp) is not None
+        if config.caseops and not is_caseops_tokenizer:
+            raise DatasetError(
+                f"--tokenizer {config.tokenizer} does not hold the CaseOps markers (U+E001 to "
+                "U+E004) as pieces of their own; give a CaseOps tokenizer, or leave --tokenizer "
+                "out to train one"
+            )
+        if is_caseops_tokenizer and not config.caseops:
+            raise DatasetError(
+                f"--tokenizer {config.tokenizer} is a CaseOps tokenizer (it holds the markers "
+                "U+E001 to U+E004 as pieces); pass --caseops to encode the CaseOps text with it"
+            )
     else:
         vocab_size = config.vocab_size or DEFAULT_VOCAB_SIZE
-        if not 256 + 4 < vocab_size <= MAX_VOCAB_SIZE:
+        reserved = 4 + (len(CASEOPS_USER_SYMBOLS) if config.caseops else 0)
+        if not 256 + reserved < vocab_size <= MAX_VOCAB_SIZE:
+            what = "special" if reserved == 4 else "special and marker"
             raise DatasetError(
-                f"--vocab-size {vocab_size}: must exceed 260 (4 special and 256 byte pieces) and "
-                f"be at most {MAX_VOCAB_SIZE}"
+                f"--vocab-size {vocab_size}: must exceed {256 + reserved} ({reserved} {what} and "
+                f"256 byte pieces) and be at most {MAX_VOCAB_SIZE}"
             )
 
     out_root = Path(config.out_root).resolve()
     datasets_dir = out_root / "datasets"
     tokenizers_dir = out_root / "tokenizers"
-    dataset_dir = datasets_dir / f"{name}_sp{vocab_size}"
+    # A CaseOps build of a corpus sits beside the plain one.
+    stem = f"{name}_caseops" if config.caseops else name
+    dataset_dir = datasets_dir / f"{stem}_sp{vocab_size}"
     if sp is None:
-        tokenizer_path = tokenizers_dir / f"{name}_{vocab_size}_bpe.model"
+        tokenizer_path = tokenizers_dir / f"{stem}_{vocab_size}_bpe.model"
     else:
         tokenizer_path = Path(config.tokenizer).resolve()
     existing = [dataset_dir] + ([tokenizer_path] if sp is None else [])
@@ -791,7 +879,7 @@ def build(config: BuildConfig) -> BuildResult:
     )
     set_default_permissions(work_dir, is_dir=True)
     tokenizer_work_dir = Path(
-        tempfile.mkdtemp(dir=tokenizers_dir, prefix=f".{name}_{vocab_size}.", suffix=".tmp")
+        tempfile.mkdtemp(dir=tokenizers_dir, prefix=f".{stem}_{vocab_size}.", suffix=".tmp")
     )
     try:
         tokenizer_info: dict = {}
@@ -800,12 +888,15 @@ def build(config: BuildConfig) -> BuildResult:
                 val_docs=val_docs,
                 max_docs=config.tokenizer_train_docs,
                 max_bytes=tokenizer_train_bytes,
+                encode_caseops=config.caseops,
             )
+            user_symbols = CASEOPS_USER_SYMBOLS if config.caseops else ()
             try:
                 model_bytes = train_tokenizer(
                     text.sentences(documents("tokenizer text", source.input_bytes)),
                     vocab_size=vocab_size,
                     source=source.description,
+                    user_defined_symbols=user_symbols,
                 )
             except TokenizerTrainingError:
                 text.check(source.description)  # a plainer reason when there is one
@@ -822,7 +913,11 @@ def build(config: BuildConfig) -> BuildResult:
                 "trained_on_doc_numbers": [val_docs + 1, val_docs + text.docs],
                 "tokenizer_train_docs": config.tokenizer_train_docs,
                 "tokenizer_train_bytes": tokenizer_train_bytes,
-                "settings": SPM_SETTINGS,
+                "settings": (
+                    {**SPM_SETTINGS, "user_defined_symbols": list(user_symbols)}
+                    if user_symbols
+                    else SPM_SETTINGS
+                ),
             }
 
         split_stats, docs_sha256 = _write_shards(
@@ -836,6 +931,7 @@ def build(config: BuildConfig) -> BuildResult:
         )
         model_file = tokenizer_work_dir / tokenizer_path.name if tokenizer_info else tokenizer_path
         manifest = _manifest(
+            marker_ids=caseops_marker_ids(sp) if config.caseops else None,
             name=dataset_dir.name,
             vocab_size=vocab_size,
             shard_tokens=config.shard_tokens,
@@ -873,10 +969,14 @@ def build(config: BuildConfig) -> BuildResult:
 
 class TokenizerText:
     """The tokenizer's training text: the training documents (those after the first val_docs)
-    among the first max_docs, up to max_bytes of them, as trainer sentences. Counts what it read."""
+    among the first max_docs, up to max_bytes of them (counted in original bytes), as trainer
+    sentences, in their CaseOps form with encode_caseops. Counts what it read."""
 
-    def __init__(self, *, val_docs: int, max_docs: int | None, max_bytes: int | None):
+    def __init__(
+        self, *, val_docs: int, max_docs: int | None, max_bytes: int | None, encode_caseops: bool
+    ):
         self.val_docs, self.max_docs, self.max_bytes = val_docs, max_docs, max_bytes
+        self.encode_caseops = encode_caseops
         self.docs_read = 0  # validation documents included
         self.docs = self.bytes = self.sentence_count = 0  # what the tokenizer learned from
 
@@ -888,6 +988,8 @@ class TokenizerText:
                 self.docs_read += 1
                 if self.docs_read <= self.val_docs:
                     continue
+                if self.encode_caseops:
+                    text = caseops.encode(text)
                 for sentence in trainer_sentences(text):
                     self.sentence_count += 1
                     yield sentence
@@ -928,7 +1030,10 @@ def _write_shards(
     source: str,
 ) -> tuple[dict[str, SplitStats], str]:
     writers = {
-        split: SplitWriter(dataset_dir, split, config.shard_tokens) for split in ("val", "train")
+        split: SplitWriter(
+            dataset_dir, split, config.shard_tokens, byte_sidecar=config.caseops and split == "val"
+        )
+        for split in ("val", "train")
     }
     stats: dict[str, SplitStats] = {}
     hasher = hashlib.sha256()
@@ -954,13 +1059,39 @@ def _write_shards(
         nonlocal batch, batch_bytes
         if not batch:
             return
-        encoded = sp.encode([text for text, _ in batch], out_type=int, num_threads=workers)
-        for ids, (_, text_bytes) in zip(encoded, batch, strict=True):
+        texts = [text for text, _ in batch]
+        if writers[split].byte_sidecar:
+            encoded = caseops.encode_with_byte_counts(sp, texts, num_threads=workers)
+        else:
+            encoded = [(ids, None) for ids in sp.encode(texts, out_type=int, num_threads=workers)]
+        first_doc = doc_index - len(batch) + 1
+        for number, (ids, counts), (_, text_bytes) in zip(
+            range(first_doc, doc_index + 1), encoded, batch, strict=True
+        ):
             tokens = np.empty(len(ids) + 1, dtype=TOKEN_DTYPE)
             tokens[0] = BOS_ID
             tokens[1:] = ids
-            writers[split].append_document(tokens, text_bytes)
+            byte_counts = None
+            if counts is not None:
+                byte_counts = sidecar_counts(counts, text_bytes, number)
+                writers[split].stats.docs_without_tokens += not ids
+            writers[split].append_document(tokens, text_bytes, byte_counts)
         batch, batch_bytes = [], 0
+
+    def sidecar_counts(counts: np.ndarray, text_bytes: int, number: int) -> np.ndarray:
+        """[0 for BOS] + the tokens' original bytes, checked against the document's length."""
+        if counts.size and int(counts.sum()) != text_bytes:  # caseops.token_byte_counts failed
+            raise AssertionError(
+                f"{source} document {number}: its tokens' byte counts add up to "
+                f"{int(counts.sum())}, not its {text_bytes} UTF-8 bytes"
+            )
+        if counts.size and int(counts.max()) > MAX_TOKEN_BYTES:
+            raise DatasetError(
+                f"{source} document {number}: one token stands for {int(counts.max()):,} bytes "
+                f"(a run of whitespace the tokenizer drops?), more than the byte sidecar's uint16 "
+                "holds; shorten that whitespace"
+            )
+        return np.concatenate([[0], counts]).astype(TOKEN_DTYPE)
 
     try:
         for text, data in docs:
@@ -968,7 +1099,7 @@ def _write_shards(
             hasher.update(len(data).to_bytes(8, "little"))
             hasher.update(data)
             split = "val" if doc_index <= val_docs else "train"
-            batch.append((text, len(data)))
+            batch.append((caseops.encode(text) if config.caseops else text, len(data)))
             batch_bytes += len(data)
             if doc_index == val_docs:
                 flush("val")
@@ -992,6 +1123,7 @@ def _write_shards(
 
 def _manifest(
     *,
+    marker_ids: dict[str, int] | None,
     name: str,
     vocab_size: int,
     shard_tokens: int,
@@ -1002,6 +1134,23 @@ def _manifest(
     val: SplitStats,
     train: SplitStats,
 ) -> dict:
+    transform = {}
+    if marker_ids is not None:
+        transform = {
+            "text_transform": "caseops",
+            "caseops": {
+                "scheme": caseops.SCHEME,
+                "markers": {what: f"U+{ord(c):04X}" for what, c in caseops.MARKERS.items()},
+                "marker_ids": marker_ids,
+                "byte_sidecar": {
+                    "files": val.sidecar_files,
+                    "count_dtype": "<u2",
+                    "bytes_total": val.sidecar_bytes,
+                    "counts": CASEOPS_SIDECAR_RULE,
+                },
+                "val_docs_without_tokens": val.docs_without_tokens,
+            },
+        }
     return {
         "name": name,
         "format": {
@@ -1033,6 +1182,7 @@ def _manifest(
             "files_train": len(train.files),
         },
         "files": val.files + train.files,
+        **transform,
     }
 
 
@@ -1151,6 +1301,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing dataset and tokenizer of the same name",
     )
     parser.add_argument(
+        "--caseops",
+        action="store_true",
+        help="encode the CaseOps form of the text (capitals as marker tokens + lower case, "
+        "see caseops.py) with a tokenizer holding the markers, and write the validation "
+        "tokens' original byte counts beside the shards (fineweb_val_bytes_NNNNNN.bin); the "
+        'names get "_caseops"',
+    )
+    parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (they show only on a terminal)"
     )
     return parser
@@ -1174,6 +1332,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         force=args.force,
         show_progress=not args.no_progress and sys.stderr.isatty(),
+        caseops=args.caseops,
     )
     try:
         result = build(config)
@@ -1181,6 +1340,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     stats = result.manifest["stats"]
+    if "caseops" in result.manifest:
+        sidecar = result.manifest["caseops"]["byte_sidecar"]
+        print(
+            f"text_transform: caseops, byte sidecar {sidecar['files'][0]['name']} ... "
+            f"({len(sidecar['files'])} files, {sidecar['bytes_total']:,} bytes)"
+        )
     print(
         f"dataset: {display_path(result.dataset_dir)}\n"
         f"tokenizer: {display_path(result.tokenizer_path)}\n"

@@ -2,7 +2,10 @@
 
 A shard is a header of 256 little-endian int32 (magic, version, number of tokens, then
 zeros) followed by that many little-endian uint16 token ids. Datasets name their shards
-fineweb_val_000000.bin, fineweb_train_000000.bin, fineweb_train_000001.bin, ...
+fineweb_val_000000.bin, fineweb_train_000000.bin, fineweb_train_000001.bin, ... A CaseOps dataset
+also has a byte sidecar beside each validation shard, fineweb_val_bytes_000000.bin, ...: the same
+format, holding for each token of that shard the original UTF-8 bytes it stands for (see
+caseops.py). The sidecar's name matches the glob fineweb_val_*.bin, so `shard_paths` leaves it out.
 
 The scripts in data/ import this module by name; bench/ and records/ put this folder on
 sys.path to import it too. They all read shard headers with `read_header` and write their
@@ -14,6 +17,7 @@ format here must be made there as well.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -94,8 +98,25 @@ def shard_name(split: str, index: int) -> str:
     return f"fineweb_{split}_{index:06d}.bin"
 
 
+def byte_sidecar_name(index: int) -> str:
+    """The byte sidecar of validation shard `index` (the records' name for it)."""
+    return f"fineweb_val_bytes_{index:06d}.bin"
+
+
 def shard_paths(dataset_dir: Path, split: str) -> list[Path]:
-    return sorted(Path(dataset_dir).glob(f"fineweb_{split}_*.bin"))
+    """The token shards of a split, in order (not the byte sidecars)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    numbered = re.compile(rf"fineweb_{split}_[0-9]+\.bin")
+    paths = Path(dataset_dir).glob(f"fineweb_{split}_*.bin")
+    return sorted(p for p in paths if numbered.fullmatch(p.name))
+
+
+def byte_sidecar_paths(dataset_dir: Path) -> list[Path]:
+    """The byte sidecars of a CaseOps dataset's validation shards, in order."""
+    numbered = re.compile(r"fineweb_val_bytes_[0-9]+\.bin")
+    paths = Path(dataset_dir).glob("fineweb_val_bytes_*.bin")
+    return sorted(p for p in paths if numbered.fullmatch(p.name))
 
 
 def make_header(num_tokens: int) -> bytes:
