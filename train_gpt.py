@@ -356,8 +356,11 @@ def _parse_value(name: str, raw: str, kind: type):
 
 
 def setting_warnings(env, h: Hyperparameters) -> list[str]:
-    """Warnings: look-alike variables (MLP_MUL, num_layers) and settings that turn a part off."""
+    """Warnings: look-alikes (MLP_MUL, num_layers), values replacing the preset's, parts off."""
     known, warnings = Hyperparameters.env_names(), []
+    for key, value in PRESETS[h.preset].items():
+        if key in env and env[key].strip() != value:
+            warnings.append(f"{key}={env[key].strip()} replaces PRESET={h.preset}'s {key}={value}")
     for key in sorted(env):
         up = key.upper()
         if key in known or not (key.isupper() or key.islower()):

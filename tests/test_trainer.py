@@ -371,6 +371,16 @@ def test_short_forms_and_lower_case_misspellings_get_a_warning_and_the_environme
     assert tg.setting_warnings({}, tg.Hyperparameters(iterations=0, init_checkpoint="w.pt")) == []
 
 
+def test_an_explicit_value_that_replaces_a_presets_is_warned_about():
+    env = {"PRESET": "pr114", "EVAL_STRIDE": "64", "TRAIN_SEQ_LEN": " 2048", "QAT": "0"}
+    h = tg.Hyperparameters.from_env(env)
+    assert h.eval_stride == 64 and h.train_seq_len == 2048  # the explicit value wins
+    assert tg.setting_warnings(env, h) == [
+        "warning: EVAL_STRIDE=64 replaces PRESET=pr114's EVAL_STRIDE=256"
+    ]  # the same values as the preset's (TRAIN_SEQ_LEN, QAT) say nothing
+    assert tg.setting_warnings({"EVAL_STRIDE": "64"}, tg.Hyperparameters()) == []
+
+
 def test_a_stride_that_turns_sliding_evaluation_off_gets_a_warning():
     assert tg.setting_warnings({}, tg.Hyperparameters()) == []
     for h in (
