@@ -103,20 +103,23 @@ def byte_sidecar_name(index: int) -> str:
     return f"fineweb_val_bytes_{index:06d}.bin"
 
 
+def numbered_files(dataset_dir: Path, prefix: str) -> list[Path]:
+    """`{prefix}NNNNNN.bin` in the folder, in order; other names that start with it are not."""
+    numbered = re.compile(re.escape(prefix) + r"[0-9]+\.bin")
+    paths = Path(dataset_dir).glob(f"{prefix}*.bin")
+    return sorted(p for p in paths if numbered.fullmatch(p.name))
+
+
 def shard_paths(dataset_dir: Path, split: str) -> list[Path]:
     """The token shards of a split, in order (not the byte sidecars)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    numbered = re.compile(rf"fineweb_{split}_[0-9]+\.bin")
-    paths = Path(dataset_dir).glob(f"fineweb_{split}_*.bin")
-    return sorted(p for p in paths if numbered.fullmatch(p.name))
+    return numbered_files(dataset_dir, f"fineweb_{split}_")
 
 
 def byte_sidecar_paths(dataset_dir: Path) -> list[Path]:
     """The byte sidecars of a CaseOps dataset's validation shards, in order."""
-    numbered = re.compile(r"fineweb_val_bytes_[0-9]+\.bin")
-    paths = Path(dataset_dir).glob("fineweb_val_bytes_*.bin")
-    return sorted(p for p in paths if numbered.fullmatch(p.name))
+    return numbered_files(dataset_dir, "fineweb_val_bytes_")
 
 
 def make_header(num_tokens: int) -> bytes:

@@ -234,8 +234,8 @@ def _check_finished(log_path: Path, lines: list[str]) -> str:
     nonempty = [line.strip() for line in lines if line.strip()]
     if any(line.startswith("code_begin ") for line in nonempty):
         raise RecordError(
-            f"{log_path}: holds more than one run (a second code_begin line): train_gpt.py "
-            "appends to an existing log, so a RUN_ID was reused; rerun with a fresh RUN_ID"
+            f"{log_path}: holds more than one run (a second code_begin line): logs joined by hand "
+            "(train_gpt.py refuses a RUN_ID whose log exists); give each run's own log"
         )
     failed = failure_line(nonempty)
     if failed:

@@ -316,9 +316,9 @@ def test_refuses_a_log_cut_inside_the_copied_source(tiny, tmp_path):
 
 def test_refuses_a_log_holding_two_runs(tiny, tmp_path):
     twice = tmp_path / "seed1.txt"
-    twice.write_bytes(tiny.run("seed1").read_bytes() * 2)  # what a reused RUN_ID produces
+    twice.write_bytes(tiny.run("seed1").read_bytes() * 2)  # two logs joined into one
     shutil.copyfile(tiny.logs / "seed1.json", tmp_path / "seed1.json")
-    with pytest.raises(rt.RecordError, match="more than one run.*RUN_ID was reused"):
+    with pytest.raises(rt.RecordError, match="more than one run.*logs joined by hand"):
         rt.load_run(twice)
 
 
